@@ -1,0 +1,1 @@
+"""Acting: dm_env environments, the batched acting loop, and (later) the robot client."""

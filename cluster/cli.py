@@ -1,0 +1,110 @@
+"""The `pacflow` command line. Bad input ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad arguments, config or task: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from actors.envs import UnknownTaskError, parse_task_name
+    from cluster.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set or [])
+        parse_task_name(config.env.task)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except UnknownTaskError as e:
+        raise UsageError(f"env.task: {e}") from None
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
+        time.strftime("%Y%m%d-%H%M%S-") + config.env.task.split(":")[-1])
+    run_dir = run_dir.absolute()
+    print(f"run directory: {run_dir}", flush=True)
+    from cluster.driver import run_experiment
+
+    run_experiment(config, run_dir, address=args.address)
+    print(f"report: {run_dir / 'report' / 'returns.png'}", flush=True)
+    return 0
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from replay.archive import EpisodeArchive
+
+    archive = EpisodeArchive(args.uri)
+    if args.action == "ls":
+        for path in archive.paths():
+            print(path)
+        return 0
+    count, bad = archive.verify()
+    print(f"{count} episodes readable in {args.uri}")
+    for path, error in bad:
+        print(f"unreadable: {path}: {error}")
+    return 1 if bad else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cluster.report import format_header, format_row, plot_returns, read_rows
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "cycle.json").exists():
+        raise UsageError(f"{run_dir}: no cycle.json (is this a run directory?)")
+    rows = read_rows(run_dir)
+    print(format_header())
+    for row in rows:
+        print(format_row(row))
+    plot_returns(rows, run_dir / "report" / "returns.png", run_dir.name)
+    print(f"report: {run_dir / 'report' / 'returns.png'}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pacflow", description="Distributed PAC training for robot RL.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run collect-and-infer cycles")
+    run.add_argument("--config", required=True, help="YAML config, e.g. deploy/configs/cartpole.yaml")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config field, e.g. learner.batch_size=512 (repeatable)")
+    run.add_argument("--run-dir", help="run directory (default: runs/<time>-<task>)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address ('auto' inside a cluster); default: a local one")
+    run.set_defaults(func=_cmd_run)
+    archive = sub.add_parser("archive", help="inspect an episode archive")
+    archive.add_argument("action", choices=["ls", "verify"])
+    archive.add_argument("uri", help="archive path or URI, e.g. runs/<run>/archive")
+    archive.set_defaults(func=_cmd_archive)
+    report = sub.add_parser("report", help="print a run's cycle table and redraw its plot")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(f"pacflow: error: {e}" if not str(e).startswith("pacflow") else f"{e}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pacflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

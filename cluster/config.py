@@ -1,0 +1,170 @@
+"""ExperimentConfig: one frozen dataclass per component, parsed strictly from YAML.
+
+Unknown keys, missing required fields and wrong types are errors that name the field, e.g.
+`learner.batch_size: expected int, got str 'big'`. `--set a.b=v` overrides parse `v` as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from learners.config import LearnerConfig
+from policies.perceiver import PerceiverConfig
+from replay.config import ReplayConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """What the actors run."""
+
+    task: str  # e.g. "dm_control:cartpole-swingup" (required)
+    action_repeat: int = 1  # each policy action is applied this many environment steps
+
+    def __post_init__(self) -> None:
+        if self.action_repeat < 1:
+            raise ValueError(f"env.action_repeat={self.action_repeat} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The collect-and-infer loop."""
+
+    num_cycles: int  # collect -> train -> evaluate -> publish rounds (required)
+    episodes_per_cycle: int  # collected episodes per cycle, split over the actors (required)
+    learner_steps_per_cycle: int  # PAC updates per cycle on all data so far (required)
+    eval_episodes: int = 4  # greedy evaluation episodes per cycle
+    seed: int = 0  # base seed for environments, policies and the learner
+    version_timeout_seconds: float = 120.0  # max wait for actors to receive a published version
+
+    def __post_init__(self) -> None:
+        for name in ("num_cycles", "episodes_per_cycle", "learner_steps_per_cycle",
+                     "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Ray placement: how many processes of each kind and what they reserve."""
+
+    num_actors: int = 2  # Ray actors that collect episodes
+    envs_per_actor: int = 2  # environments each actor steps together (batched inference)
+    actor_cpus: float = 1.0  # Ray CPUs reserved per actor
+    learner_cpus: float = 1.0  # Ray CPUs reserved by the learner
+    learner_gpus: float = 0.0  # Ray GPUs reserved by the learner (set 1 on GPU nodes)
+    host: str = "127.0.0.1"  # address the replay and policy servers advertise
+
+    def __post_init__(self) -> None:
+        if self.num_actors < 1 or self.envs_per_actor < 1:
+            raise ValueError("cluster.num_actors and cluster.envs_per_actor must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a run needs; each component receives only its own part."""
+
+    env: EnvConfig
+    loop: LoopConfig
+    cluster: ClusterConfig = ClusterConfig()
+    replay: ReplayConfig = ReplayConfig()
+    learner: LearnerConfig = LearnerConfig()
+    model: PerceiverConfig = PerceiverConfig()
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    """Returns value converted to `hint` (int -> float allowed) or raises ConfigError."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} matches none of {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(hint, type) and isinstance(value, hint) and \
+            not (hint is int and isinstance(value, bool)):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{path}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = f"{prefix}." if prefix else ""
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{where}{key}: unknown field (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _check_type(data[name], hints[name], f"{where}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}{name}: missing required field")
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{where}{name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies `a.b=value` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. learner.batch_size=512")
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(ExperimentConfig, data, "")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Reads and validates a YAML config; every problem is a ConfigError naming the field."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") \
+            from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,109 @@
+"""The collect-and-infer driver: starts the run's Ray actors and runs the cycles.
+
+    cycle k:  actors collect E episodes with policy v_k (pushed by the policy server)
+              learner trains S steps on everything in replay
+              actors evaluate the candidate v_{k+1} greedily on M episodes
+              learner publishes v_{k+1}; learner and replay checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import ray
+import yaml
+
+from actors.envs import make_env_spec
+from cluster.config import ExperimentConfig, config_to_dict
+from cluster.report import CycleRow, format_header, format_row, plot_returns, write_state
+from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
+
+log = logging.getLogger(__name__)
+RUN_SUBDIRS = ("archive", "quarantine", "checkpoints", "policies", "replay_checkpoints",
+               "metrics/targets", "report", "logs")
+
+
+def split(total: int, parts: int) -> list[int]:
+    """Splits `total` as evenly as possible: split(5, 2) == [3, 2]."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def prepare_run_dir(config: ExperimentConfig, run_dir: Path) -> None:
+    for sub in RUN_SUBDIRS:
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+class Topology:
+    """The run's Ray actors: one replay server, one policy server, one learner, N collectors."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path):
+        c, run = config.cluster, str(run_dir)
+        spec = make_env_spec([config.env.task], config.env.action_repeat)
+        self.replay = ray.remote(num_cpus=0)(ReplayWorker).remote(spec, config.replay, run, c.host)
+        self.policy = ray.remote(num_cpus=0)(PolicyServerWorker).remote(run, c.host)
+        self.addresses = {"replay": ray.get(self.replay.address.remote()),
+                          "policy": ray.get(self.policy.address.remote())}
+        self.learner = ray.remote(num_cpus=c.learner_cpus, num_gpus=c.learner_gpus)(
+            LearnerWorker).remote(spec, config.model, config.learner, config.replay,
+                                  self.addresses["replay"], run, config.loop.seed)
+        self.actors = [
+            ray.remote(num_cpus=c.actor_cpus)(CollectorWorker).remote(
+                i, spec, config.env, c, config.model, config.replay, self.addresses, run,
+                config.loop.seed * 1000 + i * 100)
+            for i in range(c.num_actors)]
+
+
+def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int) -> dict:
+    """One collect -> train -> evaluate -> publish round; returns what the row needs."""
+    n = len(top.actors)
+    collected = ray.get([a.collect.remote(e, cycle, version, config.loop.version_timeout_seconds)
+                         for a, e in zip(top.actors, split(config.loop.episodes_per_cycle, n))])
+    train = ray.get(top.learner.train.remote(config.loop.learner_steps_per_cycle))
+    candidate = top.learner.make_snapshot.remote(version + 1, cycle)  # an ObjectRef, put once
+    evaluated = ray.get([a.evaluate.remote(candidate, m, cycle)
+                         for a, m in zip(top.actors, split(config.loop.eval_episodes, n)) if m])
+    new_version = ray.get(top.learner.publish.remote(top.addresses["policy"]))
+    ray.get([top.learner.checkpoint.remote(cycle), top.replay.checkpoint.remote()])
+    episodes = [e for r in collected for e in r["episodes"]]
+    return {"episodes": episodes, "env_steps": sum(r["env_steps"] for r in collected),
+            "eval": [e for r in evaluated for e in r["episodes"]], "train": train,
+            "version": new_version}
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None = None,
+                   out: TextIO = sys.stdout) -> list[CycleRow]:
+    """Runs every cycle; prints a row per cycle; writes the run directory."""
+    prepare_run_dir(config, run_dir)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    rows: list[CycleRow] = []
+    try:
+        top = Topology(config, run_dir)
+        print(format_header(), file=out, flush=True)
+        version, env_steps, episodes = 0, 0, 0
+        for cycle in range(config.loop.num_cycles):
+            t0 = time.time()
+            result = run_cycle(top, config, cycle, version)
+            version = result["version"]
+            env_steps += result["env_steps"]
+            episodes += len(result["episodes"])
+            row = CycleRow(cycle=cycle, env_steps=env_steps, episodes=episodes,
+                           collect_return=float(np.mean([e["return"] for e in result["episodes"]])),
+                           eval_return=float(np.mean([e["return"] for e in result["eval"]])),
+                           learner_steps=int(result["train"]["learner_steps"]),
+                           policy_version=version, seconds=time.time() - t0)
+            rows.append(row)
+            print(format_row(row), file=out, flush=True)
+            write_state(run_dir, rows, {"policy_version": version,
+                                        "addresses": top.addresses,
+                                        "last_train_metrics": result["train"]})
+            plot_returns(rows, run_dir / "report" / "returns.png", config.env.task)
+    finally:
+        ray.shutdown()
+    return rows

@@ -1,0 +1,71 @@
+"""The per-cycle table, `cycle.json` and `report/returns.png`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class CycleRow:
+    """One finished collect -> train -> evaluate -> publish cycle."""
+
+    cycle: int  # 0-based cycle index
+    env_steps: int  # environment steps collected so far (action repeats counted)
+    episodes: int  # collected (not eval) episodes so far
+    collect_return: float  # mean return of this cycle's collected episodes
+    eval_return: float  # mean return of this cycle's greedy evaluation episodes
+    learner_steps: int  # learner updates so far
+    policy_version: int  # version published at the end of the cycle
+    seconds: float  # wall time of the cycle
+
+
+COLUMNS = [("cycle", 5, "d"), ("env_steps", 10, "d"), ("episodes", 8, "d"),
+           ("collect_return", 14, ".1f"), ("eval_return", 11, ".1f"),
+           ("learner_steps", 13, "d"), ("policy_version", 14, "d"), ("seconds", 7, ".1f")]
+
+
+def format_header() -> str:
+    return "  ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)
+
+
+def format_row(row: CycleRow) -> str:
+    return "  ".join(f"{getattr(row, name):>{width}{fmt}}" for name, width, fmt in COLUMNS)
+
+
+def write_state(run_dir: Path, rows: Sequence[CycleRow], extra: dict) -> None:
+    """Atomically rewrites `cycle.json` with every finished cycle."""
+    state = {"completed_cycles": len(rows), "rows": [dataclasses.asdict(r) for r in rows],
+             **extra}
+    tmp = run_dir / ".cycle.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, run_dir / "cycle.json")
+
+
+def read_rows(run_dir: Path) -> list[CycleRow]:
+    state = json.loads((Path(run_dir) / "cycle.json").read_text())
+    return [CycleRow(**r) for r in state["rows"]]
+
+
+def plot_returns(rows: Sequence[CycleRow], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cycles = [r.cycle for r in rows]
+    ax.plot(cycles, [r.collect_return for r in rows], "o-", label="collect (sampled policy)")
+    ax.plot(cycles, [r.eval_return for r in rows], "s-", label="eval (greedy policy)")
+    ax.set_xlabel("cycle")
+    ax.set_ylabel("mean episode return")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

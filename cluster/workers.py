@@ -1,0 +1,212 @@
+"""The long-lived processes of a run, as plain classes; `cluster/driver.py` wraps them with Ray.
+
+Each takes only its own config. Each logs to `<run_dir>/logs/<name>.log` and serves Prometheus
+metrics on a free loopback port, announced as a file_sd target in `<run_dir>/metrics/targets/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from actors.envs import make_environment
+from actors.loop import EnvironmentLoop, EpisodeContext
+from cluster.config import ClusterConfig, EnvConfig
+from learners.checkpoints import save_checkpoint
+from learners.config import LearnerConfig
+from learners.learner import PACLearner
+from policies.perceiver import PerceiverConfig
+from policies.policy import PACPolicy, Policy, RandomPolicy
+from policies.server import PolicyServer, PolicySubscriber, publish
+from policies.snapshot import Snapshot
+from replay.adders import ReverbSequenceAdder
+from replay.archive import EpisodeArchive
+from replay.config import ReplayConfig
+from replay.dataset import ReverbBatchIterator
+from replay.ingest import EpisodeSink
+from replay.server import ReplayServer
+from replay.spec import EnvSpec, Episode
+
+
+def setup_process(run_dir: Path, name: str) -> CollectorRegistry:
+    """Logging to the run's logs folder and a metrics endpoint announced for Prometheus."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / f"{name}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    registry = CollectorRegistry()
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+    targets = run_dir / "metrics" / "targets"
+    targets.mkdir(parents=True, exist_ok=True)
+    entry = [{"targets": [f"127.0.0.1:{server.server_port}"],
+              "labels": {"component": name.split("-")[0], "instance_name": name,
+                         "run_id": run_dir.name}}]
+    tmp = targets / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, targets / f"{name}.json")
+    return registry
+
+
+def summarize(episode: Episode, accepted: bool) -> dict:
+    lin = episode.lineage
+    return {"episode_id": lin.episode_id, "return": episode.episode_return,
+            "length": episode.length, "policy_version": lin.policy_version,
+            "mode": lin.mode, "accepted": accepted}
+
+
+class ReplayWorker:
+    """The Reverb server of the run."""
+
+    def __init__(self, spec: EnvSpec, config: ReplayConfig, run_dir: str, host: str):
+        setup_process(Path(run_dir), "replay")
+        self._server = ReplayServer(spec, config, Path(run_dir) / "replay_checkpoints", host)
+
+    def address(self) -> str:
+        return self._server.address
+
+    def num_items(self) -> int:
+        return self._server.num_items()
+
+    def checkpoint(self) -> str:
+        return self._server.checkpoint()
+
+
+class PolicyServerWorker:
+    """The gRPC policy server of the run, storing versions under `<run_dir>/policies/`."""
+
+    def __init__(self, run_dir: str, host: str):
+        setup_process(Path(run_dir), "policyserver")
+        self._server = PolicyServer(Path(run_dir) / "policies", host=host, port=0)
+        self._address = self._server.start()
+
+    def address(self) -> str:
+        return self._address
+
+    def latest_version(self) -> int:
+        return self._server.latest_version
+
+
+class CollectorWorker:
+    """A sim actor: steps its environments with the newest pushed policy and writes episodes."""
+
+    def __init__(self, index: int, spec: EnvSpec, env_config: EnvConfig,
+                 cluster_config: ClusterConfig, model_config: PerceiverConfig,
+                 replay_config: ReplayConfig, addresses: dict[str, str], run_dir: str,
+                 seed: int):
+        torch.set_num_threads(1)
+        self.actor_id, self._run_dir, self._seed = f"actor-{index}", Path(run_dir), seed
+        registry = setup_process(self._run_dir, self.actor_id)
+        self._episodes = Counter("pacflow_actor_episodes", "Episodes finished", ["mode"],
+                                 registry=registry)
+        self._env_steps = Counter("pacflow_actor_env_steps", "Environment steps",
+                                  registry=registry)
+        self._version = Gauge("pacflow_actor_policy_version", "Policy version acting",
+                              registry=registry)
+        self._spec, self._env_config = spec, env_config
+        envs = [make_environment(env_config.task, seed + i, env_config.action_repeat)
+                for i in range(cluster_config.envs_per_actor)]
+        self._envs, self._loop = envs, EnvironmentLoop(envs, spec)
+        self._sink = EpisodeSink(spec, EpisodeArchive(self._run_dir / "archive"),
+                                 ReverbSequenceAdder(addresses["replay"], replay_config),
+                                 self._run_dir / "quarantine")
+        self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
+        self._subscriber = PolicySubscriber(addresses["policy"], self.actor_id).start()
+        self._num_episodes = 0
+        self._task_id = spec.task_names.index(env_config.task)
+
+    def _switch_policy(self) -> None:
+        """Takes the newest pushed version; called only between waves (episode boundaries)."""
+        snapshot = self._subscriber.latest()
+        if snapshot is not None and snapshot.version > self._policy.policy_version:
+            self._policy = PACPolicy.from_snapshot(snapshot, self._seed + snapshot.version)
+            self._version.set(snapshot.version)
+
+    def _seeds(self, n: int) -> list[int]:
+        seeds = [int(s) for s in np.random.SeedSequence(
+            [self._seed, self._num_episodes]).generate_state(n)]
+        self._num_episodes += n
+        return seeds
+
+    def _write(self, episodes: list[Episode], to_replay: bool) -> list[dict]:
+        out = []
+        for ep in episodes:
+            out.append(summarize(ep, self._sink.write(ep, to_replay=to_replay)))
+            self._episodes.labels(ep.lineage.mode).inc()
+        return out
+
+    def collect(self, num_episodes: int, cycle: int, min_version: int,
+                timeout_seconds: float) -> dict:
+        """Collects episodes with the newest policy (at least `min_version`)."""
+        if min_version > 0:
+            self._subscriber.wait_for_version(min_version, timeout_seconds)
+        steps_before, summaries = sum(e.num_env_steps for e in self._envs), []
+        k = len(self._envs)
+        for start in range(0, num_episodes, k):
+            self._switch_policy()
+            ctx = EpisodeContext(self._run_dir.name, cycle, self.actor_id, self._env_config.task,
+                                 self._task_id, "collect")
+            wave = self._loop.run(self._policy, self._seeds(min(k, num_episodes - start)), ctx,
+                                  greedy=False)
+            summaries += self._write(wave, to_replay=True)
+        env_steps = sum(e.num_env_steps for e in self._envs) - steps_before
+        self._env_steps.inc(env_steps)
+        return {"episodes": summaries, "env_steps": env_steps,
+                "quarantined": dict(self._sink.rejected)}
+
+    def evaluate(self, snapshot: Snapshot, num_episodes: int, cycle: int) -> dict:
+        """Greedy episodes with a candidate snapshot; archived with mode "eval", not replayed."""
+        policy = PACPolicy.from_snapshot(snapshot, self._seed)
+        ctx = EpisodeContext(self._run_dir.name, cycle, self.actor_id, self._env_config.task,
+                             self._task_id, "eval")
+        episodes = self._loop.run(policy, self._seeds(num_episodes), ctx, greedy=True)
+        return {"episodes": self._write(episodes, to_replay=False)}
+
+    def close(self) -> None:
+        self._subscriber.close()
+
+
+class LearnerWorker:
+    """The PAC learner: trains on replay, makes snapshots, publishes, checkpoints."""
+
+    def __init__(self, spec: EnvSpec, model_config: PerceiverConfig, config: LearnerConfig,
+                 replay_config: ReplayConfig, replay_address: str, run_dir: str, seed: int):
+        self._run_dir = Path(run_dir)
+        registry = setup_process(self._run_dir, "learner")
+        self._steps = Counter("pacflow_learner_steps", "Learner updates", registry=registry)
+        self._loss = Gauge("pacflow_learner_loss", "Mean loss of the last train call",
+                           ["term"], registry=registry)
+        iterator = ReverbBatchIterator(replay_address, replay_config, config.batch_size,
+                                       pin_memory=torch.cuda.is_available())
+        self._learner = PACLearner(spec, model_config, config, iterator, seed)
+        self._spec, self._model_config = spec, model_config
+        self._candidate: Snapshot | None = None
+
+    def train(self, num_steps: int) -> dict:
+        metrics = self._learner.run(num_steps)
+        self._steps.inc(num_steps)
+        for term in ("loss", "l_imp", "l_bc", "l_q"):
+            self._loss.labels(term).set(metrics[term])
+        return {**metrics, "learner_steps": self._learner.num_steps}
+
+    def make_snapshot(self, version: int, cycle: int) -> Snapshot:
+        metadata = {"env_spec": self._spec.to_dict(),
+                    "model_config": dict(vars(self._model_config)), "cycle": cycle,
+                    "learner_step": self._learner.num_steps, "parent_version": version - 1}
+        self._candidate = Snapshot.from_state_dict(version, self._learner.get_variables(),
+                                                   metadata)
+        return self._candidate
+
+    def publish(self, policy_address: str) -> int:
+        assert self._candidate is not None, "make_snapshot before publish"
+        return publish(policy_address, self._candidate)
+
+    def checkpoint(self, cycle: int) -> str:
+        return str(save_checkpoint(self._learner.state(), self._run_dir / "checkpoints",
+                                   step=self._learner.num_steps, cycle=cycle))

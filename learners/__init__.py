@@ -1,0 +1,1 @@
+"""PAC learning: pure loss functions, the learner, checkpoints. Imports only torch and numpy."""

@@ -1,0 +1,39 @@
+"""Learner configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """PAC optimisation settings (defaults from notes/pac.md §8.2, acme MPO where unstated)."""
+
+    batch_size: int = 256  # sequence items per learner step
+    learning_rate: float = 3e-4  # Adam step size for the network
+    dual_learning_rate: float = 1e-2  # Adam step size for the temperature parameter
+    max_grad_norm: float = 40.0  # global gradient-norm clip
+    alpha: float = 0.0  # BC weight: 1 = behaviour cloning, 0 = full RL
+    beta: float = 1.0  # critic loss weight
+    epsilon: float = 0.1  # KL bound of the improved policy to the target policy
+    init_temperature: float = 1.0  # initial eta
+    num_action_samples: int = 20  # N actions sampled from the target policy per state
+    discount: float = 0.99  # gamma
+    target_update_period: int = 100  # learner steps between hard target-network copies
+    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    num_threads: int = 2  # torch intra-op threads on CPU
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"learner.alpha={self.alpha} must be in [0, 1]")
+        if self.beta < 0:
+            raise ValueError(f"learner.beta={self.beta} must be >= 0")
+        if not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"learner.discount={self.discount} must be in (0, 1]")
+        if self.init_temperature <= 0 or self.epsilon <= 0:
+            raise ValueError("learner.init_temperature and learner.epsilon must be > 0")
+        for name in ("batch_size", "num_action_samples", "target_update_period", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"learner.{name}={getattr(self, name)} must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"learner.device={self.device!r} must be one of auto, cpu, cuda")

@@ -1,0 +1,134 @@
+"""The PAC learner: holds the network, target network, temperature and optimisers; `step()` reads
+top to bottom like the loss in notes/pac.md §8.4."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from learners import losses
+from learners.config import LearnerConfig
+from policies.perceiver import (PerceiverActorCritic, PerceiverConfig, count_parameters,
+                                init_temperature_param)
+from replay.spec import Batch, EnvSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class PACLearner:
+    """Trains a PerceiverActorCritic on batches drawn from an injected iterator.
+
+    Usage:
+        learner = PACLearner(spec, model_config, learner_config, iter(batches))
+        metrics = learner.run(num_steps=100)
+        params = learner.get_variables()
+    """
+
+    def __init__(self, spec: EnvSpec, model_config: PerceiverConfig, config: LearnerConfig,
+                 iterator: Iterator[Batch], seed: int = 0):
+        torch.manual_seed(seed)
+        self.config, self.iterator = config, iterator
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.model = PerceiverActorCritic(spec, model_config).to(self.device)
+        self.target = copy.deepcopy(self.model).requires_grad_(False)
+        self.log_temperature = torch.tensor(init_temperature_param(config.init_temperature),
+                                            device=self.device, requires_grad=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.dual_optimizer = torch.optim.Adam([self.log_temperature],
+                                               lr=config.dual_learning_rate)
+        self.num_steps = 0
+        log.info("PAC model: %d parameters on %s", count_parameters(self.model), self.device)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return F.softplus(self.log_temperature) + 1e-8
+
+    def step(self) -> dict[str, float]:
+        """One PAC update on the next batch; returns scalar metrics."""
+        cfg, model, target = self.config, self.model, self.target
+        t0 = time.perf_counter()
+        batch = next(self.iterator).to(self.device, non_blocking=True)
+        t_data = time.perf_counter() - t0
+        n = batch.reward.shape[1] - 1
+        s, task = batch.observation[:, 0], batch.task_id  # (B, O), (B,)
+        a_data = model.action_to_bins(batch.action[:, 0])  # (B, A)
+        ret = losses.n_step_return(batch.reward[:, :n], batch.discount[:, :n],
+                                   batch.mask[:, :n], cfg.discount)
+        s_boot = batch.observation[torch.arange(s.shape[0], device=s.device), ret.bootstrap_index]
+
+        z = model.encode(s, task)  # (B, L, W)
+        logits_pi = model.policy_logits(z)  # (B, A, K)
+        with torch.no_grad():
+            z_tgt, z_boot = target.encode(s, task), target.encode(s_boot, task)
+            # N actions from the target policy π_θ', scored by the online critic (stop-gradient).
+            pi_tgt = torch.distributions.Categorical(logits=target.policy_logits(z_tgt))
+            a_samp = pi_tgt.sample((cfg.num_action_samples,)).transpose(0, 1)  # (B, N, A)
+            q_samp = model.q_value(model.q_logits(z, a_samp))  # (B, N)
+            temperature = self.temperature.detach()
+            weights = losses.improvement_weights(q_samp, temperature)  # (B, N)
+            # Γ_θ': bootstrap with a' ~ π_θ'(s_{t+n}) under the target critic, C51-projected.
+            a_next = torch.distributions.Categorical(
+                logits=target.policy_logits(z_boot)).sample()  # (B, A)
+            p_next = target.q_logits(z_boot, a_next.unsqueeze(1))[:, 0].softmax(-1)  # (B, M)
+            atoms = (ret.partial_return.unsqueeze(1)
+                     + ret.bootstrap_discount.unsqueeze(1) * model.value_support)  # (B, M)
+            target_probs = losses.categorical_projection(atoms, p_next, model.value_support)
+
+        l_imp = losses.policy_improvement_loss(logits_pi, a_samp, weights)
+        l_bc = losses.behaviour_cloning_loss(logits_pi, a_data)
+        q_logits_data = model.q_logits(z, a_data.unsqueeze(1))[:, 0]  # (B, M)
+        l_q = losses.critic_loss(q_logits_data, target_probs)
+        l_eta = losses.temperature_dual_loss(q_samp, self.temperature, cfg.epsilon)
+        loss = losses.pac_loss(l_imp, l_bc, l_q, l_eta, cfg.alpha, cfg.beta)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.dual_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.dual_optimizer.step()
+        self.num_steps += 1
+        if self.num_steps % cfg.target_update_period == 0:
+            self.target.load_state_dict(self.model.state_dict())
+        return {
+            "loss": loss.item(), "l_imp": l_imp.item(), "l_bc": l_bc.item(), "l_q": l_q.item(),
+            "temperature": temperature.item(), "grad_norm": grad_norm.item(),
+            "q_mean": q_samp.mean().item(), "data_wait_s": t_data,
+            "step_s": time.perf_counter() - t0,
+        }
+
+    def run(self, num_steps: int) -> dict[str, float]:
+        """Runs `num_steps` updates; returns the metrics averaged over them."""
+        totals: dict[str, float] = {}
+        for _ in range(num_steps):
+            for k, v in self.step().items():
+                totals[k] = totals.get(k, 0.0) + v
+        return {k: v / max(num_steps, 1) for k, v in totals.items()}
+
+    def get_variables(self) -> dict[str, torch.Tensor]:
+        """The online network's weights on CPU, ready for a snapshot."""
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+
+    def state(self) -> dict[str, object]:
+        """Everything needed to continue training: for checkpoints."""
+        return {
+            "model": self.get_variables(),
+            "target": {k: v.detach().cpu().contiguous() for k, v in self.target.state_dict().items()},
+            "log_temperature": self.log_temperature.detach().cpu().reshape(1),
+            "optimizer": self.optimizer.state_dict(),
+            "dual_optimizer": self.dual_optimizer.state_dict(),
+            "num_steps": self.num_steps,
+        }

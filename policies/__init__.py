@@ -1,0 +1,1 @@
+"""The PAC network, inference policies, snapshots and the policy server (server.py needs grpc)."""

@@ -1,0 +1,78 @@
+"""Reverb adders: finished episodes in, (n+1)-record sequence items out.
+
+For an episode with records 0..T (record T is the final observation, mask 0) the adder writes one
+item per transition, starting at records 0..T-1. Items near the end are completed with n-1 padding
+records (the final observation again, zero action/reward/discount, mask 0) so every item has the
+same shape; the learner's n-step return stops at the first masked record.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from replay.config import ReplayConfig
+from replay.server import episode_key
+from replay.spec import Adder, Episode
+
+_FIELDS = ("observation", "action", "reward", "discount", "mask", "policy_version", "task_id",
+           "episode_key")
+
+
+def episode_records(episode: Episode, n_step: int) -> dict[str, np.ndarray]:
+    """The T+1 records of an episode followed by n_step-1 padding records, column-wise."""
+    T, pad = episode.length, n_step - 1
+    last = lambda x: np.repeat(x[-1:], pad, axis=0)  # noqa: E731
+    zeros = lambda x: np.zeros((pad,) + x.shape[1:], x.dtype)  # noqa: E731
+    key = episode_key(episode.lineage.episode_id)
+    total = T + 1 + pad
+    return {
+        "observation": np.concatenate([episode.observation, last(episode.observation)]),
+        "action": np.concatenate([episode.action, zeros(episode.action)]),
+        "reward": np.concatenate([episode.reward, zeros(episode.reward)]),
+        "discount": np.concatenate([episode.discount, zeros(episode.discount)]),
+        "mask": np.concatenate([episode.mask, np.zeros(pad, np.float32)]),
+        "policy_version": np.concatenate([episode.policy_version,
+                                          last(episode.policy_version)]).astype(np.int64),
+        "task_id": np.full(total, episode.task_id, np.int64),
+        "episode_key": np.full(total, key, np.int64),
+    }
+
+
+class ReverbSequenceAdder(Adder):
+    """Writes each episode's items through one Reverb TrajectoryWriter.
+
+    Back-pressure: after every `max_in_flight_items` items the writer waits until the server has
+    confirmed them, so an actor never buffers more than that. Every wait has a deadline.
+
+    Usage:
+        adder = ReverbSequenceAdder("127.0.0.1:1234", ReplayConfig(n_step=3))
+        adder.add_episode(episode)
+    """
+
+    def __init__(self, address: str, config: ReplayConfig):
+        import reverb
+
+        self._config = config
+        self._client = reverb.Client(address)
+        self._writer = self._client.trajectory_writer(num_keep_alive_refs=config.n_step + 1)
+
+    def add_episode(self, episode: Episode) -> int:
+        cfg, writer = self._config, self._writer
+        L, timeout_ms = cfg.n_step + 1, int(cfg.timeout_seconds * 1000)
+        records = episode_records(episode, cfg.n_step)
+        num_records, num_items = records["reward"].shape[0], 0
+        for j in range(num_records):
+            writer.append({k: records[k][j] for k in _FIELDS})
+            start = j - cfg.n_step
+            if start >= 0 and start < episode.length:
+                writer.create_item(cfg.table, priority=1.0,
+                                   trajectory={k: writer.history[k][-L:] for k in _FIELDS})
+                num_items += 1
+                if num_items % cfg.max_in_flight_items == 0:
+                    writer.flush(block_until_num_items=cfg.max_in_flight_items,
+                                 timeout_ms=timeout_ms)
+        writer.end_episode(clear_buffers=True, timeout_ms=timeout_ms)
+        return num_items
+
+    def close(self) -> None:
+        self._writer.close()

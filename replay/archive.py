@@ -1,0 +1,142 @@
+"""The episode archive: one Parquet file per finished episode, written atomically.
+
+Layout: `<root>/<episode_id>.parquet`, one row per step record (see replay/spec.py), the lineage
+repeated as columns (it compresses to nothing) and also stored as JSON in the file's metadata.
+A write goes to `.<name>.<pid>.tmp` in the same folder, is re-read to check its row count, then
+renamed into place; re-archiving an episode_id that exists is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from replay.spec import Episode, Lineage
+
+SCHEMA_VERSION = 1
+LINEAGE_FIELDS = [
+    pa.field("run_id", pa.string()), pa.field("cycle", pa.int32()),
+    pa.field("actor_id", pa.string()), pa.field("task", pa.string()),
+    pa.field("episode_id", pa.string()), pa.field("seed", pa.int64()),
+    pa.field("mode", pa.string()), pa.field("start_time", pa.float64()),
+    pa.field("end_time", pa.float64()),
+]
+EPISODE_FIELDS = [
+    pa.field("task_id", pa.int32()), pa.field("length", pa.int32()),
+    pa.field("return", pa.float32()), pa.field("terminated", pa.bool_()),
+    pa.field("truncated", pa.bool_()),
+]
+STEP_FIELDS = [
+    pa.field("step", pa.int32()), pa.field("observation", pa.list_(pa.float32())),
+    pa.field("action", pa.list_(pa.float32())), pa.field("reward", pa.float32()),
+    pa.field("discount", pa.float32()), pa.field("policy_version", pa.int64()),
+    pa.field("is_first", pa.bool_()), pa.field("is_last", pa.bool_()),
+]
+SCHEMA = pa.schema(LINEAGE_FIELDS + EPISODE_FIELDS + STEP_FIELDS,
+                   metadata={"pacflow.schema_version": str(SCHEMA_VERSION)})
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """A local path, file:// URI or object-store URI -> (filesystem, path)."""
+    uri = str(uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).absolute())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def episode_table(episode: Episode) -> pa.Table:
+    n = episode.length + 1
+    lin, const = dataclasses.asdict(episode.lineage), lambda v: [v] * n  # noqa: E731
+    columns = {f.name: const(lin[f.name]) for f in LINEAGE_FIELDS}
+    columns.update({
+        "task_id": const(episode.task_id), "length": const(episode.length),
+        "return": const(episode.episode_return), "terminated": const(episode.terminated),
+        "truncated": const(episode.truncated),
+        "step": np.arange(n, dtype=np.int32), "observation": list(episode.observation),
+        "action": list(episode.action), "reward": episode.reward, "discount": episode.discount,
+        "policy_version": episode.policy_version,
+        "is_first": np.arange(n) == 0, "is_last": np.arange(n) == n - 1,
+    })
+    meta = {**SCHEMA.metadata, b"pacflow.lineage": json.dumps(lin).encode()}
+    return pa.table(columns, schema=SCHEMA).replace_schema_metadata(meta)
+
+
+class EpisodeArchive:
+    """Append-only episode store.
+
+    Usage:
+        archive = EpisodeArchive(run_dir / "archive")
+        archive.write(episode)                # True if written, False if it was already there
+        for episode in archive.episodes(): ...
+    """
+
+    def __init__(self, uri: str | os.PathLike):
+        self.uri = str(uri)
+        self._fs, self._root = resolve(uri)
+        self._fs.create_dir(self._root, recursive=True)
+
+    def path_of(self, episode_id: str) -> str:
+        return f"{self._root}/{episode_id}.parquet"
+
+    def write(self, episode: Episode) -> bool:
+        target = self.path_of(episode.lineage.episode_id)
+        if self._fs.get_file_info(target).type != pafs.FileType.NotFound:
+            return False
+        table = episode_table(episode)
+        tmp = f"{self._root}/.{episode.lineage.episode_id}.{os.getpid()}.tmp"
+        pq.write_table(table, tmp, filesystem=self._fs)
+        if pq.read_metadata(tmp, filesystem=self._fs).num_rows != table.num_rows:
+            self._fs.delete_file(tmp)
+            raise OSError(f"archive write of {target} came back with the wrong row count")
+        self._fs.move(tmp, target)
+        return True
+
+    def paths(self) -> list[str]:
+        selector = pafs.FileSelector(self._root, allow_not_found=True)
+        return sorted(i.path for i in self._fs.get_file_info(selector)
+                      if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                      and not i.base_name.startswith("."))
+
+    def read(self, path: str) -> Episode:
+        return table_to_episode(pq.read_table(path, filesystem=self._fs))
+
+    def episodes(self) -> Iterator[Episode]:
+        for path in self.paths():
+            yield self.read(path)
+
+    def verify(self) -> tuple[int, list[tuple[str, str]]]:
+        """Reads every file fully; returns (readable episode count, [(path, error)])."""
+        good, bad = 0, []
+        for path in self.paths():
+            try:
+                table = pq.read_table(path, filesystem=self._fs)
+                if table.num_rows != table.column("length")[0].as_py() + 1:
+                    raise ValueError("row count does not match the episode length")
+                good += 1
+            except Exception as e:  # any unreadable file is reported, none stops the scan
+                bad.append((path, f"{type(e).__name__}: {e}".splitlines()[0]))
+        return good, bad
+
+
+def table_to_episode(table: pa.Table) -> Episode:
+    row0 = table.slice(0, 1).to_pylist()[0]
+    lineage = Lineage(**{f.name: row0[f.name] for f in LINEAGE_FIELDS},
+                      policy_version=int(table.column("policy_version")[0].as_py()))
+    stack = lambda name: np.stack(table.column(name).to_numpy(zero_copy_only=False))  # noqa: E731
+    return Episode(
+        lineage=lineage, task_id=row0["task_id"],
+        observation=stack("observation").astype(np.float32),
+        action=stack("action").astype(np.float32),
+        reward=table.column("reward").to_numpy().astype(np.float32),
+        discount=table.column("discount").to_numpy().astype(np.float32),
+        policy_version=table.column("policy_version").to_numpy().astype(np.int64),
+        terminated=bool(row0["terminated"]), truncated=bool(row0["truncated"]),
+    )

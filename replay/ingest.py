@@ -1,0 +1,44 @@
+"""The one ingestion point: validate, archive (the commit log), then write to replay."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+from replay.archive import EpisodeArchive
+from replay.spec import Adder, EnvSpec, Episode
+from replay.validation import episode_problems, quarantine
+
+log = logging.getLogger(__name__)
+
+
+class EpisodeSink:
+    """Routes finished episodes: bad ones to quarantine, good ones to the archive and replay.
+
+    The archive write comes first, so replay never holds an episode the archive lacks.
+
+    Usage:
+        sink = EpisodeSink(spec, EpisodeArchive(dir), adder, run_dir / "quarantine")
+        sink.write(episode, to_replay=True)   # True when accepted
+    """
+
+    def __init__(self, spec: EnvSpec, archive: EpisodeArchive, adder: Adder | None,
+                 quarantine_dir: str | Path):
+        self._spec, self._archive, self._adder = spec, archive, adder
+        self._quarantine_dir = Path(quarantine_dir)
+        self.rejected: collections.Counter[str] = collections.Counter()  # by first reason
+        self.num_items = 0
+
+    def write(self, episode: Episode, to_replay: bool) -> bool:
+        problems = episode_problems(episode, self._spec)
+        if problems:
+            quarantine(episode, problems, self._quarantine_dir)
+            self.rejected[problems[0].split(":")[0]] += 1
+            log.warning("quarantined episode %s: %s", episode.lineage.episode_id,
+                        "; ".join(problems))
+            return False
+        written = self._archive.write(episode)
+        if written and to_replay and self._adder is not None:
+            self.num_items += self._adder.add_episode(episode)
+        return True

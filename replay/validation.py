@@ -1,0 +1,59 @@
+"""Checks an episode before it reaches replay or the archive; bad ones go to quarantine.
+
+Reverb accepts NaN and, without client validation, any shape (reliability.md §1.6), so this is the
+one trusted ingestion check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from replay.archive import EpisodeArchive
+from replay.spec import EnvSpec, Episode
+
+MAX_EPISODE_LENGTH = 1_000_000
+
+
+def episode_problems(episode: Episode, spec: EnvSpec) -> list[str]:
+    """Every reason the episode cannot be trusted; empty when it is good."""
+    n = episode.reward.shape[0]
+    expected = {
+        "observation": ((n, spec.obs_dim), np.float32), "action": ((n, spec.action_dim), np.float32),
+        "reward": ((n,), np.float32), "discount": ((n,), np.float32),
+        "policy_version": ((n,), np.int64),
+    }
+    problems = []
+    for name, (shape, dtype) in expected.items():
+        arr = getattr(episode, name)
+        if arr.dtype != dtype:
+            problems.append(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        elif arr.shape != shape:
+            problems.append(f"{name}: shape {arr.shape}, expected {shape}")
+        elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            problems.append(f"{name}: non-finite values")
+    if not 1 <= episode.length <= MAX_EPISODE_LENGTH:
+        problems.append(f"length {episode.length} outside [1, {MAX_EPISODE_LENGTH}]")
+    if not 0 <= episode.task_id < spec.num_tasks:
+        problems.append(f"task_id {episode.task_id} outside [0, {spec.num_tasks})")
+    if episode.terminated == episode.truncated:
+        problems.append("exactly one of terminated/truncated must be set")
+    return problems
+
+
+def quarantine(episode: Episode, reasons: list[str], directory: str | Path) -> Path:
+    """Keeps a rejected episode (when Parquet can hold it) and a reason file next to it."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    reason_path = d / f"{episode.lineage.episode_id}.reason.json"
+    reason_path.write_text(json.dumps({"episode_id": episode.lineage.episode_id,
+                                       "actor_id": episode.lineage.actor_id,
+                                       "reasons": reasons}))
+    try:
+        EpisodeArchive(d).write(episode)
+    except Exception as e:  # a malformed episode may not fit the schema; the reason file stays
+        reason_path.write_text(json.dumps({"episode_id": episode.lineage.episode_id,
+                                           "reasons": reasons, "unstorable": str(e)}))
+    return reason_path
