@@ -4,6 +4,10 @@ Only `spec` is re-exported here; Reverb-backed modules (`server`, `adders`, `dat
 reverb lazily and must be imported explicitly.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines, once imported
+
 from replay.spec import Adder, Batch, EnvSpec, Episode, Lineage
 
 __all__ = ["Adder", "Batch", "EnvSpec", "Episode", "Lineage"]

@@ -1,4 +1,9 @@
-"""Reverb -> torch: an iterator of learner batches, sampled and stacked in a background thread."""
+"""Reverb -> torch: an iterator of learner batches.
+
+Sampling and batching run in Reverb's C++ dataset (`reverb.TrajectoryDataset`, TensorFlow's
+runtime, one thread), outside the Python GIL; a daemon thread turns the batches into torch tensors
+(pinned when the learner is on CUDA) and keeps a few ready.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ from replay.spec import Batch
 log = logging.getLogger(__name__)
 
 
-def stack_batch(items: list[dict[str, np.ndarray]], pin_memory: bool = False) -> Batch:
-    """Stacks sampled items (each a dict of (n+1, ...) arrays) into a Batch."""
-    col = lambda k: torch.from_numpy(np.stack([it[k] for it in items]))  # noqa: E731
+def to_batch(data: dict[str, np.ndarray], pin_memory: bool = False) -> Batch:
+    """Batched item columns, each (B, n+1, ...), -> Batch."""
+    col = lambda k: torch.from_numpy(np.array(data[k]))  # noqa: E731  (TF arrays are read-only)
     batch = Batch(
         observation=col("observation"), action=col("action"), reward=col("reward"),
         discount=col("discount"), mask=col("mask"),
@@ -27,6 +32,11 @@ def stack_batch(items: list[dict[str, np.ndarray]], pin_memory: bool = False) ->
     if pin_memory:
         batch = Batch(**{k: v.pin_memory() for k, v in vars(batch).items()})
     return batch
+
+
+def stack_batch(items: list[dict[str, np.ndarray]], pin_memory: bool = False) -> Batch:
+    """Stacks single items (each a dict of (n+1, ...) arrays) into a Batch."""
+    return to_batch({k: np.stack([it[k] for it in items]) for k in items[0]}, pin_memory)
 
 
 class ReverbBatchIterator(Iterator[Batch]):
@@ -42,9 +52,7 @@ class ReverbBatchIterator(Iterator[Batch]):
 
     def __init__(self, address: str, config: ReplayConfig, batch_size: int,
                  pin_memory: bool = False):
-        import reverb
-
-        self._client = reverb.Client(address)
+        self._address = address
         self._config, self._batch_size, self._pin = config, batch_size, pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
         self._stop = threading.Event()
@@ -53,11 +61,10 @@ class ReverbBatchIterator(Iterator[Batch]):
 
     def _fill(self) -> None:
         try:
-            while not self._stop.is_set():
-                samples = self._client.sample(self._config.table, num_samples=self._batch_size,
-                                              emit_timesteps=False,
-                                              unpack_as_table_signature=True)
-                batch = stack_batch([s.data for s in samples], self._pin)
+            for sample in _batched_dataset(self._address, self._config, self._batch_size):
+                if self._stop.is_set():
+                    return
+                batch = to_batch(sample.data, self._pin)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(batch, timeout=0.5)
@@ -76,3 +83,19 @@ class ReverbBatchIterator(Iterator[Batch]):
 
     def close(self) -> None:
         self._stop.set()
+
+
+def _batched_dataset(address: str, config: ReplayConfig, batch_size: int) -> Iterator:
+    import tensorflow as tf
+
+    try:  # one TF thread: the learner's torch threads need the cores
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError:  # TF already initialised in this process
+        pass
+    import reverb
+
+    dataset = reverb.TrajectoryDataset.from_table_signature(
+        address, config.table, max_in_flight_samples_per_worker=2 * batch_size)
+    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(1)
+    return dataset.as_numpy_iterator()

@@ -1,0 +1,44 @@
+# pacflow: `make demo` and `make test` bootstrap .venv on first use (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-fast bench proto clean-venv check-python
+
+check-python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { \
+	  echo "error: $(PYTHON) not found; pacflow needs Python 3.11 (Reverb has no wheels for newer Pythons)." >&2; \
+	  echo "       install it (e.g. 'apt-get install python3.11 python3.11-venv' or pyenv), or run 'make PYTHON=/path/to/python3.11 ...'" >&2; \
+	  exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { \
+	  echo "error: $(PYTHON) is $$($(PYTHON) --version 2>&1), pacflow needs Python 3.11" >&2; exit 1; }
+
+$(PY): | check-python
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (the pinned CPU build), then everything else under the resolved constraints.
+$(STAMP): pyproject.toml deploy/constraints.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c deploy/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pacflow run --config deploy/configs/cartpole.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+proto: $(STAMP)
+	$(PY) -m pip install -q grpcio-tools==1.62.3
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. policies/proto/policy.proto
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,48 @@
+"""Bad input to `pacflow`: one line on stderr, exit code 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+GOOD = """env: {task: dm_control:cartpole-swingup}
+loop: {num_cycles: 1, episodes_per_cycle: 2, learner_steps_per_cycle: 1}
+"""
+
+
+def _pacflow(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("content,args,needle", [
+    (GOOD.replace("cartpole-swingup", "cartpole-flip"), [], "env.task: unknown task"),
+    ("loop: {num_cycles: 1, episodes_per_cycle: 2, learner_steps_per_cycle: 1}\n", [],
+     "env: missing required field"),
+    (GOOD + "learner: {batch_size: lots}\n", [], "learner.batch_size: expected int"),
+    (GOOD, ["--set", "replay.n_step=zero"], "replay.n_step: expected int"),
+    ("env: [unclosed\n", [], "not valid YAML"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, content, args, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    result = _pacflow("run", "--config", str(path), "--run-dir", str(tmp_path / "run"), *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_unreadable_config_file(tmp_path):
+    result = _pacflow("run", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"pacflow: error: config file {tmp_path / 'missing.yaml'}: No such file or directory"]
+
+
+def test_bad_arguments_are_one_line():
+    result = _pacflow("run")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "--config" in result.stderr

@@ -1,0 +1,57 @@
+"""Strict config parsing: every problem names its field."""
+
+import pytest
+
+from cluster.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+BASE = {"env": {"task": "dm_control:cartpole-swingup"},
+        "loop": {"num_cycles": 2, "episodes_per_cycle": 4, "learner_steps_per_cycle": 10}}
+
+
+def _with(**sections):
+    data = {k: dict(v) for k, v in BASE.items()}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return data
+
+
+def test_defaults_fill_optional_sections():
+    config = config_from_dict(BASE)
+    assert config.learner.batch_size == 256 and config.replay.n_step == 1
+    assert config.learner.learning_rate == 3e-4
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert config_from_dict(_with(learner={"alpha": 1})).learner.alpha == 1.0
+    with pytest.raises(ConfigError, match=r"learner.batch_size: expected int, got float 2.5"):
+        config_from_dict(_with(learner={"batch_size": 2.5}))
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"loop": BASE["loop"]}, "env: missing required field"),
+    (_with(env={"task": None}), "env.task: expected str"),
+    ({"env": BASE["env"], "loop": {"num_cycles": 2, "episodes_per_cycle": 4}},
+     "loop.learner_steps_per_cycle: missing required field"),
+    (_with(learner={"batch_size": "big"}), "learner.batch_size: expected int, got str 'big'"),
+    (_with(learner={"batchsize": 3}), "learner.batchsize: unknown field"),
+    (_with(learner={"alpha": 1.5}), r"learner.alpha=1.5 must be in \[0, 1\]"),
+    (_with(loop={"num_cycles": True}), "loop.num_cycles: expected int, got bool"),
+    (_with(model={"width": 30, "num_heads": 4}), "model.width=30 must be divisible"),
+])
+def test_errors_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_overrides_parse_values_as_yaml():
+    data = apply_overrides(_with(), ["learner.batch_size=512", "env.action_repeat=2"])
+    config = config_from_dict(data)
+    assert config.learner.batch_size == 512 and config.env.action_repeat == 2
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["learner.batch_size"])
+
+
+def test_shipped_presets_parse():
+    for name in ("cartpole", "smoke"):
+        config = load_config(f"deploy/configs/{name}.yaml")
+        assert config.env.task == "dm_control:cartpole-swingup"

@@ -1,0 +1,82 @@
+"""The gRPC policy server on a free loopback port, with real subscribers."""
+
+import grpc
+import pytest
+import torch
+
+from policies.perceiver import PerceiverActorCritic
+from policies.policy import PACPolicy
+from policies.server import PolicyServer, PolicySubscriber, fetch, publish
+from policies.snapshot import Snapshot, SnapshotError
+from tests.fakes import SPEC, TINY_MODEL
+
+
+def _snapshot(version: int, seed: int = 0) -> Snapshot:
+    torch.manual_seed(seed)
+    model = PerceiverActorCritic(SPEC, TINY_MODEL)
+    meta = {"env_spec": SPEC.to_dict(), "model_config": vars(TINY_MODEL), "cycle": version - 1}
+    return Snapshot.from_state_dict(version, model.state_dict(), meta)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    srv = PolicyServer(tmp_path / "policies", port=0)
+    address = srv.start()
+    yield srv, address
+    srv.stop()
+
+
+def test_subscribers_receive_each_published_version(server):
+    srv, address = server
+    subs = [PolicySubscriber(address, f"actor-{i}").start() for i in range(2)]
+    try:
+        assert all(s.latest() is None for s in subs)
+        publish(address, _snapshot(1))
+        for s in subs:
+            assert s.wait_for_version(1, timeout=10).version == 1
+        publish(address, _snapshot(2, seed=1))
+        for s in subs:
+            got = s.wait_for_version(2, timeout=10)
+            assert got.sha256 == _snapshot(2, seed=1).sha256
+        policy = PACPolicy.from_snapshot(subs[0].latest(), seed=0)
+        assert policy.policy_version == 2
+        assert policy.act(torch.zeros(3, SPEC.obs_dim).numpy(), [0, 0, 0], greedy=True).shape == \
+            (3, SPEC.action_dim)
+    finally:
+        for s in subs:
+            s.close()
+
+
+def test_version_regression_and_bad_hash_are_refused(server):
+    srv, address = server
+    publish(address, _snapshot(2))
+    with pytest.raises(grpc.RpcError) as err:
+        publish(address, _snapshot(1))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert srv.latest_version == 2
+
+
+def test_snapshot_with_wrong_hash_or_nan_is_refused():
+    snap = _snapshot(1)
+    with pytest.raises(SnapshotError, match="sha256"):
+        snap.verify("0" * 64)
+    state = {k: v.clone() for k, v in snap.state_dict().items()}
+    next(iter(state.values())).view(-1)[0] = float("nan")
+    with pytest.raises(SnapshotError, match="non-finite"):
+        Snapshot.from_state_dict(1, state, snap.metadata).state_dict()
+
+
+def test_restarted_server_serves_stored_versions(tmp_path):
+    first = PolicyServer(tmp_path, port=0)
+    address = first.start()
+    publish(address, _snapshot(1))
+    first.stop()
+    second = PolicyServer(tmp_path, port=0)
+    address = second.start()
+    try:
+        assert fetch(address).version == 1
+        sub = PolicySubscriber(address, "late-joiner").start()
+        assert sub.wait_for_version(1, timeout=10).version == 1
+        sub.close()
+    finally:
+        second.stop()
