@@ -31,13 +31,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except UnknownTaskError as e:
         raise UsageError(f"env.task: {e}") from None
+    if args.resume and not args.run_dir:
+        raise UsageError("--resume needs --run-dir")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S-") + config.env.task.split(":")[-1])
     run_dir = run_dir.absolute()
-    print(f"run directory: {run_dir}", flush=True)
-    from cluster.driver import run_experiment
+    from cluster.driver import RunDirError, run_experiment
 
-    run_experiment(config, run_dir, address=args.address)
+    print(f"run directory: {run_dir}", flush=True)
+    try:
+        run_experiment(config, run_dir, address=args.address, resume=args.resume)
+    except RunDirError as e:
+        raise UsageError(str(e)) from None
     print(f"report: {run_dir / 'report' / 'returns.png'}", flush=True)
     return 0
 
@@ -76,10 +81,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pacflow", description="Distributed PAC training for robot RL.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run collect-and-infer cycles")
-    run.add_argument("--config", required=True, help="YAML config, e.g. deploy/configs/cartpole.yaml")
+    run.add_argument("--config", required=True,
+                     help="YAML config, e.g. deploy/configs/cartpole.yaml")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config field, e.g. learner.batch_size=512 (repeatable)")
     run.add_argument("--run-dir", help="run directory (default: runs/<time>-<task>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --run-dir (loop.num_cycles may grow)")
     run.add_argument("--address", default=None,
                      help="Ray cluster address ('auto' inside a cluster); default: a local one")
     run.set_defaults(func=_cmd_run)

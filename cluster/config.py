@@ -7,6 +7,7 @@ Unknown keys, missing required fields and wrong types are errors that name the f
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from pathlib import Path
@@ -87,6 +88,11 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         return _build(hint, value, path)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        choices = [m.value for m in hint]
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return hint(value)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
@@ -167,4 +173,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Plain data (enums as their values), the inverse of `config_from_dict`."""
+    return dataclasses.asdict(
+        config, dict_factory=lambda kv: {k: v.value if isinstance(v, enum.Enum) else v
+                                         for k, v in kv})

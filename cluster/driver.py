@@ -20,7 +20,8 @@ import yaml
 
 from actors.envs import make_env_spec
 from cluster.config import ExperimentConfig, config_to_dict
-from cluster.report import CycleRow, format_header, format_row, plot_returns, write_state
+from cluster.report import (CycleRow, format_header, format_row, plot_returns, read_rows,
+                            write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,27 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def prepare_run_dir(config: ExperimentConfig, run_dir: Path) -> None:
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists without --resume, or differs)."""
+
+
+def prepare_run_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> list[CycleRow]:
+    """Creates the run directory, or checks a resumed one; returns the cycles already done."""
+    stored = run_dir / "config.yaml"
+    if not resume and (run_dir / "cycle.json").exists():
+        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it")
+    rows = read_rows(run_dir) if resume and (run_dir / "cycle.json").exists() else []
+    if resume and stored.exists():
+        before = yaml.safe_load(stored.read_text())
+        now = config_to_dict(config)
+        before["loop"].pop("num_cycles", None)
+        if {**now, "loop": {k: v for k, v in now["loop"].items() if k != "num_cycles"}} != before:
+            raise RunDirError(f"--resume: the config differs from {stored} in more than "
+                              "loop.num_cycles")
     for sub in RUN_SUBDIRS:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    stored.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return rows
 
 
 class Topology:
@@ -77,17 +95,24 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int)
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None = None,
-                   out: TextIO = sys.stdout) -> list[CycleRow]:
-    """Runs every cycle; prints a row per cycle; writes the run directory."""
-    prepare_run_dir(config, run_dir)
+                   out: TextIO = sys.stdout, resume: bool = False) -> list[CycleRow]:
+    """Runs every cycle not yet done; prints a row per cycle; writes the run directory.
+
+    With `resume`, cycles continue after the last row of `cycle.json`; replay, the policy server
+    and the learner restore what they stored in the run directory.
+    """
+    rows = prepare_run_dir(config, run_dir, resume)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
-    rows: list[CycleRow] = []
     try:
         top = Topology(config, run_dir)
         print(format_header(), file=out, flush=True)
-        version, env_steps, episodes = 0, 0, 0
-        for cycle in range(config.loop.num_cycles):
+        for row in rows:
+            print(format_row(row), file=out, flush=True)
+        version = ray.get(top.policy.latest_version.remote())
+        env_steps = rows[-1].env_steps if rows else 0
+        episodes = rows[-1].episodes if rows else 0
+        for cycle in range(len(rows), config.loop.num_cycles):
             t0 = time.time()
             result = run_cycle(top, config, cycle, version)
             version = result["version"]

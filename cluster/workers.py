@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from actors.envs import make_environment
 from actors.loop import EnvironmentLoop, EpisodeContext
 from cluster.config import ClusterConfig, EnvConfig
-from learners.checkpoints import save_checkpoint
+from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
 from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
@@ -186,6 +186,10 @@ class LearnerWorker:
                                        pin_memory=torch.cuda.is_available())
         self._learner = PACLearner(spec, model_config, config, iterator, seed)
         self._spec, self._model_config = spec, model_config
+        state = load_latest_good(self._run_dir / "checkpoints")
+        if state is not None:  # a resumed run continues the learner it had
+            self._learner.restore(state)
+            logging.getLogger(__name__).info("restored learner from %s", state["path"])
         self._candidate: Snapshot | None = None
 
     def train(self, num_steps: int) -> dict:
@@ -194,6 +198,9 @@ class LearnerWorker:
         for term in ("loss", "l_imp", "l_bc", "l_q"):
             self._loss.labels(term).set(metrics[term])
         return {**metrics, "learner_steps": self._learner.num_steps}
+
+    def num_steps(self) -> int:
+        return self._learner.num_steps
 
     def make_snapshot(self, version: int, cycle: int) -> Snapshot:
         metadata = {"env_spec": self._spec.to_dict(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -43,7 +47,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, cyc
     save_file(state["model"], tmp / "model.safetensors")
     save_file(state["target"], tmp / "target.safetensors")
     torch.save({k: state[k] for k in ("optimizer", "dual_optimizer", "log_temperature",
-                                      "num_steps")}, tmp / "optim.pt")
+                                      "num_steps", "rng_state")}, tmp / "optim.pt")
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "cycle": cycle,
                                                    "files": files}, indent=1))
@@ -66,7 +70,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for name, digest in manifest["files"].items():
         if not (path / name).exists() or _sha256(path / name) != digest:
             raise CheckpointError(f"{path}: {name} is missing or does not match its sha256")
-    optim = torch.load(path / "optim.pt", weights_only=True)
+    try:  # weights_only: a pickled payload is refused, never executed
+        optim = torch.load(path / "optim.pt", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: optim.pt refused ({type(e).__name__})") from None
     return {"model": load_file(path / "model.safetensors"),
             "target": load_file(path / "target.safetensors"), **optim,
-            "cycle": manifest["cycle"]}
+            "cycle": manifest["cycle"], "path": str(path)}
+
+
+def load_latest_good(directory: str | Path) -> dict[str, Any] | None:
+    """The newest checkpoint under `directory` that passes its checks; None when there is none.
+
+    A corrupt newer checkpoint is logged and skipped, so training resumes from the previous one.
+    """
+    for path in sorted(Path(directory).glob("step_*"), reverse=True):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            log.error("skipping checkpoint: %s", e)
+    return None

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+
+
+class CriticTarget(enum.Enum):
+    """How the target return distribution Γ_θ' is put on the critic's support."""
+
+    C51 = "c51"  # project the shifted next-state distribution (Bellemare et al. 2017)
+    HL_GAUSS = "hl_gauss"  # a Gaussian around the scalar target (Farebrother et al. 2024)
+
+
+class TargetUpdate(enum.Enum):
+    """How the target network follows the online network."""
+
+    PERIODIC = "periodic"  # hard copy every target_update_period steps
+    POLYAK = "polyak"  # θ' <- (1-τ)θ' + τθ after every step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +34,11 @@ class LearnerConfig:
     init_temperature: float = 1.0  # initial eta
     num_action_samples: int = 20  # N actions sampled from the target policy per state
     discount: float = 0.99  # gamma
-    target_update_period: int = 100  # learner steps between hard target-network copies
+    target_update: TargetUpdate = TargetUpdate.PERIODIC  # periodic hard copy or Polyak averaging
+    target_update_period: int = 100  # learner steps between hard copies (periodic)
+    polyak_tau: float = 0.005  # averaging rate per step (polyak)
+    critic_target: CriticTarget = CriticTarget.C51  # C51 projection or HL-Gauss
+    hl_gauss_sigma: float = 0.75  # HL-Gauss standard deviation, in bin widths
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     num_threads: int = 2  # torch intra-op threads on CPU
 
@@ -35,5 +54,9 @@ class LearnerConfig:
         for name in ("batch_size", "num_action_samples", "target_update_period", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"learner.{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 < self.polyak_tau <= 1.0:
+            raise ValueError(f"learner.polyak_tau={self.polyak_tau} must be in (0, 1]")
+        if self.hl_gauss_sigma <= 0:
+            raise ValueError(f"learner.hl_gauss_sigma={self.hl_gauss_sigma} must be > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"learner.device={self.device!r} must be one of auto, cpu, cuda")

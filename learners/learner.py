@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from learners import losses
-from learners.config import LearnerConfig
+from learners.config import CriticTarget, LearnerConfig, TargetUpdate
 from policies.perceiver import (PerceiverActorCritic, PerceiverConfig, count_parameters,
                                 init_temperature_param)
 from replay.spec import Batch, EnvSpec
@@ -83,9 +83,7 @@ class PACLearner:
             a_next = torch.distributions.Categorical(
                 logits=target.policy_logits(z_boot)).sample()  # (B, A)
             p_next = target.q_logits(z_boot, a_next.unsqueeze(1))[:, 0].softmax(-1)  # (B, M)
-            atoms = (ret.partial_return.unsqueeze(1)
-                     + ret.bootstrap_discount.unsqueeze(1) * model.value_support)  # (B, M)
-            target_probs = losses.categorical_projection(atoms, p_next, model.value_support)
+            target_probs = self._target_distribution(ret, p_next)  # (B, M)
 
         l_imp = losses.policy_improvement_loss(logits_pi, a_samp, weights)
         l_bc = losses.behaviour_cloning_loss(logits_pi, a_data)
@@ -101,7 +99,9 @@ class PACLearner:
         self.optimizer.step()
         self.dual_optimizer.step()
         self.num_steps += 1
-        if self.num_steps % cfg.target_update_period == 0:
+        if cfg.target_update is TargetUpdate.POLYAK:
+            losses.polyak_update(self.target, self.model, cfg.polyak_tau)
+        elif self.num_steps % cfg.target_update_period == 0:
             self.target.load_state_dict(self.model.state_dict())
         return {
             "loss": loss.item(), "l_imp": l_imp.item(), "l_bc": l_bc.item(), "l_q": l_q.item(),
@@ -109,6 +109,16 @@ class PACLearner:
             "q_mean": q_samp.mean().item(), "data_wait_s": t_data,
             "step_s": time.perf_counter() - t0,
         }
+
+    def _target_distribution(self, ret: losses.NStepReturn, p_next: torch.Tensor) -> torch.Tensor:
+        """Γ_θ' on the critic's support from the n-step return and the next-state distribution."""
+        z = self.model.value_support  # (M,)
+        G, D = ret.partial_return.unsqueeze(1), ret.bootstrap_discount.unsqueeze(1)  # (B, 1)
+        if self.config.critic_target is CriticTarget.HL_GAUSS:
+            q_next = (p_next * z).sum(-1, keepdim=True)  # (B, 1)
+            sigma = self.config.hl_gauss_sigma * float(z[1] - z[0])
+            return losses.hl_gauss_projection((G + D * q_next).squeeze(1), z, sigma)
+        return losses.categorical_projection(G + D * z, p_next, z)
 
     def run(self, num_steps: int) -> dict[str, float]:
         """Runs `num_steps` updates; returns the metrics averaged over them."""
@@ -126,9 +136,22 @@ class PACLearner:
         """Everything needed to continue training: for checkpoints."""
         return {
             "model": self.get_variables(),
-            "target": {k: v.detach().cpu().contiguous() for k, v in self.target.state_dict().items()},
+            "target": {k: v.detach().cpu().contiguous()
+                       for k, v in self.target.state_dict().items()},
             "log_temperature": self.log_temperature.detach().cpu().reshape(1),
             "optimizer": self.optimizer.state_dict(),
             "dual_optimizer": self.dual_optimizer.state_dict(),
             "num_steps": self.num_steps,
+            "rng_state": torch.get_rng_state(),
         }
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Continues from `state()` output: the next step equals the uninterrupted run's on CPU."""
+        self.model.load_state_dict(state["model"])
+        self.target.load_state_dict(state["target"])
+        with torch.no_grad():
+            self.log_temperature.copy_(state["log_temperature"].reshape(()))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dual_optimizer.load_state_dict(state["dual_optimizer"])
+        self.num_steps = int(state["num_steps"])
+        torch.set_rng_state(state["rng_state"])

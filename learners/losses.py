@@ -78,6 +78,24 @@ def categorical_projection(atoms: torch.Tensor, probs: torch.Tensor,
     return out
 
 
+def hl_gauss_projection(target: torch.Tensor, support: torch.Tensor,
+                        sigma: float) -> torch.Tensor:
+    """HL-Gauss (Farebrother et al. 2024): a Gaussian N(target, sigma²) integrated over each bin.
+
+    Args:
+        target: (B,) scalar targets.
+        support: (M,) evenly spaced bin centres; bins extend half a spacing beyond each end.
+        sigma: the Gaussian's standard deviation.
+    Returns:
+        (B, M) probabilities that sum to 1 (the mass outside the outer edges is renormalised).
+    """
+    delta = support[1] - support[0]
+    edges = torch.cat([support - delta / 2, support[-1:] + delta / 2])  # (M+1,)
+    cdf = torch.special.ndtr((edges - target.unsqueeze(-1)) / sigma)  # (B, M+1)
+    mass = cdf[:, 1:] - cdf[:, :-1]  # (B, M)
+    return mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 def improvement_weights(q_sampled: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Self-normalised exp(Q/η) over the N samples: (B, N) -> (B, N), rows sum to 1."""
     return torch.softmax(q_sampled / temperature, dim=1)
@@ -106,6 +124,13 @@ def behaviour_cloning_loss(logits: torch.Tensor, data_bins: torch.Tensor) -> tor
 def critic_loss(q_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """L_Q = -E Σ_m Γ_m log p_θ,m; q_logits (B, M), target_probs (B, M) without gradient."""
     return -(target_probs.detach() * q_logits.log_softmax(-1)).sum(-1).mean()
+
+
+def polyak_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
+    """θ' <- (1-τ)·θ' + τ·θ, in place; τ = 1 is a hard copy."""
+    with torch.no_grad():
+        for t, o in zip(target.parameters(), online.parameters()):
+            t.lerp_(o, tau)
 
 
 def pac_loss(l_imp: torch.Tensor, l_bc: torch.Tensor, l_q: torch.Tensor, l_eta: torch.Tensor,

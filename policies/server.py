@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Iterator

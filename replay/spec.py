@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 Observation = np.ndarray  # (obs_dim,) float32, the named observation arrays concatenated
-Action = np.ndarray  # (action_dim,) float32, continuous, inside [action_min, action_max]
+Action = np.ndarray  # (action_dim,) float32, continuous, within [action_min, action_max]
 PolicyVersion = int  # 0 is the uniform random policy; the learner publishes 1, 2, ...
 Params = Mapping[str, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
-    """Shapes of what an environment emits and accepts; the single source for networks and replay."""
+    """Shapes of what an environment emits and accepts: the one source for networks and replay."""
 
     obs_names: tuple[str, ...]  # names of the observation arrays, in concatenation order
     obs_sizes: tuple[int, ...]  # flattened size of each named array

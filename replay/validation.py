@@ -21,7 +21,8 @@ def episode_problems(episode: Episode, spec: EnvSpec) -> list[str]:
     """Every reason the episode cannot be trusted; empty when it is good."""
     n = episode.reward.shape[0]
     expected = {
-        "observation": ((n, spec.obs_dim), np.float32), "action": ((n, spec.action_dim), np.float32),
+        "observation": ((n, spec.obs_dim), np.float32),
+        "action": ((n, spec.action_dim), np.float32),
         "reward": ((n,), np.float32), "discount": ((n,), np.float32),
         "policy_version": ((n,), np.int64),
     }

@@ -55,3 +55,14 @@ def test_shipped_presets_parse():
     for name in ("cartpole", "smoke"):
         config = load_config(f"deploy/configs/{name}.yaml")
         assert config.env.task == "dm_control:cartpole-swingup"
+
+
+def test_enum_fields_parse_from_their_values():
+    from learners.config import CriticTarget, TargetUpdate
+
+    config = config_from_dict(_with(learner={"critic_target": "hl_gauss",
+                                             "target_update": "polyak"}))
+    assert config.learner.critic_target is CriticTarget.HL_GAUSS
+    assert config.learner.target_update is TargetUpdate.POLYAK
+    with pytest.raises(ConfigError, match="learner.critic_target: 'mse' is not one of c51"):
+        config_from_dict(_with(learner={"critic_target": "mse"}))

@@ -1,6 +1,8 @@
 """The PAC learner step and its checkpoints."""
 
 import dataclasses
+import hashlib
+import json
 import itertools
 
 import pytest
@@ -78,3 +80,61 @@ def test_checkpoint_round_trip_and_corruption_is_refused(tmp_path):
     (path / "model.safetensors").write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("overrides", [{"critic_target": "hl_gauss"}, {"target_update": "polyak"}])
+def test_learner_variants_train(overrides):
+    from learners.config import CriticTarget, TargetUpdate
+
+    kinds = {"critic_target": CriticTarget, "target_update": TargetUpdate}
+    learner = _learner(**{k: kinds[k](v) for k, v in overrides.items()})
+    metrics = learner.run(3)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    if "target_update" in overrides:  # Polyak: the target moved, but is not a copy
+        online, target = learner.model.state_dict(), learner.target.state_dict()
+        assert any(not torch.equal(online[k], target[k]) for k in online)
+
+
+def test_resume_gives_the_uninterrupted_runs_next_loss(tmp_path):
+    batches = list(itertools.islice(random_batches(16, seed=11), 7))
+    uninterrupted = _learner()
+    uninterrupted.iterator = iter(batches)
+    uninterrupted.run(5)
+    path = save_checkpoint(uninterrupted.state(), tmp_path, step=5, cycle=0)
+    expected = [uninterrupted.step()["loss"] for _ in range(2)]
+
+    torch.manual_seed(1234)  # a fresh process would have another RNG state
+    resumed = _learner()
+    resumed.restore(load_checkpoint(path))
+    resumed.iterator = iter(batches[5:])
+    assert [resumed.step()["loss"] for _ in range(2)] == expected
+    assert resumed.num_steps == 7
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    import pickle
+
+    from learners.checkpoints import load_latest_good
+
+    learner = _learner()
+    learner.run(1)
+    good = save_checkpoint(learner.state(), tmp_path, step=1, cycle=0)
+    learner.run(1)
+    newest = save_checkpoint(learner.state(), tmp_path, step=2, cycle=1)
+    with open(newest / "model.safetensors", "r+b") as f:  # truncate
+        f.truncate(100)
+    assert load_latest_good(tmp_path)["path"] == str(good)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    # A pickle-bearing optim.pt with a matching manifest is still refused.
+    newest = save_checkpoint(learner.state(), tmp_path, step=3, cycle=2)
+    (newest / "optim.pt").write_bytes(pickle.dumps(Payload()))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"]["optim.pt"] = hashlib.sha256((newest / "optim.pt").read_bytes()).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="optim.pt refused"):
+        load_checkpoint(newest)
+    assert load_latest_good(tmp_path)["path"] == str(good)

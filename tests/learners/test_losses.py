@@ -99,3 +99,21 @@ def test_critic_loss_is_cross_entropy():
     target = torch.tensor([[0.5, 0.5]])
     expected = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
     assert losses.critic_loss(logits, target).item() == pytest.approx(expected)
+
+
+def test_hl_gauss_is_the_gaussian_mass_of_each_bin():
+    support = torch.arange(5, dtype=torch.float32)  # bins [-0.5, 0.5), ..., [3.5, 4.5)
+    out = losses.hl_gauss_projection(torch.tensor([2.0]), support, sigma=0.5)
+    normal = torch.distributions.Normal(2.0, 0.5)
+    edges = torch.tensor([-0.5, 0.5, 1.5, 2.5, 3.5, 4.5])
+    mass = normal.cdf(edges[1:]) - normal.cdf(edges[:-1])
+    torch.testing.assert_close(out[0], mass / mass.sum())
+    assert out.sum().item() == pytest.approx(1.0)
+    assert (out * support).sum().item() == pytest.approx(2.0, abs=1e-5)  # symmetric: mean kept
+
+
+def test_polyak_update_moves_target_by_tau():
+    online, target = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    before = target.weight.detach().clone()
+    losses.polyak_update(target, online, tau=0.25)
+    torch.testing.assert_close(target.weight, 0.75 * before + 0.25 * online.weight)
