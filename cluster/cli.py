@@ -55,11 +55,33 @@ def _cmd_archive(args: argparse.Namespace) -> int:
         for path in archive.paths():
             print(path)
         return 0
+    if args.action == "stats":
+        return _archive_stats(archive)
+    if args.action == "export":
+        if not args.destination:
+            raise UsageError("archive export needs a destination: archive export URI DEST")
+        print(f"exported {archive.export(args.destination)} episodes to {args.destination}")
+        return 0
     count, bad = archive.verify()
     print(f"{count} episodes readable in {args.uri}")
     for path, error in bad:
         print(f"unreadable: {path}: {error}")
     return 1 if bad else 0
+
+
+def _archive_stats(archive) -> int:
+    table = archive.episode_table()
+    print(f"{table.num_rows} episodes, {sum(table.column('length').to_pylist())} transitions")
+    groups = table.group_by(["mode", "cycle", "policy_version", "task"]).aggregate(
+        [("episode_id", "count"), ("length", "sum"), ("return", "mean"), ("return", "max")])
+    header = f"{'mode':8} {'cycle':>5} {'version':>7} {'episodes':>8} {'steps':>8} " \
+             f"{'mean_return':>11} {'best_return':>11}  task"
+    print(header)
+    for r in sorted(groups.to_pylist(), key=lambda r: (r["mode"], r["cycle"])):
+        print(f"{r['mode']:8} {r['cycle']:>5} {r['policy_version']:>7} "
+              f"{r['episode_id_count']:>8} {r['length_sum']:>8} {r['return_mean']:>11.1f} "
+              f"{r['return_max']:>11.1f}  {r['task']}")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -74,6 +96,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(format_row(row))
     plot_returns(rows, run_dir / "report" / "returns.png", run_dir.name)
     print(f"report: {run_dir / 'report' / 'returns.png'}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cluster.bench import format_report, run_learner_bench
+    from policies.perceiver import PRESETS
+
+    args.preset = args.preset or ["tiny"]
+    for preset in args.preset:
+        if preset not in PRESETS:
+            raise UsageError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    report = run_learner_bench(args.preset, args.steps, args.batch_size, args.device, args.json)
+    print(format_report(report))
     return 0
 
 
@@ -92,9 +127,19 @@ def make_parser() -> argparse.ArgumentParser:
                      help="Ray cluster address ('auto' inside a cluster); default: a local one")
     run.set_defaults(func=_cmd_run)
     archive = sub.add_parser("archive", help="inspect an episode archive")
-    archive.add_argument("action", choices=["ls", "verify"])
+    archive.add_argument("action", choices=["ls", "stats", "verify", "export"])
     archive.add_argument("uri", help="archive path or URI, e.g. runs/<run>/archive")
+    archive.add_argument("destination", nargs="?", help="export: where to write the dataset")
     archive.set_defaults(func=_cmd_archive)
+    bench = sub.add_parser("bench", help="measure throughput against a same-run baseline")
+    bench.add_argument("target", choices=["learner"])
+    bench.add_argument("--preset", action="append", default=None,
+                       help="model preset: tiny, small, base, large (repeatable; default tiny)")
+    bench.add_argument("--steps", type=int, default=30, help="timed updates per case")
+    bench.add_argument("--batch-size", type=int, default=128)
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--json", help="write the results here")
+    bench.set_defaults(func=_cmd_bench)
     report = sub.add_parser("report", help="print a run's cycle table and redraw its plot")
     report.add_argument("run_dir")
     report.set_defaults(func=_cmd_report)

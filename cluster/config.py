@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from learners.config import LearnerConfig
-from policies.perceiver import PerceiverConfig
+from policies.perceiver import PRESETS, PerceiverConfig
 from replay.config import ReplayConfig
 
 
@@ -150,10 +150,23 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def _expand_model_preset(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`model: {preset: small, ...}` -> the preset's sizes, overridden by the keys given."""
+    data = dict(data)
+    model = data.get("model")
+    if isinstance(model, Mapping) and "preset" in model:
+        model = dict(model)
+        name = model.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(f"model.preset: {name!r} is not one of {', '.join(PRESETS)}")
+        data["model"] = {**PRESETS[name], **model}
+    return data
+
+
 def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    return _build(ExperimentConfig, data, "")
+    return _build(ExperimentConfig, _expand_model_preset(data), "")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

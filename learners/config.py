@@ -40,6 +40,8 @@ class LearnerConfig:
     critic_target: CriticTarget = CriticTarget.C51  # C51 projection or HL-Gauss
     hl_gauss_sigma: float = 0.75  # HL-Gauss standard deviation, in bin widths
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    bf16_autocast: bool = True  # on CUDA: forward passes in bfloat16 autocast (losses in fp32)
+    compile: bool = False  # torch.compile the network's encode/decode methods
     num_threads: int = 2  # torch intra-op threads on CPU
 
     def __post_init__(self) -> None:

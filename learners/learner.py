@@ -46,7 +46,15 @@ class PACLearner:
         self.target = copy.deepcopy(self.model).requires_grad_(False)
         self.log_temperature = torch.tensor(init_temperature_param(config.init_temperature),
                                             device=self.device, requires_grad=True)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        cuda = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
+                                          fused=cuda)
+        self._autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=cuda and config.bf16_autocast)
+        if config.compile:
+            for m in (self.model, self.target):
+                m.encode = torch.compile(m.encode)
+                m.q_logits = torch.compile(m.q_logits)
         self.dual_optimizer = torch.optim.Adam([self.log_temperature],
                                                lr=config.dual_learning_rate)
         self.num_steps = 0
@@ -69,25 +77,26 @@ class PACLearner:
                                    batch.mask[:, :n], cfg.discount)
         s_boot = batch.observation[torch.arange(s.shape[0], device=s.device), ret.bootstrap_index]
 
-        z = model.encode(s, task)  # (B, L, W)
-        logits_pi = model.policy_logits(z)  # (B, A, K)
-        with torch.no_grad():
-            z_tgt, z_boot = target.encode(s, task), target.encode(s_boot, task)
-            # N actions from the target policy π_θ', scored by the online critic (stop-gradient).
-            pi_tgt = torch.distributions.Categorical(logits=target.policy_logits(z_tgt))
-            a_samp = pi_tgt.sample((cfg.num_action_samples,)).transpose(0, 1)  # (B, N, A)
-            q_samp = model.q_value(model.q_logits(z, a_samp))  # (B, N)
-            temperature = self.temperature.detach()
-            weights = losses.improvement_weights(q_samp, temperature)  # (B, N)
-            # Γ_θ': bootstrap with a' ~ π_θ'(s_{t+n}) under the target critic, C51-projected.
-            a_next = torch.distributions.Categorical(
-                logits=target.policy_logits(z_boot)).sample()  # (B, A)
-            p_next = target.q_logits(z_boot, a_next.unsqueeze(1))[:, 0].softmax(-1)  # (B, M)
-            target_probs = self._target_distribution(ret, p_next)  # (B, M)
+        with torch.autocast(**self._autocast):  # bf16 forward on CUDA; a no-op on CPU
+            z = model.encode(s, task)  # (B, L, W)
+            logits_pi = model.policy_logits(z).float()  # (B, A, K)
+            with torch.no_grad():
+                z_tgt, z_boot = target.encode(s, task), target.encode(s_boot, task)
+                # N actions from π_θ', scored by the online critic (stop-gradient).
+                pi_tgt = torch.distributions.Categorical(logits=target.policy_logits(z_tgt))
+                a_samp = pi_tgt.sample((cfg.num_action_samples,)).transpose(0, 1)  # (B, N, A)
+                q_samp = model.q_value(model.q_logits(z, a_samp).float())  # (B, N)
+                temperature = self.temperature.detach()
+                weights = losses.improvement_weights(q_samp, temperature)  # (B, N)
+                # Γ_θ': bootstrap with a' ~ π_θ'(s_{t+n}) under the target critic, C51-projected.
+                a_next = torch.distributions.Categorical(
+                    logits=target.policy_logits(z_boot)).sample()  # (B, A)
+                p_next = target.q_logits(z_boot, a_next.unsqueeze(1))[:, 0].float().softmax(-1)
+                target_probs = self._target_distribution(ret, p_next)  # (B, M)
 
-        l_imp = losses.policy_improvement_loss(logits_pi, a_samp, weights)
-        l_bc = losses.behaviour_cloning_loss(logits_pi, a_data)
-        q_logits_data = model.q_logits(z, a_data.unsqueeze(1))[:, 0]  # (B, M)
+            l_imp = losses.policy_improvement_loss(logits_pi, a_samp, weights)
+            l_bc = losses.behaviour_cloning_loss(logits_pi, a_data)
+            q_logits_data = model.q_logits(z, a_data.unsqueeze(1))[:, 0].float()  # (B, M)
         l_q = losses.critic_loss(q_logits_data, target_probs)
         l_eta = losses.temperature_dual_loss(q_samp, self.temperature, cfg.epsilon)
         loss = losses.pac_loss(l_imp, l_bc, l_q, l_eta, cfg.alpha, cfg.beta)

@@ -45,6 +45,16 @@ class PerceiverConfig:
             raise ValueError(f"model.v_min={self.v_min} must be < model.v_max={self.v_max}")
 
 
+# Size presets (parameter counts for cartpole's 5 observations and 1 action dimension; the
+# count grows slightly with observation and action sizes).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_latents=8, width=64, depth=1, num_heads=4),  # ~0.2M, CPU tests and demo
+    "small": dict(num_latents=32, width=256, depth=10, num_heads=8),  # ~10M
+    "base": dict(num_latents=64, width=768, depth=11, num_heads=12),  # ~100M
+    "large": dict(num_latents=128, width=1536, depth=32, num_heads=16),  # ~1B
+}
+
+
 class Attention(nn.Module):
     """Multi-head attention of queries x over context c (self-attention when c is x)."""
 

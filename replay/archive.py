@@ -112,6 +112,24 @@ class EpisodeArchive:
         for path in self.paths():
             yield self.read(path)
 
+    def episode_table(self) -> pa.Table:
+        """One row per episode: lineage and episode columns (the step columns are not read)."""
+        columns = [f.name for f in LINEAGE_FIELDS + EPISODE_FIELDS] + ["policy_version"]
+        tables = [pq.read_table(p, columns=columns, filesystem=self._fs).slice(0, 1)
+                  for p in self.paths()]
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
+
+    def export(self, destination: str | os.PathLike) -> int:
+        """Writes every step row to one Parquet dataset (read back with the pinned schema by
+        pandas, DuckDB, Ray Data); returns the number of episodes exported."""
+        fs, root = resolve(destination)
+        fs.create_dir(root, recursive=True)
+        paths = self.paths()
+        for i, path in enumerate(paths):  # one part per episode keeps memory flat
+            table = pq.read_table(path, filesystem=self._fs).cast(SCHEMA)
+            pq.write_table(table, f"{root}/part-{i:06d}.parquet", filesystem=fs)
+        return len(paths)
+
     def verify(self) -> tuple[int, list[tuple[str, str]]]:
         """Reads every file fully; returns (readable episode count, [(path, error)])."""
         good, bad = 0, []

@@ -66,3 +66,10 @@ def test_enum_fields_parse_from_their_values():
     assert config.learner.target_update is TargetUpdate.POLYAK
     with pytest.raises(ConfigError, match="learner.critic_target: 'mse' is not one of c51"):
         config_from_dict(_with(learner={"critic_target": "mse"}))
+
+
+def test_model_presets_and_overrides():
+    config = config_from_dict(_with(model={"preset": "small", "depth": 2}))
+    assert (config.model.width, config.model.num_latents, config.model.depth) == (256, 32, 2)
+    with pytest.raises(ConfigError, match="model.preset: 'huge' is not one of tiny, small"):
+        config_from_dict(_with(model={"preset": "huge"}))

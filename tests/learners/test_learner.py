@@ -138,3 +138,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     with pytest.raises(CheckpointError, match="optim.pt refused"):
         load_checkpoint(newest)
     assert load_latest_good(tmp_path)["path"] == str(good)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_step_is_finite():
+    config = LearnerConfig(batch_size=16, num_action_samples=4, device="cuda")
+    learner = PACLearner(SPEC, TINY_MODEL, config, random_batches(16), seed=0)
+    assert learner.model.value_support.is_cuda
+    metrics = learner.run(3)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

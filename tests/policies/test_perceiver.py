@@ -34,3 +34,15 @@ def test_action_bins_round_trip():
     bins = torch.arange(TINY_MODEL.num_action_bins).repeat(SPEC.action_dim, 1).T  # (K, A)
     assert torch.equal(model.action_to_bins(model.bins_to_action(bins)), bins)
     assert model.action_to_bins(torch.tensor([[-5.0, 5.0]])).tolist() == [[0, 4]]
+
+
+def test_presets_have_their_advertised_sizes():
+    from policies.perceiver import PRESETS, PerceiverConfig, count_parameters
+
+    expected_millions = {"tiny": (0.1, 0.5), "small": (8, 12), "base": (80, 120),
+                         "large": (900, 1100)}
+    for name, sizes in PRESETS.items():
+        with torch.device("meta"):  # no memory for the 1B model
+            model = PerceiverActorCritic(SPEC, PerceiverConfig(**sizes))
+        lo, hi = expected_millions[name]
+        assert lo <= count_parameters(model) / 1e6 <= hi, name

@@ -43,3 +43,23 @@ def test_verify_names_a_truncated_file(tmp_path, capsys):
     assert main(["archive", "verify", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "1 episodes readable" in out and f"unreadable: {path}" in out
+
+
+def test_stats_and_export(tmp_path, capsys):
+    import pyarrow.dataset as ds
+
+    archive = EpisodeArchive(tmp_path / "archive")
+    for seed, (cycle, version) in enumerate([(0, 0), (0, 0), (1, 1)]):
+        archive.write(make_episode(length=3 + seed, version=version, cycle=cycle, seed=seed))
+    assert main(["archive", "stats", str(tmp_path / "archive")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "3 episodes, 12 transitions"
+    rows = [line.split() for line in out[2:]]
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("collect", "0", "0", "2", "7"), ("collect", "1", "1", "1", "5")]
+
+    assert main(["archive", "export", str(tmp_path / "archive"), str(tmp_path / "out")]) == 0
+    table = ds.dataset(tmp_path / "out").to_table()
+    assert table.num_rows == 3 + 4 + 5 + 3  # T+1 rows per episode
+    assert set(table.column("episode_id").to_pylist()) == \
+        {p.split("/")[-1][:-8] for p in archive.paths()}
