@@ -14,7 +14,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
-from replay.spec import EnvSpec
+from replay.spec import EnvSpec, TaskSpec
 
 # State-based tasks need no renderer; pixel configs set MUJOCO_GL=egl or osmesa explicitly.
 os.environ.setdefault("MUJOCO_GL", "disable")
@@ -100,26 +100,21 @@ def make_environment(name: str, seed: int, action_repeat: int = 1) -> SeededEnvi
 
 
 def make_env_spec(task_names: Sequence[str], action_repeat: int = 1) -> EnvSpec:
-    """The EnvSpec shared by every task in `task_names` (they must share shapes for now)."""
-    envs = [make_environment(n, seed=0, action_repeat=action_repeat) for n in task_names]
-    obs_specs = [e.observation_spec() for e in envs]
-    act_specs = [e.action_spec() for e in envs]
-    first_obs, first_act = obs_specs[0], act_specs[0]
-    for name, o, a in zip(task_names, obs_specs, act_specs):
-        if {k: v.shape for k, v in o.items()} != {k: v.shape for k, v in first_obs.items()} \
-                or a.shape != first_act.shape:
-            raise UnknownTaskError(f"task {name!r} has other observation/action shapes than "
-                                   f"{task_names[0]!r}; mixed shapes are not supported yet")
-    return EnvSpec(
-        obs_names=tuple(first_obs.keys()),
-        obs_sizes=tuple(int(v.shape[0]) for v in first_obs.values()),
-        action_dim=int(first_act.shape[0]),
-        action_min=float(np.min(first_act.minimum)),
-        action_max=float(np.max(first_act.maximum)),
-        task_names=tuple(task_names),
-    )
+    """The EnvSpec of the tasks in `task_names`; task id i is task_names[i]."""
+    tasks, lows, highs = [], [], []
+    for name in task_names:
+        env = make_environment(name, seed=0, action_repeat=action_repeat)
+        obs, act = env.observation_spec(), env.action_spec()
+        tasks.append(TaskSpec(name, tuple(obs), tuple(int(v.shape[0]) for v in obs.values()),
+                              int(act.shape[0])))
+        lows.append(float(np.min(act.minimum)))
+        highs.append(float(np.max(act.maximum)))
+    return EnvSpec(tuple(tasks), min(lows), max(highs))
 
 
-def flatten_observation(observation: dict[str, np.ndarray], spec: EnvSpec) -> np.ndarray:
-    """Named arrays -> one (obs_dim,) float32 vector in spec order."""
-    return np.concatenate([observation[k] for k in spec.obs_names]).astype(np.float32, copy=False)
+def flatten_observation(observation: dict[str, np.ndarray], task: TaskSpec,
+                        obs_dim: int) -> np.ndarray:
+    """Named arrays -> one (obs_dim,) float32 vector in task order, zero-padded to obs_dim."""
+    flat = np.zeros(obs_dim, np.float32)
+    flat[:task.obs_dim] = np.concatenate([observation[k] for k in task.obs_names])
+    return flat

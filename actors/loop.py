@@ -68,21 +68,23 @@ class EnvironmentLoop:
         buffers = [_EpisodeBuffer() for _ in envs]
         active = list(range(len(envs)))
         task_ids = np.full(len(envs), ctx.task_id, np.int64)
+        task, obs_dim = self._spec.tasks[ctx.task_id], self._spec.obs_dim
         while active:
-            obs = np.stack([flatten_observation(timesteps[i].observation, self._spec)
-                            for i in active])  # (k, obs_dim)
-            actions = policy.act(obs, task_ids[:len(active)], greedy)  # (k, A)
+            obs = np.stack([flatten_observation(timesteps[i].observation, task, obs_dim)
+                            for i in active])  # (k, obs_dim), zero-padded
+            actions = policy.act(obs, task_ids[:len(active)], greedy)  # (k, A), padded
+            actions[:, task.action_dim:] = 0.0  # dimensions this task does not have
             still = []
             for j, i in enumerate(active):
                 buf = buffers[i]
                 buf.observations.append(obs[j])
                 buf.actions.append(actions[j].astype(np.float32))
-                timesteps[i] = envs[i].step(actions[j])
+                timesteps[i] = envs[i].step(actions[j, :task.action_dim])
                 buf.rewards.append(float(timesteps[i].reward))
                 buf.discounts.append(float(timesteps[i].discount))
                 if timesteps[i].last():
                     buf.observations.append(
-                        flatten_observation(timesteps[i].observation, self._spec))
+                        flatten_observation(timesteps[i].observation, task, obs_dim))
                 else:
                     still.append(i)
             active = still

@@ -29,8 +29,7 @@ from replay.spec import EnvSpec, Episode, Lineage
 
 # Dense bf16 peak FLOP/s of the GPUs we run on, by a substring of the device name.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-BENCH_SPEC = EnvSpec(obs_names=("position", "velocity"), obs_sizes=(3, 2), action_dim=1,
-                     action_min=-1.0, action_max=1.0, task_names=("dm_control:cartpole-swingup",))
+BENCH_SPEC = EnvSpec.single("dm_control:cartpole-swingup", ("position", "velocity"), (3, 2), 1)
 
 
 def machine() -> str:

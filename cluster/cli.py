@@ -21,20 +21,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from actors.envs import UnknownTaskError, parse_task_name
-    from cluster.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.set or [])
-        parse_task_name(config.env.task)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    except UnknownTaskError as e:
-        raise UsageError(f"env.task: {e}") from None
+    config = _load_config(args)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs --run-dir")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
-        time.strftime("%Y%m%d-%H%M%S-") + config.env.task.split(":")[-1])
+        time.strftime("%Y%m%d-%H%M%S-") + config.env.tasks[0].split(":")[-1])
     run_dir = run_dir.absolute()
     from cluster.driver import RunDirError, run_experiment
 
@@ -44,6 +35,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RunDirError as e:
         raise UsageError(str(e)) from None
     print(f"report: {run_dir / 'report' / 'returns.png'}", flush=True)
+    return 0
+
+
+def _load_config(args: argparse.Namespace):
+    from actors.envs import UnknownTaskError, parse_task_name
+    from cluster.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set or [])
+        for task in config.env.tasks:
+            parse_task_name(task)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except UnknownTaskError as e:
+        raise UsageError(f"env.tasks: {e}") from None
+    return config
+
+
+def _cmd_train_offline(args: argparse.Namespace) -> int:
+    from cluster.offline import FilterError, train_offline
+
+    config = _load_config(args)
+    steps = args.steps or config.loop.learner_steps_per_cycle * config.loop.num_cycles
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S-offline"))
+    print(f"run directory: {run_dir.absolute()}", flush=True)
+    try:
+        result = train_offline(config, args.archive, run_dir.absolute(), steps, args.where,
+                               config.loop.seed)
+    except FilterError as e:
+        raise UsageError(str(e)) from None
+    data = result["data"]
+    print(f"trained {steps} steps on {data['episodes']} episodes (mean return "
+          f"{data['mean_return']:.1f}, best {data['best_return']:.1f}); greedy eval return "
+          f"{result['eval_mean']:.1f} over {len(result['eval_returns'])} episodes")
     return 0
 
 
@@ -126,6 +151,14 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None,
                      help="Ray cluster address ('auto' inside a cluster); default: a local one")
     run.set_defaults(func=_cmd_run)
+    offline = sub.add_parser("train-offline", help="retrain PAC from an episode archive")
+    offline.add_argument("--archive", required=True, help="archive path or URI")
+    offline.add_argument("--config", required=True, help="YAML config (env, model, learner)")
+    offline.add_argument("--set", action="append", metavar="KEY=VALUE")
+    offline.add_argument("--where", help="episode filter, e.g. \"cycle <= 3\"")
+    offline.add_argument("--steps", type=int, help="learner steps (default: cycles x steps)")
+    offline.add_argument("--run-dir", help="output directory (default: runs/<time>-offline)")
+    offline.set_defaults(func=_cmd_train_offline)
     archive = sub.add_parser("archive", help="inspect an episode archive")
     archive.add_argument("action", choices=["ls", "stats", "verify", "export"])
     archive.add_argument("uri", help="archive path or URI, e.g. runs/<run>/archive")
@@ -157,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pacflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -28,10 +28,13 @@ class ConfigError(ValueError):
 class EnvConfig:
     """What the actors run."""
 
-    task: str  # e.g. "dm_control:cartpole-swingup" (required)
+    tasks: tuple[str, ...]  # e.g. ["dm_control:cartpole-swingup"]; task id i is tasks[i] (required)
     action_repeat: int = 1  # each policy action is applied this many environment steps
 
     def __post_init__(self) -> None:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"env.tasks={list(self.tasks)} must be a non-empty list without "
+                             "repeats")
         if self.action_repeat < 1:
             raise ValueError(f"env.action_repeat={self.action_repeat} must be >= 1")
 
@@ -62,12 +65,14 @@ class ClusterConfig:
     envs_per_actor: int = 2  # environments each actor steps together (batched inference)
     actor_cpus: float = 1.0  # Ray CPUs reserved per actor
     learner_cpus: float = 1.0  # Ray CPUs reserved by the learner
-    learner_gpus: float = 0.0  # Ray GPUs reserved by the learner (set 1 on GPU nodes)
+    learner_gpus: float = 0.0  # Ray GPUs per learner process (set 1 on GPU nodes)
+    learner_workers: int = 1  # >1: data-parallel learner through Ray Train, batch split evenly
     host: str = "127.0.0.1"  # address the replay and policy servers advertise
 
     def __post_init__(self) -> None:
-        if self.num_actors < 1 or self.envs_per_actor < 1:
-            raise ValueError("cluster.num_actors and cluster.envs_per_actor must be >= 1")
+        if self.num_actors < 1 or self.envs_per_actor < 1 or self.learner_workers < 1:
+            raise ValueError("cluster.num_actors, cluster.envs_per_actor and "
+                             "cluster.learner_workers must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,11 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
         return hint(value)
     origin = typing.get_origin(hint)
+    if origin is tuple:  # tuple[X, ...] from a YAML list
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_check_type(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             try:

@@ -62,14 +62,16 @@ class Topology:
 
     def __init__(self, config: ExperimentConfig, run_dir: Path):
         c, run = config.cluster, str(run_dir)
-        spec = make_env_spec([config.env.task], config.env.action_repeat)
+        spec = make_env_spec(config.env.tasks, config.env.action_repeat)
         self.replay = ray.remote(num_cpus=0)(ReplayWorker).remote(spec, config.replay, run, c.host)
         self.policy = ray.remote(num_cpus=0)(PolicyServerWorker).remote(run, c.host)
         self.addresses = {"replay": ray.get(self.replay.address.remote()),
                           "policy": ray.get(self.policy.address.remote())}
-        self.learner = ray.remote(num_cpus=c.learner_cpus, num_gpus=c.learner_gpus)(
+        local = c.learner_workers == 1  # else the Ray Train workers hold the devices
+        self.learner = ray.remote(num_cpus=c.learner_cpus if local else 0,
+                                  num_gpus=c.learner_gpus if local else 0)(
             LearnerWorker).remote(spec, config.model, config.learner, config.replay,
-                                  self.addresses["replay"], run, config.loop.seed)
+                                  self.addresses["replay"], run, config.loop.seed, c)
         self.actors = [
             ray.remote(num_cpus=c.actor_cpus)(CollectorWorker).remote(
                 i, spec, config.env, c, config.model, config.replay, self.addresses, run,
@@ -82,7 +84,7 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int)
     n = len(top.actors)
     collected = ray.get([a.collect.remote(e, cycle, version, config.loop.version_timeout_seconds)
                          for a, e in zip(top.actors, split(config.loop.episodes_per_cycle, n))])
-    train = ray.get(top.learner.train.remote(config.loop.learner_steps_per_cycle))
+    train = ray.get(top.learner.train.remote(config.loop.learner_steps_per_cycle, cycle))
     candidate = top.learner.make_snapshot.remote(version + 1, cycle)  # an ObjectRef, put once
     evaluated = ray.get([a.evaluate.remote(candidate, m, cycle)
                          for a, m in zip(top.actors, split(config.loop.eval_episodes, n)) if m])
@@ -125,10 +127,13 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None 
                            policy_version=version, seconds=time.time() - t0)
             rows.append(row)
             print(format_row(row), file=out, flush=True)
-            write_state(run_dir, rows, {"policy_version": version,
+            eval_by_task = {t: float(np.mean([e["return"] for e in result["eval"]
+                                              if e["task"] == t]))
+                            for t in sorted({e["task"] for e in result["eval"]})}
+            write_state(run_dir, rows, {"policy_version": version, "eval_by_task": eval_by_task,
                                         "addresses": top.addresses,
                                         "last_train_metrics": result["train"]})
-            plot_returns(rows, run_dir / "report" / "returns.png", config.env.task)
+            plot_returns(rows, run_dir / "report" / "returns.png", ", ".join(config.env.tasks))
     finally:
         ray.shutdown()
     return rows

@@ -6,6 +6,8 @@ metrics on a free loopback port, announced as a file_sd target in `<run_dir>/met
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -54,9 +56,17 @@ def setup_process(run_dir: Path, name: str) -> CollectorRegistry:
     return registry
 
 
+def actor_tasks(tasks: tuple[str, ...], index: int, num_actors: int) -> list[str]:
+    """The tasks actor `index` runs: every num_actors-th task, or one task when there are fewer
+    tasks than actors. actor_tasks(("a", "b", "c"), 0, 2) == ["a", "c"]."""
+    if len(tasks) >= num_actors:
+        return list(tasks[index::num_actors])
+    return [tasks[index % len(tasks)]]
+
+
 def summarize(episode: Episode, accepted: bool) -> dict:
     lin = episode.lineage
-    return {"episode_id": lin.episode_id, "return": episode.episode_return,
+    return {"episode_id": lin.episode_id, "task": lin.task, "return": episode.episode_return,
             "length": episode.length, "policy_version": lin.policy_version,
             "mode": lin.mode, "accepted": accepted}
 
@@ -109,17 +119,19 @@ class CollectorWorker:
                                   registry=registry)
         self._version = Gauge("pacflow_actor_policy_version", "Policy version acting",
                               registry=registry)
-        self._spec, self._env_config = spec, env_config
-        envs = [make_environment(env_config.task, seed + i, env_config.action_repeat)
-                for i in range(cluster_config.envs_per_actor)]
-        self._envs, self._loop = envs, EnvironmentLoop(envs, spec)
+        self._spec = spec
+        # Tasks are dealt out round-robin; an actor with several steps them in turn, a wave each.
+        tasks = actor_tasks(env_config.tasks, index, cluster_config.num_actors)
+        self._envs = {t: [make_environment(t, seed + i, env_config.action_repeat)
+                          for i in range(cluster_config.envs_per_actor)] for t in tasks}
+        self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
+        self._num_waves = 0
         self._sink = EpisodeSink(spec, EpisodeArchive(self._run_dir / "archive"),
                                  ReverbSequenceAdder(addresses["replay"], replay_config),
                                  self._run_dir / "quarantine")
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         self._subscriber = PolicySubscriber(addresses["policy"], self.actor_id).start()
         self._num_episodes = 0
-        self._task_id = spec.task_names.index(env_config.task)
 
     def _switch_policy(self) -> None:
         """Takes the newest pushed version; called only between waves (episode boundaries)."""
@@ -134,6 +146,22 @@ class CollectorWorker:
         self._num_episodes += n
         return seeds
 
+    def _env_steps_so_far(self) -> int:
+        return sum(e.num_env_steps for envs in self._envs.values() for e in envs)
+
+    def _run_waves(self, policy_fn, num_episodes: int, cycle: int, mode: str) -> list[Episode]:
+        """Episodes in waves of envs_per_actor, one task per wave, tasks in turn."""
+        episodes: list[Episode] = []
+        while len(episodes) < num_episodes:
+            task = list(self._loops)[self._num_waves % len(self._loops)]
+            self._num_waves += 1
+            loop, k = self._loops[task], len(self._envs[task])
+            ctx = EpisodeContext(self._run_dir.name, cycle, self.actor_id, task,
+                                 self._spec.task_names.index(task), mode)
+            seeds = self._seeds(min(k, num_episodes - len(episodes)))
+            episodes += loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"))
+        return episodes
+
     def _write(self, episodes: list[Episode], to_replay: bool) -> list[dict]:
         out = []
         for ep in episodes:
@@ -146,16 +174,15 @@ class CollectorWorker:
         """Collects episodes with the newest policy (at least `min_version`)."""
         if min_version > 0:
             self._subscriber.wait_for_version(min_version, timeout_seconds)
-        steps_before, summaries = sum(e.num_env_steps for e in self._envs), []
-        k = len(self._envs)
-        for start in range(0, num_episodes, k):
+        steps_before = self._env_steps_so_far()
+
+        def newest_policy() -> Policy:  # called between waves only: episode boundaries
             self._switch_policy()
-            ctx = EpisodeContext(self._run_dir.name, cycle, self.actor_id, self._env_config.task,
-                                 self._task_id, "collect")
-            wave = self._loop.run(self._policy, self._seeds(min(k, num_episodes - start)), ctx,
-                                  greedy=False)
-            summaries += self._write(wave, to_replay=True)
-        env_steps = sum(e.num_env_steps for e in self._envs) - steps_before
+            return self._policy
+
+        episodes = self._run_waves(newest_policy, num_episodes, cycle, "collect")
+        summaries = self._write(episodes, to_replay=True)
+        env_steps = self._env_steps_so_far() - steps_before
         self._env_steps.inc(env_steps)
         return {"episodes": summaries, "env_steps": env_steps,
                 "quarantined": dict(self._sink.rejected)}
@@ -163,21 +190,32 @@ class CollectorWorker:
     def evaluate(self, snapshot: Snapshot, num_episodes: int, cycle: int) -> dict:
         """Greedy episodes with a candidate snapshot; archived with mode "eval", not replayed."""
         policy = PACPolicy.from_snapshot(snapshot, self._seed)
-        ctx = EpisodeContext(self._run_dir.name, cycle, self.actor_id, self._env_config.task,
-                             self._task_id, "eval")
-        episodes = self._loop.run(policy, self._seeds(num_episodes), ctx, greedy=True)
+        episodes = self._run_waves(lambda: policy, num_episodes, cycle, "eval")
         return {"episodes": self._write(episodes, to_replay=False)}
 
     def close(self) -> None:
         self._subscriber.close()
 
 
+def reverb_batches(address: str, config: ReplayConfig, batch_size: int, pin_memory: bool,
+                   rank: int) -> ReverbBatchIterator:
+    """A data-parallel worker's batches (every rank samples the one table independently)."""
+    return ReverbBatchIterator(address, config, batch_size, pin_memory)
+
+
 class LearnerWorker:
-    """The PAC learner: trains on replay, makes snapshots, publishes, checkpoints."""
+    """The PAC learner: trains on replay, makes snapshots, publishes, checkpoints.
+
+    With `cluster.learner_workers > 1` each `train` call runs a Ray Train data-parallel job
+    (cluster/ddp.py) whose rank 0 checkpoints; this process then loads that checkpoint into its
+    own replica, from which it makes snapshots.
+    """
 
     def __init__(self, spec: EnvSpec, model_config: PerceiverConfig, config: LearnerConfig,
-                 replay_config: ReplayConfig, replay_address: str, run_dir: str, seed: int):
-        self._run_dir = Path(run_dir)
+                 replay_config: ReplayConfig, replay_address: str, run_dir: str, seed: int,
+                 cluster_config: ClusterConfig = ClusterConfig()):
+        self._run_dir, self._cluster, self._seed = Path(run_dir), cluster_config, seed
+        self._replay = (replay_address, replay_config)
         registry = setup_process(self._run_dir, "learner")
         self._steps = Counter("pacflow_learner_steps", "Learner updates", registry=registry)
         self._loss = Gauge("pacflow_learner_loss", "Mean loss of the last train call",
@@ -192,12 +230,31 @@ class LearnerWorker:
             logging.getLogger(__name__).info("restored learner from %s", state["path"])
         self._candidate: Snapshot | None = None
 
-    def train(self, num_steps: int) -> dict:
-        metrics = self._learner.run(num_steps)
+    def train(self, num_steps: int, cycle: int = 0) -> dict:
+        if self._cluster.learner_workers > 1:
+            metrics = self._train_data_parallel(num_steps, cycle)
+        else:
+            metrics = self._learner.run(num_steps)
         self._steps.inc(num_steps)
         for term in ("loss", "l_imp", "l_bc", "l_q"):
             self._loss.labels(term).set(metrics[term])
         return {**metrics, "learner_steps": self._learner.num_steps}
+
+    def _train_data_parallel(self, num_steps: int, cycle: int) -> dict:
+        from cluster.ddp import DataParallelJob, train_data_parallel
+
+        n, use_gpu = self._cluster.learner_workers, self._cluster.learner_gpus > 0
+        config = dataclasses.replace(self._learner.config,
+                                     batch_size=max(self._learner.config.batch_size // n, 1))
+        address, replay_config = self._replay
+        job = DataParallelJob(self._spec, self._model_config, config,
+                              functools.partial(reverb_batches, address, replay_config,
+                                                config.batch_size, use_gpu),
+                              num_steps, str(self._run_dir / "checkpoints"), self._seed, cycle)
+        metrics = train_data_parallel(job, n, use_gpu, self._run_dir / "learner_train",
+                                      self._cluster.learner_cpus)
+        self._learner.restore(load_latest_good(self._run_dir / "checkpoints"))
+        return metrics
 
     def num_steps(self) -> int:
         return self._learner.num_steps
@@ -215,5 +272,7 @@ class LearnerWorker:
         return publish(policy_address, self._candidate)
 
     def checkpoint(self, cycle: int) -> str:
+        if self._cluster.learner_workers > 1:  # rank 0 of the train job wrote it
+            return str(load_latest_good(self._run_dir / "checkpoints")["path"])
         return str(save_checkpoint(self._learner.state(), self._run_dir / "checkpoints",
                                    step=self._learner.num_steps, cycle=cycle))

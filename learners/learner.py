@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +36,12 @@ class PACLearner:
     """
 
     def __init__(self, spec: EnvSpec, model_config: PerceiverConfig, config: LearnerConfig,
-                 iterator: Iterator[Batch], seed: int = 0):
+                 iterator: Iterator[Batch], seed: int = 0,
+                 gradient_hook: Callable[[Iterable[torch.Tensor]], None] | None = None):
+        """`gradient_hook(parameters)` runs between backward and the optimizer step, e.g.
+        `learners.distributed.allreduce_gradients` for data-parallel replicas."""
         torch.manual_seed(seed)
-        self.config, self.iterator = config, iterator
+        self.config, self.iterator, self.gradient_hook = config, iterator, gradient_hook
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
@@ -73,6 +76,7 @@ class PACLearner:
         n = batch.reward.shape[1] - 1
         s, task = batch.observation[:, 0], batch.task_id  # (B, O), (B,)
         a_data = model.action_to_bins(batch.action[:, 0])  # (B, A)
+        a_mask = model.action_mask(task)  # (B, A) for mixed-size tasks, else None
         ret = losses.n_step_return(batch.reward[:, :n], batch.discount[:, :n],
                                    batch.mask[:, :n], cfg.discount)
         s_boot = batch.observation[torch.arange(s.shape[0], device=s.device), ret.bootstrap_index]
@@ -85,18 +89,19 @@ class PACLearner:
                 # N actions from π_θ', scored by the online critic (stop-gradient).
                 pi_tgt = torch.distributions.Categorical(logits=target.policy_logits(z_tgt))
                 a_samp = pi_tgt.sample((cfg.num_action_samples,)).transpose(0, 1)  # (B, N, A)
-                q_samp = model.q_value(model.q_logits(z, a_samp).float())  # (B, N)
+                q_samp = model.q_value(model.q_logits(z, a_samp, a_mask).float())  # (B, N)
                 temperature = self.temperature.detach()
                 weights = losses.improvement_weights(q_samp, temperature)  # (B, N)
                 # Γ_θ': bootstrap with a' ~ π_θ'(s_{t+n}) under the target critic, C51-projected.
                 a_next = torch.distributions.Categorical(
                     logits=target.policy_logits(z_boot)).sample()  # (B, A)
-                p_next = target.q_logits(z_boot, a_next.unsqueeze(1))[:, 0].float().softmax(-1)
+                p_next = target.q_logits(z_boot, a_next.unsqueeze(1), a_mask)[:, 0].float()
+                p_next = p_next.softmax(-1)  # (B, M)
                 target_probs = self._target_distribution(ret, p_next)  # (B, M)
 
-            l_imp = losses.policy_improvement_loss(logits_pi, a_samp, weights)
-            l_bc = losses.behaviour_cloning_loss(logits_pi, a_data)
-            q_logits_data = model.q_logits(z, a_data.unsqueeze(1))[:, 0].float()  # (B, M)
+            l_imp = losses.policy_improvement_loss(logits_pi, a_samp, weights, a_mask)
+            l_bc = losses.behaviour_cloning_loss(logits_pi, a_data, a_mask)
+            q_logits_data = model.q_logits(z, a_data.unsqueeze(1), a_mask)[:, 0].float()
         l_q = losses.critic_loss(q_logits_data, target_probs)
         l_eta = losses.temperature_dual_loss(q_samp, self.temperature, cfg.epsilon)
         loss = losses.pac_loss(l_imp, l_bc, l_q, l_eta, cfg.alpha, cfg.beta)
@@ -104,6 +109,8 @@ class PACLearner:
         self.optimizer.zero_grad(set_to_none=True)
         self.dual_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.gradient_hook is not None:
+            self.gradient_hook([*model.parameters(), self.log_temperature])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.dual_optimizer.step()

@@ -16,17 +16,21 @@ from typing import NamedTuple
 import torch
 
 
-def categorical_log_prob(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+def categorical_log_prob(logits: torch.Tensor, bins: torch.Tensor,
+                         action_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Factorised categorical log-probability.
 
     Args:
         logits: (..., A, K) per-dimension bin logits.
         bins: (..., A) int64 chosen bin per dimension.
+        action_mask: broadcastable to (..., A); 0 on padded dimensions, which are left out.
     Returns:
         (...) log π(a) = Σ_d log Cat(a_d; logits_d).
     """
     log_probs = logits.log_softmax(-1).expand(*bins.shape, logits.shape[-1])  # broadcast
     logp = log_probs.gather(-1, bins.unsqueeze(-1)).squeeze(-1)  # (..., A)
+    if action_mask is not None:
+        logp = logp * action_mask
     return logp.sum(-1)
 
 
@@ -110,15 +114,18 @@ def temperature_dual_loss(q_sampled: torch.Tensor, temperature: torch.Tensor,
 
 
 def policy_improvement_loss(logits: torch.Tensor, sampled_bins: torch.Tensor,
-                            weights: torch.Tensor) -> torch.Tensor:
+                            weights: torch.Tensor,
+                            action_mask: torch.Tensor | None = None) -> torch.Tensor:
     """L_imp = -E_s Σ_i w_i log π_θ(a_i|s); logits (B, A, K), bins (B, N, A), weights (B, N)."""
-    logp = categorical_log_prob(logits.unsqueeze(1), sampled_bins)  # (B, N)
+    mask = None if action_mask is None else action_mask.unsqueeze(1)  # (B, 1, A)
+    logp = categorical_log_prob(logits.unsqueeze(1), sampled_bins, mask)  # (B, N)
     return -(weights.detach() * logp).sum(1).mean()
 
 
-def behaviour_cloning_loss(logits: torch.Tensor, data_bins: torch.Tensor) -> torch.Tensor:
-    """L_bc = -E log π_θ(a_t|s_t); logits (B, A, K), bins (B, A)."""
-    return -categorical_log_prob(logits, data_bins).mean()
+def behaviour_cloning_loss(logits: torch.Tensor, data_bins: torch.Tensor,
+                           action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_bc = -E log π_θ(a_t|s_t); logits (B, A, K), bins (B, A), action_mask (B, A)."""
+    return -categorical_log_prob(logits, data_bins, action_mask).mean()
 
 
 def critic_loss(q_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

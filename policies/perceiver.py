@@ -65,12 +65,15 @@ class Attention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, Lq, W), c (B, Lk, W), mask (B, Lk) bool: True where c may be attended."""
         B, Lq, W = x.shape
         Lk, H = c.shape[1], self.num_heads
         q = self.q(x).view(B, Lq, H, W // H).transpose(1, 2)  # (B, H, Lq, W/H)
         k, v = self.kv(c).view(B, Lk, 2, H, W // H).permute(2, 0, 3, 1, 4)  # 2 × (B, H, Lk, W/H)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, Lq, W/H)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Lq, W/H)
         return self.proj(y.transpose(1, 2).reshape(B, Lq, W))
 
 
@@ -86,9 +89,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(),
                                  nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.ln_x(x)
-        x = x + self.attn(h, h if context is None else self.ln_c(context))
+        x = x + self.attn(h, h if context is None else self.ln_c(context), mask)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -120,16 +124,35 @@ class PerceiverActorCritic(nn.Module):
         self.register_buffer("action_offsets", torch.arange(A) * K, persistent=False)
         self.register_buffer("bin_centres", torch.linspace(spec.action_min, spec.action_max, K),
                              persistent=False)
+        # Per-task sizes: tokens and action dimensions past a task's own are padding.
+        self.register_buffer("task_obs_dims", torch.tensor([t.obs_dim for t in spec.tasks]),
+                             persistent=False)
+        self.register_buffer("task_action_dims",
+                             torch.tensor([t.action_dim for t in spec.tasks]), persistent=False)
+        self.padded = len({(t.obs_dim, t.action_dim) for t in spec.tasks}) > 1
         self.register_buffer("value_support",
                              torch.linspace(config.v_min, config.v_max, config.num_value_bins),
                              persistent=False)
+
+    def action_mask(self, task_id: torch.Tensor) -> torch.Tensor | None:
+        """(B,) -> (B, A) float, 1 on the task's own action dimensions; None when no padding."""
+        if not self.padded:
+            return None
+        dims = torch.arange(self.spec.action_dim, device=task_id.device)
+        return (dims < self.task_action_dims[task_id].unsqueeze(1)).float()
 
     def encode(self, observation: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
         """(B, obs_dim) float, (B,) int -> latent state encoding z_M (B, L, W)."""
         tokens = self.obs_value(observation.unsqueeze(-1)) + self.obs_position  # (B, O, W)
         task = self.task_embedding(task_id).unsqueeze(1)  # (B, 1, W)
         tokens = torch.cat([tokens, task], dim=1)  # (B, O+1, W)
-        z = self.encoder(self.latents.expand(observation.shape[0], -1, -1), tokens)  # (B, L, W)
+        mask = None
+        if self.padded:  # attend to the task's own observation tokens and the task token
+            positions = torch.arange(tokens.shape[1], device=tokens.device)  # (O+1,)
+            mask = (positions < self.task_obs_dims[task_id].unsqueeze(1)) \
+                | (positions == tokens.shape[1] - 1)  # (B, O+1)
+        latents = self.latents.expand(observation.shape[0], -1, -1)
+        z = self.encoder(latents, tokens, mask)  # (B, L, W)
         for blk in self.blocks:
             z = blk(z)
         return z
@@ -139,9 +162,12 @@ class PerceiverActorCritic(nn.Module):
         queries = self.policy_queries.expand(z.shape[0], -1, -1)  # (B, A, W)
         return self.policy_head(self.policy_decoder(queries, z))
 
-    def q_logits(self, z: torch.Tensor, action_bins: torch.Tensor) -> torch.Tensor:
-        """z (B, L, W), action bins (B, N, A) int -> value logits (B, N, M) for N actions."""
+    def q_logits(self, z: torch.Tensor, action_bins: torch.Tensor,
+                 action_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, L, W), action bins (B, N, A) int, action_mask (B, A) -> value logits (B, N, M)."""
         emb = self.action_embedding(action_bins + self.action_offsets)  # (B, N, A, W)
+        if action_mask is not None:  # padded dimensions do not enter the query
+            emb = emb * action_mask[:, None, :, None]
         queries = self.q_base + emb.sum(dim=2)  # (B, N, W)
         return self.q_head(self.q_decoder(queries, z))
 

@@ -8,6 +8,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines, once imported
 
-from replay.spec import Adder, Batch, EnvSpec, Episode, Lineage
+from replay.spec import Adder, Batch, EnvSpec, Episode, Lineage, TaskSpec
 
-__all__ = ["Adder", "Batch", "EnvSpec", "Episode", "Lineage"]
+__all__ = ["Adder", "Batch", "EnvSpec", "Episode", "Lineage", "TaskSpec"]

@@ -26,37 +26,64 @@ Params = Mapping[str, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
-class EnvSpec:
-    """Shapes of what an environment emits and accepts: the one source for networks and replay."""
+class TaskSpec:
+    """One task's observation and action shapes."""
 
+    name: str  # e.g. "dm_control:cartpole-swingup"
     obs_names: tuple[str, ...]  # names of the observation arrays, in concatenation order
     obs_sizes: tuple[int, ...]  # flattened size of each named array
     action_dim: int  # number of continuous action dimensions
-    action_min: float  # lower bound of every action dimension
-    action_max: float  # upper bound of every action dimension
-    task_names: tuple[str, ...]  # task id i is task_names[i]
 
     @property
     def obs_dim(self) -> int:
         return int(sum(self.obs_sizes))
 
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """Shapes of what the environments emit and accept: the one source for networks and replay.
+
+    Several tasks may differ in observation and action sizes: observations and actions are
+    padded with zeros to the largest task's, and the network masks the padding per task id.
+    """
+
+    tasks: tuple[TaskSpec, ...]  # task id i is tasks[i]
+    action_min: float  # lower bound of every action dimension
+    action_max: float  # upper bound of every action dimension
+
+    @property
+    def obs_dim(self) -> int:
+        """Padded observation size: the largest task's."""
+        return max(t.obs_dim for t in self.tasks)
+
+    @property
+    def action_dim(self) -> int:
+        """Padded action size: the largest task's."""
+        return max(t.action_dim for t in self.tasks)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
     @property
     def num_tasks(self) -> int:
-        return len(self.task_names)
+        return len(self.tasks)
+
+    @classmethod
+    def single(cls, name: str, obs_names: tuple[str, ...], obs_sizes: tuple[int, ...],
+               action_dim: int, action_min: float = -1.0, action_max: float = 1.0) -> "EnvSpec":
+        return cls((TaskSpec(name, tuple(obs_names), tuple(obs_sizes), action_dim),),
+                   action_min, action_max)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "EnvSpec":
-        return cls(
-            obs_names=tuple(d["obs_names"]),
-            obs_sizes=tuple(int(s) for s in d["obs_sizes"]),
-            action_dim=int(d["action_dim"]),
-            action_min=float(d["action_min"]),
-            action_max=float(d["action_max"]),
-            task_names=tuple(d["task_names"]),
-        )
+        tasks = tuple(TaskSpec(t["name"], tuple(t["obs_names"]),
+                               tuple(int(s) for s in t["obs_sizes"]), int(t["action_dim"]))
+                      for t in d["tasks"])
+        return cls(tasks, float(d["action_min"]), float(d["action_max"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,7 @@ import torch
 from policies.perceiver import PerceiverConfig
 from replay.spec import Batch, EnvSpec, Episode, Lineage
 
-SPEC = EnvSpec(obs_names=("position", "velocity"), obs_sizes=(3, 2), action_dim=2,
-               action_min=-1.0, action_max=1.0, task_names=("dm_control:fake-task",))
+SPEC = EnvSpec.single("dm_control:fake-task", ("position", "velocity"), (3, 2), 2)
 TINY_MODEL = PerceiverConfig(num_latents=4, width=16, depth=1, num_heads=2, num_action_bins=5,
                              num_value_bins=11, v_min=0.0, v_max=10.0)
 

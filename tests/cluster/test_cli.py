@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-GOOD = """env: {task: dm_control:cartpole-swingup}
+GOOD = """env: {tasks: [dm_control:cartpole-swingup]}
 loop: {num_cycles: 1, episodes_per_cycle: 2, learner_steps_per_cycle: 1}
 """
 
@@ -16,7 +16,7 @@ def _pacflow(*args, cwd=None):
 
 
 @pytest.mark.parametrize("content,args,needle", [
-    (GOOD.replace("cartpole-swingup", "cartpole-flip"), [], "env.task: unknown task"),
+    (GOOD.replace("cartpole-swingup", "cartpole-flip"), [], "env.tasks: unknown task"),
     ("loop: {num_cycles: 1, episodes_per_cycle: 2, learner_steps_per_cycle: 1}\n", [],
      "env: missing required field"),
     (GOOD + "learner: {batch_size: lots}\n", [], "learner.batch_size: expected int"),

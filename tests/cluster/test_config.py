@@ -4,7 +4,7 @@ import pytest
 
 from cluster.config import ConfigError, apply_overrides, config_from_dict, load_config
 
-BASE = {"env": {"task": "dm_control:cartpole-swingup"},
+BASE = {"env": {"tasks": ["dm_control:cartpole-swingup"]},
         "loop": {"num_cycles": 2, "episodes_per_cycle": 4, "learner_steps_per_cycle": 10}}
 
 
@@ -29,7 +29,9 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 
 @pytest.mark.parametrize("data,message", [
     ({"loop": BASE["loop"]}, "env: missing required field"),
-    (_with(env={"task": None}), "env.task: expected str"),
+    (_with(env={"tasks": "dm_control:cartpole-swingup"}), "env.tasks: expected a list"),
+    (_with(env={"tasks": ["a", 3]}), r"env.tasks\[1\]: expected str"),
+    (_with(env={"tasks": []}), "env.tasks=.* must be a non-empty list"),
     ({"env": BASE["env"], "loop": {"num_cycles": 2, "episodes_per_cycle": 4}},
      "loop.learner_steps_per_cycle: missing required field"),
     (_with(learner={"batch_size": "big"}), "learner.batch_size: expected int, got str 'big'"),
@@ -54,7 +56,7 @@ def test_overrides_parse_values_as_yaml():
 def test_shipped_presets_parse():
     for name in ("cartpole", "smoke"):
         config = load_config(f"deploy/configs/{name}.yaml")
-        assert config.env.task == "dm_control:cartpole-swingup"
+        assert config.env.tasks == ("dm_control:cartpole-swingup",)
 
 
 def test_enum_fields_parse_from_their_values():
@@ -73,3 +75,11 @@ def test_model_presets_and_overrides():
     assert (config.model.width, config.model.num_latents, config.model.depth) == (256, 32, 2)
     with pytest.raises(ConfigError, match="model.preset: 'huge' is not one of tiny, small"):
         config_from_dict(_with(model={"preset": "huge"}))
+
+
+def test_actor_tasks_deal_tasks_round_robin():
+    from cluster.workers import actor_tasks
+
+    assert actor_tasks(("a", "b", "c"), 0, 2) == ["a", "c"]
+    assert actor_tasks(("a", "b", "c"), 1, 2) == ["b"]
+    assert [actor_tasks(("a",), i, 3) for i in range(3)] == [["a"]] * 3
