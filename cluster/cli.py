@@ -72,6 +72,18 @@ def _cmd_train_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from cluster.services import serve_replay
+    from replay.server import ReplayCheckpointError
+
+    config = _load_config(args)
+    try:
+        return serve_replay(config, Path(args.dir).absolute(), args.host, args.port,
+                            args.checkpoint_period)
+    except ReplayCheckpointError as e:
+        raise UsageError(str(e)) from None
+
+
 def _cmd_archive(args: argparse.Namespace) -> int:
     from replay.archive import EpisodeArchive
 
@@ -159,6 +171,15 @@ def make_parser() -> argparse.ArgumentParser:
     offline.add_argument("--steps", type=int, help="learner steps (default: cycles x steps)")
     offline.add_argument("--run-dir", help="output directory (default: runs/<time>-offline)")
     offline.set_defaults(func=_cmd_train_offline)
+    replay = sub.add_parser("replay", help="run the Reverb replay server on its own")
+    replay.add_argument("action", choices=["serve"])
+    replay.add_argument("--config", required=True, help="YAML config (env and replay sections)")
+    replay.add_argument("--set", action="append", metavar="KEY=VALUE")
+    replay.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    replay.add_argument("--host", default="127.0.0.1", help="address to advertise")
+    replay.add_argument("--dir", default="replay_checkpoints", help="checkpoint directory")
+    replay.add_argument("--checkpoint-period", type=float, default=600.0, metavar="SECONDS")
+    replay.set_defaults(func=_cmd_replay)
     archive = sub.add_parser("archive", help="inspect an episode archive")
     archive.add_argument("action", choices=["ls", "stats", "verify", "export"])
     archive.add_argument("uri", help="archive path or URI, e.g. runs/<run>/archive")

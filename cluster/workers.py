@@ -220,9 +220,11 @@ class LearnerWorker:
         self._steps = Counter("pacflow_learner_steps", "Learner updates", registry=registry)
         self._loss = Gauge("pacflow_learner_loss", "Mean loss of the last train call",
                            ["term"], registry=registry)
-        iterator = ReverbBatchIterator(replay_address, replay_config, config.batch_size,
-                                       pin_memory=torch.cuda.is_available())
-        self._learner = PACLearner(spec, model_config, config, iterator, seed)
+        self._stalls = Gauge("pacflow_learner_replay_stalls", "Replay stalls reported so far",
+                             registry=registry)
+        self._iterator = ReverbBatchIterator(replay_address, replay_config, config.batch_size,
+                                             pin_memory=torch.cuda.is_available())
+        self._learner = PACLearner(spec, model_config, config, self._iterator, seed)
         self._spec, self._model_config = spec, model_config
         state = load_latest_good(self._run_dir / "checkpoints")
         if state is not None:  # a resumed run continues the learner it had
@@ -238,6 +240,7 @@ class LearnerWorker:
         self._steps.inc(num_steps)
         for term in ("loss", "l_imp", "l_bc", "l_q"):
             self._loss.labels(term).set(metrics[term])
+        self._stalls.set(self._iterator.num_stalls)
         return {**metrics, "learner_steps": self._learner.num_steps}
 
     def _train_data_parallel(self, num_steps: int, cycle: int) -> dict:

@@ -43,7 +43,9 @@ class ReverbBatchIterator(Iterator[Batch]):
     """Yields Batches of `batch_size` items sampled uniformly from the table.
 
     A daemon thread keeps `config.prefetch_batches` batches ready so the learner does not wait on
-    the network. Errors in the thread are re-raised from `__next__`.
+    the network. Errors in the thread are re-raised from `__next__`. When no item can be sampled
+    for `config.stall_timeout_seconds` (an empty table, or a rate limiter holding the learner back)
+    it logs a stall, counts it in `num_stalls`, and goes on waiting: data arriving later resumes it.
 
     Usage:
         batches = ReverbBatchIterator(address, ReplayConfig(), batch_size=256)
@@ -55,25 +57,34 @@ class ReverbBatchIterator(Iterator[Batch]):
         self._address = address
         self._config, self._batch_size, self._pin = config, batch_size, pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
+        self.num_stalls = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="reverb-prefetch", daemon=True)
         self._thread.start()
 
     def _fill(self) -> None:
         try:
-            for sample in _batched_dataset(self._address, self._config, self._batch_size):
-                if self._stop.is_set():
-                    return
-                batch = to_batch(sample.data, self._pin)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+            while not self._stop.is_set():
+                for sample in _batched_dataset(self._address, self._config, self._batch_size):
+                    if self._stop.is_set():
+                        return
+                    self._put(to_batch(sample.data, self._pin))
+                # The dataset ends when its rate limiter times out: nothing to sample.
+                self.num_stalls += 1
+                log.warning("replay stalled: no batch from table %r for %.0fs (stall %d); "
+                            "waiting for data", self._config.table,
+                            self._config.stall_timeout_seconds, self.num_stalls)
         except Exception as e:  # surfaced to the learner by __next__
             log.exception("replay prefetch failed")
             self._queue.put(e)
+
+    def _put(self, batch: Batch) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def __next__(self) -> Batch:
         item = self._queue.get()
@@ -96,6 +107,7 @@ def _batched_dataset(address: str, config: ReplayConfig, batch_size: int) -> Ite
     import reverb
 
     dataset = reverb.TrajectoryDataset.from_table_signature(
-        address, config.table, max_in_flight_samples_per_worker=2 * batch_size)
+        address, config.table, max_in_flight_samples_per_worker=2 * batch_size,
+        rate_limiter_timeout_ms=int(config.stall_timeout_seconds * 1000))
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(1)
     return dataset.as_numpy_iterator()

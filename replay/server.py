@@ -7,11 +7,12 @@ cluster's private network; robots reach replay only through the policy server's 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from replay.config import ReplayConfig
+from replay.config import RateLimiter, ReplayConfig, Sampler
 from replay.spec import EnvSpec
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,34 @@ def episode_key(episode_id: str) -> int:
     return int(episode_id[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+class ReplayCheckpointError(RuntimeError):
+    """Replay cannot start from its checkpoints as configured; the message says why."""
+
+
+def make_table(spec: EnvSpec, config: ReplayConfig):
+    import reverb
+
+    if config.sampler is Sampler.PRIORITIZED:
+        sampler = reverb.selectors.Prioritized(config.priority_exponent)
+    else:
+        sampler = reverb.selectors.Uniform()
+    if config.rate_limiter is RateLimiter.SAMPLE_TO_INSERT:
+        limiter = reverb.rate_limiters.SampleToInsertRatio(
+            config.samples_per_insert, config.min_size_to_sample, config.error_buffer)
+    else:
+        limiter = reverb.rate_limiters.MinSize(config.min_size_to_sample)
+    return reverb.Table(name=config.table, sampler=sampler, remover=reverb.selectors.Fifo(),
+                        max_size=config.max_size, rate_limiter=limiter,
+                        signature=item_signature(spec, config.n_step))
+
+
 class ReplayServer:
-    """Owns a reverb.Server. Restores from `checkpoint_dir` when it holds a checkpoint.
+    """Owns a reverb.Server that restores from, and checkpoints to, `checkpoint_dir`.
+
+    Reverb keeps one checkpoint and will not start from a corrupt one (reliability.md §1.1), so
+    before each new checkpoint the current one is copied to `<checkpoint_dir>.previous`; a server
+    whose newest checkpoint is corrupt starts from that copy instead, and says so. A checkpoint
+    whose table differs from the configured one is refused with the differences named.
 
     Usage:
         server = ReplayServer(spec, ReplayConfig(), run_dir / "replay_checkpoints")
@@ -52,27 +79,71 @@ class ReplayServer:
                  host: str = "127.0.0.1", port: int | None = None):
         import reverb
 
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        table = reverb.Table(
-            name=config.table,
-            sampler=reverb.selectors.Uniform(),
-            remover=reverb.selectors.Fifo(),
-            max_size=config.max_size,
-            rate_limiter=reverb.rate_limiters.MinSize(config.min_size_to_sample),
-            signature=item_signature(spec, config.n_step),
-        )
-        checkpointer = reverb.checkpointers.DefaultCheckpointer(path=str(checkpoint_dir))
-        self._server = reverb.Server([table], port=port, checkpointer=checkpointer)
+        self._root = Path(checkpoint_dir)
+        self._previous = self._root.with_name(self._root.name + ".previous")
+        self._root.mkdir(parents=True, exist_ok=True)
         self._config = config
+        self._server = self._start(spec, port)
         self.address = f"{host}:{self._server.port}"
         self._client = reverb.Client(self.address)
+        self._check_restored_table()
         log.info("replay server on %s, %d items restored", self.address, self.num_items())
+
+    def _start(self, spec: EnvSpec, port: int | None):
+        import reverb
+
+        try:
+            return reverb.Server([make_table(spec, self._config)], port=port,
+                                 checkpointer=reverb.checkpointers.DefaultCheckpointer(
+                                     path=str(self._root)))
+        except ValueError as e:  # e.g. the checkpoint has another table name
+            raise ReplayCheckpointError(f"replay checkpoint in {self._root} does not match the "
+                                        f"configured table: {e}") from None
+        except RuntimeError as e:
+            if not any(self._previous.glob("*/DONE")):
+                raise ReplayCheckpointError(f"replay checkpoint in {self._root} is unreadable "
+                                            f"({e}) and no previous good one exists") from None
+            log.error("replay checkpoint in %s is unreadable (%s); starting from the previous "
+                      "good one in %s", self._root, e, self._previous)
+            corrupt = self._root.with_name(self._root.name + ".corrupt")
+            shutil.rmtree(corrupt, ignore_errors=True)
+            self._root.rename(corrupt)
+            shutil.copytree(self._previous, self._root)
+            return self._start(spec, port)
+
+    def _check_restored_table(self) -> None:
+        info = self._client.server_info(timeout=int(self._config.timeout_seconds))
+        table = info[self._config.table]
+        limiter = table.rate_limiter_info
+        prioritized = self._config.sampler is Sampler.PRIORITIZED
+        wanted = {"max_size": self._config.max_size,
+                  "min_size_to_sample": self._config.min_size_to_sample,
+                  "sampler": "prioritized" if prioritized else "uniform"}
+        found = {"max_size": table.max_size, "min_size_to_sample": limiter.min_size_to_sample,
+                 "sampler": "prioritized" if table.sampler_options.HasField("prioritized")
+                 else "uniform"}
+        diffs = [f"{k}: checkpoint {found[k]}, config {wanted[k]}" for k in wanted
+                 if found[k] != wanted[k]]
+        if diffs:
+            self._server.stop()
+            raise ReplayCheckpointError(
+                f"the replay checkpoint in {self._root} was made with another table config "
+                f"({'; '.join(diffs)}); Reverb would silently use the checkpoint's. Restore the "
+                "old replay config, or start with an empty replay_checkpoints folder")
 
     def num_items(self) -> int:
         info = self._client.server_info(timeout=int(self._config.timeout_seconds))
         return int(info[self._config.table].current_size)
 
     def checkpoint(self) -> str:
+        """Keeps a copy of the current checkpoint, then writes a new one; returns its path."""
+        current = sorted(p for p in self._root.glob("*") if (p / "DONE").exists())
+        if current:
+            tmp = self._previous.with_name(self._previous.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(current[-1], tmp / current[-1].name)
+            shutil.rmtree(self._previous, ignore_errors=True)
+            tmp.rename(self._previous)
         return self._client.checkpoint()
 
     def stop(self) -> None:

@@ -1,0 +1,28 @@
+"""Long-running services started from the command line (outside a `pacflow run`)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+from actors.envs import make_env_spec
+from cluster.config import ExperimentConfig
+from replay.server import ReplayServer
+
+
+def serve_replay(config: ExperimentConfig, directory: Path, host: str, port: int,
+                 checkpoint_period_seconds: float) -> int:
+    """Runs the Reverb server until SIGINT/SIGTERM; checkpoints every period and at shutdown."""
+    spec = make_env_spec(config.env.tasks, config.env.action_repeat)
+    server = ReplayServer(spec, config.replay, directory, host=host, port=port or None)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"replay serving table {config.replay.table!r} on {server.address} "
+          f"({server.num_items()} items restored from {directory})", flush=True)
+    while not stop.wait(checkpoint_period_seconds):
+        print(f"checkpoint {server.checkpoint()}", flush=True)
+    print(f"checkpoint {server.checkpoint()} ({server.num_items()} items); stopping", flush=True)
+    server.stop()
+    return 0

@@ -1,0 +1,73 @@
+"""Replay hardening: configured tables, fallback checkpoints, mismatches, stalls."""
+
+import threading
+import time
+
+import pytest
+
+from replay.adders import ReverbSequenceAdder
+from replay.config import RateLimiter, ReplayConfig, Sampler
+from replay.dataset import ReverbBatchIterator
+from replay.server import ReplayCheckpointError, ReplayServer
+from tests.fakes import SPEC, make_episode
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
+    config = ReplayConfig(n_step=1, timeout_seconds=10)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    adder = ReverbSequenceAdder(server.address, config)
+    adder.add_episode(make_episode(length=3, seed=1))
+    server.checkpoint()  # good: 3 items
+    adder.add_episode(make_episode(length=4, seed=2))
+    newest = server.checkpoint()  # 7 items; the 3-item one is kept as .previous
+    server.stop()
+    chunks = next(p for p in (tmp_path / "ckpt").rglob("chunks.tfrecord"))
+    data = chunks.read_bytes()
+    chunks.write_bytes(data[: len(data) // 2])
+    restarted = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    try:
+        assert restarted.num_items() == 3
+        assert (tmp_path / "ckpt.corrupt").exists() and newest
+    finally:
+        restarted.stop()
+
+
+def test_changed_table_config_is_refused_by_name(tmp_path):
+    server = ReplayServer(SPEC, ReplayConfig(max_size=100), tmp_path / "ckpt")
+    ReverbSequenceAdder(server.address, ReplayConfig(max_size=100)).add_episode(make_episode())
+    server.checkpoint()
+    server.stop()
+    with pytest.raises(ReplayCheckpointError, match="max_size: checkpoint 100, config 50"):
+        ReplayServer(SPEC, ReplayConfig(max_size=50), tmp_path / "ckpt")
+
+
+def test_prioritized_sample_to_insert_table(tmp_path):
+    config = ReplayConfig(sampler=Sampler.PRIORITIZED, rate_limiter=RateLimiter.SAMPLE_TO_INSERT,
+                          samples_per_insert=2.0, error_buffer=50.0, min_size_to_sample=1)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    try:
+        ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=10))
+        batch = next(ReverbBatchIterator(server.address, config, batch_size=4))
+        assert batch.observation.shape == (4, 2, SPEC.obs_dim)
+    finally:
+        server.stop()
+
+
+def test_empty_table_reports_a_stall_then_resumes_when_data_arrives(tmp_path):
+    config = ReplayConfig(n_step=1, stall_timeout_seconds=0.5)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    try:
+        batches = ReverbBatchIterator(server.address, config, batch_size=4)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(next(batches)), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while batches.num_stalls < 1 and time.monotonic() < deadline:
+            reader.join(timeout=0.1)  # blocked: nothing to sample
+        assert not got and batches.num_stalls >= 1
+        ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=6))
+        reader.join(timeout=30)
+        assert got and got[0].observation.shape == (4, 2, SPEC.obs_dim)
+        batches.close()
+    finally:
+        server.stop()
