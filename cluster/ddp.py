@@ -24,7 +24,7 @@ from learners.distributed import allreduce_gradients, parameter_checksum
 from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
 from policies.server import publish
-from policies.snapshot import Snapshot
+from policies.snapshot import Snapshot, snapshot_metadata
 from replay.spec import Batch, EnvSpec
 
 
@@ -61,9 +61,8 @@ def _train_loop(config: dict) -> None:
     if rank == 0:
         save_checkpoint(learner.state(), job.checkpoint_dir, learner.num_steps, job.cycle)
         if job.policy_address:
-            meta = {"env_spec": job.spec.to_dict(), "model_config": dict(vars(job.model)),
-                    "cycle": job.cycle, "learner_step": learner.num_steps,
-                    "parent_version": job.publish_version - 1}
+            meta = snapshot_metadata(job.spec.to_dict(), job.model, job.cycle,
+                                     learner.num_steps, job.publish_version - 1)
             publish(job.policy_address,
                     Snapshot.from_state_dict(job.publish_version, learner.get_variables(), meta))
     result = {**metrics, "learner_steps": learner.num_steps, "replica_checksums": checksums}

@@ -23,7 +23,7 @@ from cluster.config import ExperimentConfig, config_to_dict
 from learners.checkpoints import save_checkpoint
 from learners.learner import PACLearner
 from policies.policy import PACPolicy
-from policies.snapshot import Snapshot, save_snapshot
+from policies.snapshot import Snapshot, save_snapshot, snapshot_metadata
 from replay.adders import ReverbSequenceAdder
 from replay.archive import EpisodeArchive
 from replay.dataset import ReverbBatchIterator
@@ -99,9 +99,8 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
     returns = np.asarray([e.episode_return for e in episodes])
     data = {"archive": str(archive_uri), "manifest_sha256": manifest_hash,
             "episodes": len(episodes), "filter": where or ""}
-    snapshot = Snapshot.from_state_dict(1, learner.get_variables(), {
-        "env_spec": spec.to_dict(), "model_config": dict(vars(config.model)), "cycle": 0,
-        "learner_step": learner.num_steps, "parent_version": 0, "trained_on": data})
+    snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
+        spec.to_dict(), config.model, 0, learner.num_steps, 0, trained_on=data))
     save_snapshot(snapshot, run_dir / "policies")
     policy = PACPolicy.from_snapshot(snapshot, seed)
     eval_by_task = {task: evaluate(policy, spec, task, config.env.action_repeat,

@@ -26,7 +26,7 @@ from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
 from policies.policy import PACPolicy, Policy, RandomPolicy
 from policies.server import PolicyServer, PolicySubscriber, publish
-from policies.snapshot import Snapshot
+from policies.snapshot import Snapshot, snapshot_metadata
 from replay.adders import ReverbSequenceAdder
 from replay.archive import EpisodeArchive
 from replay.config import ReplayConfig
@@ -263,9 +263,8 @@ class LearnerWorker:
         return self._learner.num_steps
 
     def make_snapshot(self, version: int, cycle: int) -> Snapshot:
-        metadata = {"env_spec": self._spec.to_dict(),
-                    "model_config": dict(vars(self._model_config)), "cycle": cycle,
-                    "learner_step": self._learner.num_steps, "parent_version": version - 1}
+        metadata = snapshot_metadata(self._spec.to_dict(), self._model_config, cycle,
+                                     self._learner.num_steps, version - 1)
         self._candidate = Snapshot.from_state_dict(version, self._learner.get_variables(),
                                                    metadata)
         return self._candidate

@@ -53,6 +53,20 @@ class Snapshot:
                                 f"match the announced {expected_sha256[:12]}")
 
 
+def snapshot_metadata(env_spec: Mapping[str, Any], model_config: Any, cycle: int,
+                      learner_step: int, parent_version: int, **extra: Any) -> dict[str, Any]:
+    """The metadata every snapshot carries: enough to rebuild the network and trace its origin.
+
+    Args:
+        env_spec: `EnvSpec.to_dict()`.
+        model_config: the PerceiverConfig (a dataclass).
+        extra: e.g. `trained_on` for offline retraining.
+    """
+    return {"env_spec": dict(env_spec), "model_config": dataclasses.asdict(model_config),
+            "cycle": cycle, "learner_step": learner_step, "parent_version": parent_version,
+            **extra}
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:

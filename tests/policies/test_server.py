@@ -7,14 +7,14 @@ import torch
 from policies.perceiver import PerceiverActorCritic
 from policies.policy import PACPolicy
 from policies.server import PolicyServer, PolicySubscriber, fetch, publish
-from policies.snapshot import Snapshot, SnapshotError
+from policies.snapshot import Snapshot, SnapshotError, snapshot_metadata
 from tests.fakes import SPEC, TINY_MODEL
 
 
 def _snapshot(version: int, seed: int = 0) -> Snapshot:
     torch.manual_seed(seed)
     model = PerceiverActorCritic(SPEC, TINY_MODEL)
-    meta = {"env_spec": SPEC.to_dict(), "model_config": vars(TINY_MODEL), "cycle": version - 1}
+    meta = snapshot_metadata(SPEC.to_dict(), TINY_MODEL, version - 1, 0, version - 1)
     return Snapshot.from_state_dict(version, model.state_dict(), meta)
 
 
