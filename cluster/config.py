@@ -196,7 +196,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """Plain data (enums as their values), the inverse of `config_from_dict`."""
-    return dataclasses.asdict(
-        config, dict_factory=lambda kv: {k: v.value if isinstance(v, enum.Enum) else v
-                                         for k, v in kv})
+    """Plain YAML data (enums as their values, tuples as lists): the inverse of
+    `config_from_dict`, so `config_from_dict(config_to_dict(c)) == c`."""
+    def plain(v: Any) -> Any:
+        return v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v
+
+    return dataclasses.asdict(config, dict_factory=lambda kv: {k: plain(v) for k, v in kv})

@@ -83,3 +83,15 @@ def test_actor_tasks_deal_tasks_round_robin():
     assert actor_tasks(("a", "b", "c"), 0, 2) == ["a", "c"]
     assert actor_tasks(("a", "b", "c"), 1, 2) == ["b"]
     assert [actor_tasks(("a",), i, 3) for i in range(3)] == [["a"]] * 3
+
+
+def test_config_round_trips_through_plain_yaml():
+    import yaml
+
+    from cluster.config import config_to_dict
+
+    config = config_from_dict(_with(env={"tasks": ["a:b-c", "a:d-e"]},
+                                    learner={"critic_target": "hl_gauss"}))
+    data = yaml.safe_load(yaml.safe_dump(config_to_dict(config)))
+    assert data == config_to_dict(config)
+    assert config_from_dict(data) == config
