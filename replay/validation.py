@@ -49,12 +49,11 @@ def quarantine(episode: Episode, reasons: list[str], directory: str | Path) -> P
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     reason_path = d / f"{episode.lineage.episode_id}.reason.json"
-    reason_path.write_text(json.dumps({"episode_id": episode.lineage.episode_id,
-                                       "actor_id": episode.lineage.actor_id,
-                                       "reasons": reasons}))
+    record = {"episode_id": episode.lineage.episode_id, "actor_id": episode.lineage.actor_id,
+              "reasons": reasons}
+    reason_path.write_text(json.dumps(record))
     try:
         EpisodeArchive(d).write(episode)
     except Exception as e:  # a malformed episode may not fit the schema; the reason file stays
-        reason_path.write_text(json.dumps({"episode_id": episode.lineage.episode_id,
-                                           "reasons": reasons, "unstorable": str(e)}))
+        reason_path.write_text(json.dumps({**record, "unstorable": str(e)}))
     return reason_path

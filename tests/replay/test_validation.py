@@ -58,3 +58,15 @@ def test_sink_quarantines_bad_and_keeps_good(tmp_path):
     assert reason["reasons"] == ["observation: non-finite values"]
     assert (tmp_path / "quarantine" / f"{bad.lineage.episode_id}.parquet").exists()
     assert sink.rejected == {"observation": 1}
+
+
+def test_unstorable_episode_still_gets_its_reason_file(tmp_path):
+    from replay.validation import quarantine
+
+    ep = make_episode(length=2)
+    bad = dataclasses.replace(ep, observation=np.zeros((3, 2, 3), np.float32))  # not a table row
+    problems = episode_problems(bad, SPEC)
+    path = quarantine(bad, problems, tmp_path)
+    record = json.loads(path.read_text())
+    assert record["reasons"] == problems and record["actor_id"] == "actor-0"
+    assert "unstorable" in record
