@@ -6,6 +6,8 @@ cluster's private network; robots reach replay only through the policy server's 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -38,6 +40,23 @@ def item_signature(spec: EnvSpec, n_step: int) -> dict:
 def episode_key(episode_id: str) -> int:
     """A 63-bit integer for an episode uuid hex, so replay items can name their episode."""
     return int(episode_id[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+MANIFEST = "pacflow_manifest.json"  # sha256 of each checkpoint file, written next to them
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def newest_checkpoint_is_intact(root: Path) -> bool:
+    """False when the newest complete checkpoint differs from its manifest. Reverb may load a
+    truncated file without an error (and fewer items), so this is checked before it loads."""
+    done = sorted(p for p in root.glob("*") if (p / "DONE").exists())
+    if not done or not (done[-1] / MANIFEST).exists():
+        return True
+    return json.loads((done[-1] / MANIFEST).read_text()) == _file_hashes(done[-1])
 
 
 class ReplayCheckpointError(RuntimeError):
@@ -93,6 +112,8 @@ class ReplayServer:
         import reverb
 
         try:
+            if not newest_checkpoint_is_intact(self._root):
+                raise RuntimeError("files differ from their sha256 manifest")
             return reverb.Server([make_table(spec, self._config)], port=port,
                                  checkpointer=reverb.checkpointers.DefaultCheckpointer(
                                      path=str(self._root)))
@@ -144,7 +165,9 @@ class ReplayServer:
             shutil.copytree(current[-1], tmp / current[-1].name)
             shutil.rmtree(self._previous, ignore_errors=True)
             tmp.rename(self._previous)
-        return self._client.checkpoint()
+        path = Path(self._client.checkpoint())
+        (path / MANIFEST).write_text(json.dumps(_file_hashes(path)))
+        return str(path)
 
     def stop(self) -> None:
         self._server.stop()
