@@ -45,10 +45,11 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> li
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it")
     rows = read_rows(run_dir) if resume and (run_dir / "cycle.json").exists() else []
     if resume and stored.exists():
+        def without_num_cycles(d: dict) -> dict:  # the one field a resume may change
+            return {**d, "loop": {k: v for k, v in d["loop"].items() if k != "num_cycles"}}
+
         before = yaml.safe_load(stored.read_text())
-        now = config_to_dict(config)
-        before["loop"].pop("num_cycles", None)
-        if {**now, "loop": {k: v for k, v in now["loop"].items() if k != "num_cycles"}} != before:
+        if without_num_cycles(config_to_dict(config)) != without_num_cycles(before):
             raise RunDirError(f"--resume: the config differs from {stored} in more than "
                               "loop.num_cycles")
     for sub in RUN_SUBDIRS:

@@ -222,9 +222,11 @@ class LearnerWorker:
                            ["term"], registry=registry)
         self._stalls = Gauge("pacflow_learner_replay_stalls", "Replay stalls reported so far",
                              registry=registry)
+        # Data-parallel: the Ray Train workers sample; this replica only restores and snapshots.
         self._iterator = ReverbBatchIterator(replay_address, replay_config, config.batch_size,
-                                             pin_memory=torch.cuda.is_available())
-        self._learner = PACLearner(spec, model_config, config, self._iterator, seed)
+                                             pin_memory=torch.cuda.is_available()) \
+            if cluster_config.learner_workers == 1 else None
+        self._learner = PACLearner(spec, model_config, config, self._iterator or iter(()), seed)
         self._spec, self._model_config = spec, model_config
         state = load_latest_good(self._run_dir / "checkpoints")
         if state is not None:  # a resumed run continues the learner it had
@@ -240,7 +242,8 @@ class LearnerWorker:
         self._steps.inc(num_steps)
         for term in ("loss", "l_imp", "l_bc", "l_q"):
             self._loss.labels(term).set(metrics[term])
-        self._stalls.set(self._iterator.num_stalls)
+        if self._iterator is not None:
+            self._stalls.set(self._iterator.num_stalls)
         return {**metrics, "learner_steps": self._learner.num_steps}
 
     def _train_data_parallel(self, num_steps: int, cycle: int) -> dict:

@@ -1,5 +1,6 @@
 """Two Ray Train workers (gloo, CPU) train PAC data-parallel and stay identical."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -25,7 +26,7 @@ def test_replicas_stay_identical_and_rank0_checkpoints(tmp_path):
                               num_steps=4, checkpoint_dir=str(tmp_path / "ckpt"), seed=3)
         first = train_data_parallel(job, num_workers=2, use_gpu=False,
                                     storage_dir=tmp_path / "train", cpus_per_worker=1)
-        second = train_data_parallel(dataclasses_replace(job, cycle=1), num_workers=2,
+        second = train_data_parallel(dataclasses.replace(job, cycle=1), num_workers=2,
                                      use_gpu=False, storage_dir=tmp_path / "train",
                                      cpus_per_worker=1)
     finally:
@@ -38,8 +39,3 @@ def test_replicas_stay_identical_and_rank0_checkpoints(tmp_path):
     assert [p.name for p in ckpts] == ["step_000000004", "step_000000008"]
     assert load_checkpoint(ckpts[-1])["num_steps"] == 8
 
-
-def dataclasses_replace(job, **changes):
-    import dataclasses
-
-    return dataclasses.replace(job, **changes)
