@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint proto clean-venv check-python
+.PHONY: demo test test-fast lint proto clean-venv check-python system-deps
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -27,13 +27,25 @@ $(STAMP): pyproject.toml deploy/constraints.txt | $(PY)
 	$(PY) -m pip install -q -c deploy/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# Debian packages the tests need: OSMesa renders MuJoCo camera images on CPU (pixel configs).
+APT_PACKAGES := libosmesa6
+system-deps:
+	@/sbin/ldconfig -p | grep -q libOSMesa || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); }; \
+	  else \
+	    echo "error: OSMesa is missing; run 'apt-get install $(APT_PACKAGES)' as root" >&2; exit 1; \
+	  fi; }
+
 demo: $(STAMP)
 	$(VENV)/bin/pacflow run --config deploy/configs/cartpole.yaml
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: $(STAMP)

@@ -7,6 +7,7 @@ environments were built for.
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 from typing import Sequence
 
@@ -16,8 +17,18 @@ from dm_env import specs
 
 from replay.spec import EnvSpec, TaskSpec
 
-# State-based tasks need no renderer; pixel configs set MUJOCO_GL=egl or osmesa explicitly.
-os.environ.setdefault("MUJOCO_GL", "disable")
+
+
+def default_gl_backend() -> str:
+    """The MuJoCo renderer for camera images: EGL on an NVIDIA node, else OSMesa (software, the
+    Makefile installs it), else none. A MUJOCO_GL set by the user wins."""
+    if os.path.exists("/dev/nvidiactl") and ctypes.util.find_library("EGL"):
+        return "egl"
+    return "osmesa" if ctypes.util.find_library("OSMesa") else "disable"
+
+
+# Read once, when dm_control is first imported in the process.
+os.environ.setdefault("MUJOCO_GL", default_gl_backend())
 
 SUITE_PREFIX = "dm_control:"
 
@@ -53,11 +64,16 @@ class SeededEnvironment(dm_env.Environment):
 
 class FlatObservationWrapper(SeededEnvironment):
     """Casts observations to flattened float32 arrays and repeats each action `action_repeat`
-    times, summing rewards and multiplying discounts (dm_control's usual frame skip)."""
+    times, summing rewards and multiplying discounts (dm_control's usual frame skip).
 
-    def __init__(self, env: dm_env.Environment, action_repeat: int = 1):
+    With `pixels_shape` (H, W, 3) every observation also holds "pixels": the scene rendered by
+    camera `camera_id` as uint8 (not part of observation_spec, which names the vectors)."""
+
+    def __init__(self, env: dm_env.Environment, action_repeat: int = 1,
+                 pixels_shape: tuple[int, ...] = (), camera_id: int = 0):
         self._env, self._action_repeat = env, action_repeat
         self._names = tuple(env.observation_spec().keys())
+        self._pixels_shape, self._camera_id = tuple(pixels_shape), camera_id
         self.num_env_steps = 0
 
     def seed(self, seed: int) -> None:
@@ -65,6 +81,9 @@ class FlatObservationWrapper(SeededEnvironment):
 
     def _convert(self, timestep: dm_env.TimeStep) -> dm_env.TimeStep:
         obs = {k: np.asarray(timestep.observation[k], np.float32).reshape(-1) for k in self._names}
+        if self._pixels_shape:
+            h, w, _ = self._pixels_shape
+            obs["pixels"] = self._env.physics.render(h, w, camera_id=self._camera_id)  # (H, W, 3)
         return timestep._replace(observation=obs)
 
     def reset(self) -> dm_env.TimeStep:
@@ -90,26 +109,31 @@ class FlatObservationWrapper(SeededEnvironment):
         return self._env.action_spec()
 
 
-def make_environment(name: str, seed: int, action_repeat: int = 1) -> SeededEnvironment:
-    """Builds one environment; `seed` fixes its random initial states."""
+def make_environment(name: str, seed: int, action_repeat: int = 1,
+                     pixels_shape: tuple[int, ...] = (), camera_id: int = 0) -> SeededEnvironment:
+    """Builds one environment; `seed` fixes its random initial states. With `pixels_shape`
+    (H, W, 3) observations include camera images (needs MUJOCO_GL=egl or osmesa)."""
     domain, task = parse_task_name(name)
     from dm_control import suite
 
     env = suite.load(domain, task, task_kwargs={"random": seed})
-    return FlatObservationWrapper(env, action_repeat)
+    return FlatObservationWrapper(env, action_repeat, pixels_shape, camera_id)
 
 
-def make_env_spec(task_names: Sequence[str], action_repeat: int = 1) -> EnvSpec:
-    """The EnvSpec of the tasks in `task_names`; task id i is task_names[i]."""
+def make_env_spec(task_names: Sequence[str], action_repeat: int = 1,
+                  pixels_shape: tuple[int, ...] = (),
+                  instructions: Sequence[str] = ()) -> EnvSpec:
+    """The EnvSpec of the tasks in `task_names`; task id i is task_names[i], described by
+    instructions[i] when instructions are given."""
     tasks, lows, highs = [], [], []
-    for name in task_names:
+    for i, name in enumerate(task_names):
         env = make_environment(name, seed=0, action_repeat=action_repeat)
         obs, act = env.observation_spec(), env.action_spec()
         tasks.append(TaskSpec(name, tuple(obs), tuple(int(v.shape[0]) for v in obs.values()),
-                              int(act.shape[0])))
+                              int(act.shape[0]), instructions[i] if instructions else ""))
         lows.append(float(np.min(act.minimum)))
         highs.append(float(np.max(act.maximum)))
-    return EnvSpec(tuple(tasks), min(lows), max(highs))
+    return EnvSpec(tuple(tasks), min(lows), max(highs), tuple(pixels_shape))
 
 
 def flatten_observation(observation: dict[str, np.ndarray], task: TaskSpec,

@@ -36,6 +36,12 @@ class _EpisodeBuffer:
         self.actions: list[np.ndarray] = []
         self.rewards: list[float] = []
         self.discounts: list[float] = []
+        self.pixels: list[np.ndarray] = []
+
+    def observe(self, observation: np.ndarray, pixels: np.ndarray | None) -> None:
+        self.observations.append(observation)
+        if pixels is not None:
+            self.pixels.append(pixels)
 
 
 class EnvironmentLoop:
@@ -69,22 +75,26 @@ class EnvironmentLoop:
         active = list(range(len(envs)))
         task_ids = np.full(len(envs), ctx.task_id, np.int64)
         task, obs_dim = self._spec.tasks[ctx.task_id], self._spec.obs_dim
+        camera = bool(self._spec.pixels_shape)
         while active:
             obs = np.stack([flatten_observation(timesteps[i].observation, task, obs_dim)
                             for i in active])  # (k, obs_dim), zero-padded
-            actions = policy.act(obs, task_ids[:len(active)], greedy)  # (k, A), padded
+            pixels = np.stack([timesteps[i].observation["pixels"] for i in active]) \
+                if camera else None  # (k, H, W, 3) uint8
+            actions = policy.act(obs, task_ids[:len(active)], greedy, pixels)  # (k, A), padded
             actions[:, task.action_dim:] = 0.0  # dimensions this task does not have
             still = []
             for j, i in enumerate(active):
                 buf = buffers[i]
-                buf.observations.append(obs[j])
+                buf.observe(obs[j], pixels[j] if camera else None)
                 buf.actions.append(actions[j].astype(np.float32))
                 timesteps[i] = envs[i].step(actions[j, :task.action_dim])
                 buf.rewards.append(float(timesteps[i].reward))
                 buf.discounts.append(float(timesteps[i].discount))
                 if timesteps[i].last():
-                    buf.observations.append(
-                        flatten_observation(timesteps[i].observation, task, obs_dim))
+                    last = timesteps[i].observation
+                    buf.observe(flatten_observation(last, task, obs_dim),
+                                last["pixels"] if camera else None)
                 else:
                     still.append(i)
             active = still
@@ -107,4 +117,5 @@ class EnvironmentLoop:
             discount=np.array(buf.discounts + [0.0], np.float32),
             policy_version=np.full(T + 1, version, np.int64),
             terminated=terminated, truncated=not terminated,
+            pixels=np.stack(buf.pixels) if buf.pixels else None,
         )

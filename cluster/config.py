@@ -11,13 +11,17 @@ import enum
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
 from learners.config import LearnerConfig
 from policies.perceiver import PRESETS, PerceiverConfig
 from replay.config import ReplayConfig
+
+if TYPE_CHECKING:
+    from actors.envs import SeededEnvironment
+    from replay.spec import EnvSpec
 
 
 class ConfigError(ValueError):
@@ -30,6 +34,9 @@ class EnvConfig:
 
     tasks: tuple[str, ...]  # e.g. ["dm_control:cartpole-swingup"]; task id i is tasks[i] (required)
     action_repeat: int = 1  # each policy action is applied this many environment steps
+    pixels: tuple[int, ...] = ()  # [H, W]: also observe camera images, (H, W, 3) uint8; [] = none
+    camera_id: int = 0  # the dm_control camera rendered when pixels is set
+    instructions: tuple[str, ...] = ()  # one text per task, read as language tokens; [] = none
 
     def __post_init__(self) -> None:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
@@ -37,6 +44,30 @@ class EnvConfig:
                              "repeats")
         if self.action_repeat < 1:
             raise ValueError(f"env.action_repeat={self.action_repeat} must be >= 1")
+        if self.pixels and (len(self.pixels) != 2 or min(self.pixels) < 1):
+            raise ValueError(f"env.pixels={list(self.pixels)} must be [height, width] or []")
+        if self.instructions and len(self.instructions) != len(self.tasks):
+            raise ValueError(f"env.instructions has {len(self.instructions)} entries; give one "
+                             f"per task ({len(self.tasks)}) or none")
+
+    @property
+    def pixels_shape(self) -> tuple[int, ...]:
+        """(H, W, 3) when the actors observe camera images, else ()."""
+        return (*self.pixels, 3) if self.pixels else ()
+
+    def spec(self) -> "EnvSpec":
+        """The EnvSpec of these environments (builds one of each task)."""
+        from actors.envs import make_env_spec
+
+        return make_env_spec(self.tasks, self.action_repeat, self.pixels_shape,
+                             self.instructions)
+
+    def make(self, task: str, seed: int) -> "SeededEnvironment":
+        """One environment of `task` as configured here."""
+        from actors.envs import make_environment
+
+        return make_environment(task, seed, self.action_repeat, self.pixels_shape,
+                                self.camera_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +116,11 @@ class ExperimentConfig:
     replay: ReplayConfig = ReplayConfig()
     learner: LearnerConfig = LearnerConfig()
     model: PerceiverConfig = PerceiverConfig()
+
+    def __post_init__(self) -> None:
+        if any(side % self.model.patch_size for side in self.env.pixels):
+            raise ValueError(f"model.patch_size={self.model.patch_size} must divide the camera "
+                             f"image size env.pixels={list(self.env.pixels)}")
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:

@@ -18,7 +18,6 @@ import numpy as np
 import ray
 import yaml
 
-from actors.envs import make_env_spec
 from cluster.config import ExperimentConfig, config_to_dict
 from cluster.report import (CycleRow, format_header, format_row, plot_returns, read_rows,
                             write_state)
@@ -63,7 +62,7 @@ class Topology:
 
     def __init__(self, config: ExperimentConfig, run_dir: Path):
         c, run = config.cluster, str(run_dir)
-        spec = make_env_spec(config.env.tasks, config.env.action_repeat)
+        spec = config.env.spec()
         self.replay = ray.remote(num_cpus=0)(ReplayWorker).remote(spec, config.replay, run, c.host)
         self.policy = ray.remote(num_cpus=0)(PolicyServerWorker).remote(run, c.host)
         self.addresses = {"replay": ray.get(self.replay.address.remote()),

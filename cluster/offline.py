@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.envs import make_env_spec, make_environment
 from actors.loop import EnvironmentLoop, EpisodeContext
-from cluster.config import ExperimentConfig, config_to_dict
+from cluster.config import EnvConfig, ExperimentConfig, config_to_dict
 from learners.checkpoints import save_checkpoint
 from learners.learner import PACLearner
 from policies.policy import PACPolicy
@@ -66,9 +65,9 @@ def select_episodes(archive: EpisodeArchive, where: str | None) -> tuple[list[Ep
     return episodes, manifest_hash
 
 
-def evaluate(policy: PACPolicy, spec: EnvSpec, task: str, action_repeat: int,
+def evaluate(policy: PACPolicy, spec: EnvSpec, task: str, env: EnvConfig,
              num_episodes: int, seed: int) -> list[float]:
-    envs = [make_environment(task, seed + i, action_repeat) for i in range(min(num_episodes, 4))]
+    envs = [env.make(task, seed + i) for i in range(min(num_episodes, 4))]
     ctx = EpisodeContext("offline", 0, "eval", task, spec.task_names.index(task), "eval")
     seeds = [10_000 + seed * 1000 + i for i in range(num_episodes)]
     return [e.episode_return for e in EnvironmentLoop(envs, spec).run(policy, seeds, ctx, True)]
@@ -83,7 +82,7 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
     episodes, manifest_hash = select_episodes(EpisodeArchive(archive_uri), where)
     if not episodes:
         raise FilterError(f"no collected episodes in {archive_uri} match {where!r}")
-    spec = make_env_spec(config.env.tasks, config.env.action_repeat)
+    spec = config.env.spec()
     server = ReplayServer(spec, config.replay, run_dir / "replay_checkpoints")
     try:
         adder = ReverbSequenceAdder(server.address, config.replay)
@@ -103,7 +102,7 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
         spec.to_dict(), config.model, 0, learner.num_steps, 0, trained_on=data))
     save_snapshot(snapshot, run_dir / "policies")
     policy = PACPolicy.from_snapshot(snapshot, seed)
-    eval_by_task = {task: evaluate(policy, spec, task, config.env.action_repeat,
+    eval_by_task = {task: evaluate(policy, spec, task, config.env,
                                    config.loop.eval_episodes, seed) for task in config.env.tasks}
     eval_returns = [r for returns in eval_by_task.values() for r in returns]
     result = {"data": {**data, "mean_return": float(returns.mean()),

@@ -6,7 +6,6 @@ import signal
 import threading
 from pathlib import Path
 
-from actors.envs import make_env_spec
 from cluster.config import ExperimentConfig
 from replay.server import ReplayServer
 
@@ -14,7 +13,7 @@ from replay.server import ReplayServer
 def serve_replay(config: ExperimentConfig, directory: Path, host: str, port: int,
                  checkpoint_period_seconds: float) -> int:
     """Runs the Reverb server until SIGINT/SIGTERM; checkpoints every period and at shutdown."""
-    spec = make_env_spec(config.env.tasks, config.env.action_repeat)
+    spec = config.env.spec()
     server = ReplayServer(spec, config.replay, directory, host=host, port=port or None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

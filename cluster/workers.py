@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from actors.envs import make_environment
 from actors.loop import EnvironmentLoop, EpisodeContext
 from cluster.config import ClusterConfig, EnvConfig
 from learners.checkpoints import load_latest_good, save_checkpoint
@@ -122,7 +121,7 @@ class CollectorWorker:
         self._spec = spec
         # Tasks are dealt out round-robin; an actor with several steps them in turn, a wave each.
         tasks = actor_tasks(env_config.tasks, index, cluster_config.num_actors)
-        self._envs = {t: [make_environment(t, seed + i, env_config.action_repeat)
+        self._envs = {t: [env_config.make(t, seed + i)
                           for i in range(cluster_config.envs_per_actor)] for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._num_waves = 0

@@ -79,13 +79,18 @@ class PACLearner:
         a_mask = model.action_mask(task)  # (B, A) for mixed-size tasks, else None
         ret = losses.n_step_return(batch.reward[:, :n], batch.discount[:, :n],
                                    batch.mask[:, :n], cfg.discount)
-        s_boot = batch.observation[torch.arange(s.shape[0], device=s.device), ret.bootstrap_index]
+        rows = torch.arange(s.shape[0], device=s.device)
+        s_boot = batch.observation[rows, ret.bootstrap_index]  # (B, O)
+        img = img_boot = None
+        if batch.pixels is not None:  # (B, n+1, H, W, 3) uint8
+            img, img_boot = batch.pixels[:, 0], batch.pixels[rows, ret.bootstrap_index]
 
         with torch.autocast(**self._autocast):  # bf16 forward on CUDA; a no-op on CPU
-            z = model.encode(s, task)  # (B, L, W)
+            z = model.encode(s, task, img)  # (B, L, W)
             logits_pi = model.policy_logits(z).float()  # (B, A, K)
             with torch.no_grad():
-                z_tgt, z_boot = target.encode(s, task), target.encode(s_boot, task)
+                z_tgt = target.encode(s, task, img)
+                z_boot = target.encode(s_boot, task, img_boot)
                 # N actions from π_θ', scored by the online critic (stop-gradient).
                 pi_tgt = torch.distributions.Categorical(logits=target.policy_logits(z_tgt))
                 a_samp = pi_tgt.sample((cfg.num_action_samples,)).transpose(0, 1)  # (B, N, A)

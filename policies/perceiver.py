@@ -1,6 +1,7 @@
 """Perceiver-IO actor-critic (PAC, Springenberg et al. 2024), in one file.
 
-    tokens (one per observation scalar + one task token)
+    tokens: one per observation scalar, one per camera-image patch (if the spec has a camera),
+            one per instruction byte (if the tasks have instructions), and one task token
         └─ cross-attention from L learned latents ──▶ depth × self-attention blocks ──▶ z_M
     policy decoder: one learned query per action dimension cross-attends z_M ──▶ K bin logits
     Q decoder: a query built from the action (late fusion) cross-attends z_M ──▶ M value logits
@@ -34,6 +35,7 @@ class PerceiverConfig:
     num_value_bins: int = 51  # M, atoms of the categorical critic
     v_min: float = 0.0  # lowest return the critic can represent
     v_max: float = 100.0  # highest return the critic can represent
+    patch_size: int = 8  # camera images are cut into patch_size² patches, one token each
 
     def __post_init__(self) -> None:
         if self.width % self.num_heads:
@@ -43,6 +45,18 @@ class PerceiverConfig:
             raise ValueError("model.num_action_bins and model.num_value_bins must be >= 2")
         if not self.v_min < self.v_max:
             raise ValueError(f"model.v_min={self.v_min} must be < model.v_max={self.v_max}")
+        if self.patch_size < 1:
+            raise ValueError(f"model.patch_size={self.patch_size} must be >= 1")
+
+
+PAD_BYTE = 256  # instruction token id of padding (byte values are 0..255)
+
+
+def instruction_ids(instructions: list[str]) -> torch.Tensor:
+    """Byte-level tokens of each task's instruction, padded with PAD_BYTE: (num_tasks, Lt)."""
+    encoded = [list(text.encode("utf-8")) for text in instructions]
+    length = max(len(e) for e in encoded)
+    return torch.tensor([e + [PAD_BYTE] * (length - len(e)) for e in encoded], dtype=torch.long)
 
 
 # Size presets (parameter counts for cartpole's 5 observations and 1 action dimension; the
@@ -108,6 +122,13 @@ class PerceiverActorCritic(nn.Module):
         self.obs_value = nn.Linear(1, W)
         self.obs_position = nn.Parameter(torch.randn(spec.obs_dim, W) * 0.02)
         self.task_embedding = nn.Embedding(max(spec.num_tasks, 1), W)
+        self.image_stem = self._image_stem(spec, config)
+        self.language = any(t.instruction for t in spec.tasks)
+        if self.language:
+            ids = instruction_ids([t.instruction for t in spec.tasks])  # (num_tasks, Lt)
+            self.register_buffer("instruction_ids", ids, persistent=False)
+            self.language_embedding = nn.Embedding(PAD_BYTE + 1, W)
+            self.language_position = nn.Parameter(torch.randn(ids.shape[1], W) * 0.02)
         # Torso.
         self.latents = nn.Parameter(torch.randn(config.num_latents, W) * 0.02)
         self.encoder = block()
@@ -134,6 +155,26 @@ class PerceiverActorCritic(nn.Module):
                              torch.linspace(config.v_min, config.v_max, config.num_value_bins),
                              persistent=False)
 
+    @staticmethod
+    def _image_stem(spec: EnvSpec, config: PerceiverConfig) -> nn.Module | None:
+        """A patch stem: a conv with kernel = stride = patch_size, then learned positions."""
+        if not spec.pixels_shape:
+            return None
+        H, W_img, C = spec.pixels_shape
+        p = config.patch_size
+        if H % p or W_img % p:
+            raise ValueError(f"model.patch_size={p} must divide the camera image size {H}x{W_img}")
+        stem = nn.Module()
+        stem.patches = nn.Conv2d(C, config.width, kernel_size=p, stride=p)
+        stem.position = nn.Parameter(torch.randn((H // p) * (W_img // p), config.width) * 0.02)
+        return stem
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Camera images (B, H, W, 3) uint8 -> one token per patch (B, P, W)."""
+        x = pixels.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (B, 3, H, W) in [-0.5, 0.5]
+        x = self.image_stem.patches(x)  # (B, W, H/p, W/p)
+        return x.flatten(2).transpose(1, 2) + self.image_stem.position  # (B, P, W)
+
     def action_mask(self, task_id: torch.Tensor) -> torch.Tensor | None:
         """(B,) -> (B, A) float, 1 on the task's own action dimensions; None when no padding."""
         if not self.padded:
@@ -141,18 +182,32 @@ class PerceiverActorCritic(nn.Module):
         dims = torch.arange(self.spec.action_dim, device=task_id.device)
         return (dims < self.task_action_dims[task_id].unsqueeze(1)).float()
 
-    def encode(self, observation: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
-        """(B, obs_dim) float, (B,) int -> latent state encoding z_M (B, L, W)."""
-        tokens = self.obs_value(observation.unsqueeze(-1)) + self.obs_position  # (B, O, W)
-        task = self.task_embedding(task_id).unsqueeze(1)  # (B, 1, W)
-        tokens = torch.cat([tokens, task], dim=1)  # (B, O+1, W)
-        mask = None
-        if self.padded:  # attend to the task's own observation tokens and the task token
-            positions = torch.arange(tokens.shape[1], device=tokens.device)  # (O+1,)
-            mask = (positions < self.task_obs_dims[task_id].unsqueeze(1)) \
-                | (positions == tokens.shape[1] - 1)  # (B, O+1)
-        latents = self.latents.expand(observation.shape[0], -1, -1)
-        z = self.encoder(latents, tokens, mask)  # (B, L, W)
+    def encode(self, observation: torch.Tensor, task_id: torch.Tensor,
+               pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, obs_dim) float, (B,) int, (B, H, W, 3) uint8 when the spec has a camera ->
+        latent state encoding z_M (B, L, W)."""
+        B, num_obs = observation.shape
+        tokens = [self.obs_value(observation.unsqueeze(-1)) + self.obs_position]  # (B, O, W)
+        masks: list[torch.Tensor | None] = [None]  # True where a token may be attended
+        if self.padded:  # only the task's own observation tokens
+            positions = torch.arange(num_obs, device=observation.device)  # (O,)
+            masks[0] = positions < self.task_obs_dims[task_id].unsqueeze(1)  # (B, O)
+        if self.image_stem is not None:
+            if pixels is None:
+                raise ValueError("this model reads camera images: pass pixels (B, H, W, 3)")
+            tokens.append(self.image_tokens(pixels))  # (B, P, W)
+            masks.append(None)
+        if self.language:
+            ids = self.instruction_ids[task_id]  # (B, Lt)
+            tokens.append(self.language_embedding(ids) + self.language_position)  # (B, Lt, W)
+            masks.append(ids != PAD_BYTE)
+        tokens.append(self.task_embedding(task_id).unsqueeze(1))  # (B, 1, W)
+        masks.append(None)
+        mask = None if all(m is None for m in masks) else torch.cat(
+            [torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m
+             for t, m in zip(tokens, masks)], dim=1)  # (B, tokens)
+        latents = self.latents.expand(B, -1, -1)
+        z = self.encoder(latents, torch.cat(tokens, dim=1), mask)  # (B, L, W)
         for blk in self.blocks:
             z = blk(z)
         return z

@@ -21,8 +21,10 @@ class Policy(Protocol):
 
     policy_version: PolicyVersion
 
-    def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool) -> np.ndarray:
-        """observation (B, obs_dim) float32, task_id (B,) int -> actions (B, A) float32."""
+    def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool,
+            pixels: np.ndarray | None = None) -> np.ndarray:
+        """observation (B, obs_dim) float32, task_id (B,) int, pixels (B, H, W, 3) uint8 when
+        the spec has a camera -> actions (B, A) float32."""
         ...
 
 
@@ -37,7 +39,8 @@ class RandomPolicy:
         self._action_dim = spec.action_dim
         self._rng = np.random.default_rng(seed)
 
-    def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool) -> np.ndarray:
+    def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool,
+            pixels: np.ndarray | None = None) -> np.ndarray:
         bins = self._rng.integers(0, len(self._centres), (observation.shape[0], self._action_dim))
         return self._centres[bins]
 
@@ -58,10 +61,12 @@ class PACPolicy:
         return cls(model, snapshot.version, seed)
 
     @torch.inference_mode()
-    def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool) -> np.ndarray:
+    def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool,
+            pixels: np.ndarray | None = None) -> np.ndarray:
         obs = torch.from_numpy(np.ascontiguousarray(observation, np.float32))
         task = torch.from_numpy(np.asarray(task_id, np.int64))
-        logits = self.model.policy_logits(self.model.encode(obs, task))  # (B, A, K)
+        img = None if pixels is None else torch.from_numpy(np.ascontiguousarray(pixels))
+        logits = self.model.policy_logits(self.model.encode(obs, task, img))  # (B, A, K)
         if greedy:
             bins = logits.argmax(-1)
         else:

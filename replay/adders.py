@@ -14,10 +14,6 @@ from replay.config import ReplayConfig
 from replay.server import episode_key
 from replay.spec import Adder, Episode
 
-_FIELDS = ("observation", "action", "reward", "discount", "mask", "policy_version", "task_id",
-           "episode_key")
-
-
 def episode_records(episode: Episode, n_step: int) -> dict[str, np.ndarray]:
     """The T+1 records of an episode followed by n_step-1 padding records, column-wise."""
     T, pad = episode.length, n_step - 1
@@ -25,7 +21,7 @@ def episode_records(episode: Episode, n_step: int) -> dict[str, np.ndarray]:
     zeros = lambda x: np.zeros((pad,) + x.shape[1:], x.dtype)  # noqa: E731
     key = episode_key(episode.lineage.episode_id)
     total = T + 1 + pad
-    return {
+    records = {
         "observation": np.concatenate([episode.observation, last(episode.observation)]),
         "action": np.concatenate([episode.action, zeros(episode.action)]),
         "reward": np.concatenate([episode.reward, zeros(episode.reward)]),
@@ -36,6 +32,20 @@ def episode_records(episode: Episode, n_step: int) -> dict[str, np.ndarray]:
         "task_id": np.full(total, episode.task_id, np.int64),
         "episode_key": np.full(total, key, np.int64),
     }
+    if episode.pixels is not None:  # (T+1+pad, H, W, 3) uint8
+        records["pixels"] = np.concatenate([episode.pixels, last(episode.pixels)])
+    return records
+
+
+def check_priorities(priorities: np.ndarray | None, num_items: int) -> np.ndarray:
+    """Per-item priorities, (num_items,) float64; all ones when none are given."""
+    if priorities is None:
+        return np.ones(num_items)
+    p = np.asarray(priorities, np.float64)
+    if p.shape != (num_items,) or not (np.isfinite(p).all() and (p > 0).all()):
+        raise ValueError(f"priorities must be {num_items} finite positive numbers, one per item; "
+                         f"got shape {p.shape}")
+    return p
 
 
 class ReverbSequenceAdder(Adder):
@@ -56,17 +66,19 @@ class ReverbSequenceAdder(Adder):
         self._client = reverb.Client(address)
         self._writer = self._client.trajectory_writer(num_keep_alive_refs=config.n_step + 1)
 
-    def add_episode(self, episode: Episode) -> int:
+    def add_episode(self, episode: Episode, priorities: np.ndarray | None = None) -> int:
+        """`priorities` (T,) positive floats, one per item (by its first record); default 1."""
         cfg, writer = self._config, self._writer
         L, timeout_ms = cfg.n_step + 1, int(cfg.timeout_seconds * 1000)
+        priorities = check_priorities(priorities, episode.length)
         records = episode_records(episode, cfg.n_step)
         num_records, num_items = records["reward"].shape[0], 0
         for j in range(num_records):
-            writer.append({k: records[k][j] for k in _FIELDS})
+            writer.append({k: v[j] for k, v in records.items()})
             start = j - cfg.n_step
             if start >= 0 and start < episode.length:
-                writer.create_item(cfg.table, priority=1.0,
-                                   trajectory={k: writer.history[k][-L:] for k in _FIELDS})
+                writer.create_item(cfg.table, priority=float(priorities[start]),
+                                   trajectory={k: writer.history[k][-L:] for k in records})
                 num_items += 1
                 if num_items % cfg.max_in_flight_items == 0:
                     writer.flush(block_until_num_items=cfg.max_in_flight_items,

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from replay.spec import Episode, Lineage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the nullable `pixels` column
 LINEAGE_FIELDS = [
     pa.field("run_id", pa.string()), pa.field("cycle", pa.int32()),
     pa.field("actor_id", pa.string()), pa.field("task", pa.string()),
@@ -39,6 +39,7 @@ STEP_FIELDS = [
     pa.field("action", pa.list_(pa.float32())), pa.field("reward", pa.float32()),
     pa.field("discount", pa.float32()), pa.field("policy_version", pa.int64()),
     pa.field("is_first", pa.bool_()), pa.field("is_last", pa.bool_()),
+    pa.field("pixels", pa.binary()),  # H*W*3 uint8 bytes, shape in pacflow.pixels_shape; or null
 ]
 SCHEMA = pa.schema(LINEAGE_FIELDS + EPISODE_FIELDS + STEP_FIELDS,
                    metadata={"pacflow.schema_version": str(SCHEMA_VERSION)})
@@ -65,7 +66,11 @@ def episode_table(episode: Episode) -> pa.Table:
         "policy_version": episode.policy_version,
         "is_first": np.arange(n) == 0, "is_last": np.arange(n) == n - 1,
     })
+    pixels = [None] * n if episode.pixels is None else [p.tobytes() for p in episode.pixels]
+    columns["pixels"] = pa.array(pixels, pa.binary())
     meta = {**SCHEMA.metadata, b"pacflow.lineage": json.dumps(lin).encode()}
+    if episode.pixels is not None:
+        meta[b"pacflow.pixels_shape"] = json.dumps(list(episode.pixels.shape[1:])).encode()
     return pa.table(columns, schema=SCHEMA).replace_schema_metadata(meta)
 
 
@@ -150,6 +155,7 @@ def table_to_episode(table: pa.Table) -> Episode:
                       policy_version=int(table.column("policy_version")[0].as_py()))
     stack = lambda name: np.stack(table.column(name).to_numpy(zero_copy_only=False))  # noqa: E731
     return Episode(
+        pixels=_pixels(table),
         lineage=lineage, task_id=row0["task_id"],
         observation=stack("observation").astype(np.float32),
         action=stack("action").astype(np.float32),
@@ -158,3 +164,13 @@ def table_to_episode(table: pa.Table) -> Episode:
         policy_version=table.column("policy_version").to_numpy().astype(np.int64),
         terminated=bool(row0["terminated"]), truncated=bool(row0["truncated"]),
     )
+
+
+def _pixels(table: pa.Table) -> np.ndarray | None:
+    """The (T+1, H, W, 3) uint8 images of an episode table, or None (no camera, older schema)."""
+    shape = (table.schema.metadata or {}).get(b"pacflow.pixels_shape")
+    if shape is None or "pixels" not in table.column_names:
+        return None
+    frames = table.column("pixels").to_pylist()
+    data = np.frombuffer(b"".join(frames), np.uint8)  # read-only view of the joined bytes
+    return data.reshape(len(frames), *json.loads(shape)).copy()

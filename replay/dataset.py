@@ -28,9 +28,10 @@ def to_batch(data: dict[str, np.ndarray], pin_memory: bool = False) -> Batch:
         observation=col("observation"), action=col("action"), reward=col("reward"),
         discount=col("discount"), mask=col("mask"),
         task_id=col("task_id")[:, 0].long(), policy_version=col("policy_version")[:, 0].long(),
+        pixels=col("pixels") if "pixels" in data else None,
     )
     if pin_memory:
-        batch = Batch(**{k: v.pin_memory() for k, v in vars(batch).items()})
+        batch = batch.map(torch.Tensor.pin_memory)
     return batch
 
 

@@ -25,7 +25,7 @@ def item_signature(spec: EnvSpec, n_step: int) -> dict:
     import tensorflow as tf
 
     L = n_step + 1
-    return {
+    signature = {
         "observation": tf.TensorSpec([L, spec.obs_dim], tf.float32),
         "action": tf.TensorSpec([L, spec.action_dim], tf.float32),
         "reward": tf.TensorSpec([L], tf.float32),
@@ -35,6 +35,9 @@ def item_signature(spec: EnvSpec, n_step: int) -> dict:
         "task_id": tf.TensorSpec([L], tf.int64),
         "episode_key": tf.TensorSpec([L], tf.int64),
     }
+    if spec.pixels_shape:
+        signature["pixels"] = tf.TensorSpec([L, *spec.pixels_shape], tf.uint8)
+    return signature
 
 
 def episode_key(episode_id: str) -> int:

@@ -33,6 +33,7 @@ class TaskSpec:
     obs_names: tuple[str, ...]  # names of the observation arrays, in concatenation order
     obs_sizes: tuple[int, ...]  # flattened size of each named array
     action_dim: int  # number of continuous action dimensions
+    instruction: str = ""  # optional natural-language task description (language tokens)
 
     @property
     def obs_dim(self) -> int:
@@ -50,6 +51,7 @@ class EnvSpec:
     tasks: tuple[TaskSpec, ...]  # task id i is tasks[i]
     action_min: float  # lower bound of every action dimension
     action_max: float  # upper bound of every action dimension
+    pixels_shape: tuple[int, ...] = ()  # (H, W, 3) uint8 camera image per step; () = no camera
 
     @property
     def obs_dim(self) -> int:
@@ -81,9 +83,11 @@ class EnvSpec:
     @classmethod
     def from_dict(cls, d: Mapping) -> "EnvSpec":
         tasks = tuple(TaskSpec(t["name"], tuple(t["obs_names"]),
-                               tuple(int(s) for s in t["obs_sizes"]), int(t["action_dim"]))
+                               tuple(int(s) for s in t["obs_sizes"]), int(t["action_dim"]),
+                               str(t.get("instruction", "")))
                       for t in d["tasks"])
-        return cls(tasks, float(d["action_min"]), float(d["action_max"]))
+        return cls(tasks, float(d["action_min"]), float(d["action_max"]),
+                   tuple(int(s) for s in d.get("pixels_shape", ())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,7 @@ class Episode:
     policy_version: np.ndarray  # (T+1,) int64
     terminated: bool  # the last transition ended the task (discount 0)
     truncated: bool  # the time limit ended the episode (discount 1)
+    pixels: np.ndarray | None = None  # (T+1, H, W, 3) uint8 camera images; None without camera
 
     @property
     def length(self) -> int:
@@ -144,10 +149,15 @@ class Batch:
     mask: torch.Tensor  # (B, n+1) float32, 1 where the record has an action
     task_id: torch.Tensor  # (B,) int64
     policy_version: torch.Tensor  # (B,) int64, version that chose the first action
+    pixels: torch.Tensor | None = None  # (B, n+1, H, W, 3) uint8; None without camera
+
+    def map(self, fn) -> "Batch":
+        """Applies fn to every tensor field (None fields stay None)."""
+        return Batch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                        for f in dataclasses.fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                        for f in dataclasses.fields(self)})
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 class Adder(abc.ABC):
@@ -158,8 +168,9 @@ class Adder(abc.ABC):
     """
 
     @abc.abstractmethod
-    def add_episode(self, episode: Episode) -> int:
-        """Writes the episode's sequence items; returns how many items were written."""
+    def add_episode(self, episode: Episode, priorities: np.ndarray | None = None) -> int:
+        """Writes the episode's sequence items (one per transition, with the given (T,)
+        priorities or 1 each); returns how many items were written."""
 
     def close(self) -> None:
         """Releases connections; the default has none."""

@@ -26,10 +26,15 @@ def episode_problems(episode: Episode, spec: EnvSpec) -> list[str]:
         "reward": ((n,), np.float32), "discount": ((n,), np.float32),
         "policy_version": ((n,), np.int64),
     }
-    problems = []
+    if spec.pixels_shape:
+        expected["pixels"] = ((n, *spec.pixels_shape), np.uint8)
+    problems = [] if spec.pixels_shape or episode.pixels is None else \
+        ["pixels: present, but the environment spec has no camera"]
     for name, (shape, dtype) in expected.items():
         arr = getattr(episode, name)
-        if arr.dtype != dtype:
+        if arr is None:
+            problems.append(f"{name}: missing")
+        elif arr.dtype != dtype:
             problems.append(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
         elif arr.shape != shape:
             problems.append(f"{name}: shape {arr.shape}, expected {shape}")

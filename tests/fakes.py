@@ -1,5 +1,6 @@
 """Spec-driven fakes for unit tests of single functions (no Ray, Reverb or gRPC)."""
 
+import dataclasses
 import itertools
 import uuid
 
@@ -10,6 +11,7 @@ from policies.perceiver import PerceiverConfig
 from replay.spec import Batch, EnvSpec, Episode, Lineage
 
 SPEC = EnvSpec.single("dm_control:fake-task", ("position", "velocity"), (3, 2), 2)
+PIXEL_SPEC = dataclasses.replace(SPEC, pixels_shape=(16, 16, 3))  # with a 16x16 camera
 TINY_MODEL = PerceiverConfig(num_latents=4, width=16, depth=1, num_heads=2, num_action_bins=5,
                              num_value_bins=11, v_min=0.0, v_max=10.0)
 
@@ -33,7 +35,9 @@ def make_episode(length: int = 4, version: int = 1, terminated: bool = False, se
                    observation=rng.normal(size=(T + 1, spec.obs_dim)).astype(np.float32),
                    action=action, reward=reward, discount=discount,
                    policy_version=np.full(T + 1, version, np.int64),
-                   terminated=terminated, truncated=not terminated)
+                   terminated=terminated, truncated=not terminated,
+                   pixels=rng.integers(0, 256, (T + 1, *spec.pixels_shape), dtype=np.uint8)
+                   if spec.pixels_shape else None)
 
 
 def random_batches(batch_size: int, n_step: int = 2, spec: EnvSpec = SPEC, seed: int = 0):
@@ -46,4 +50,7 @@ def random_batches(batch_size: int, n_step: int = 2, spec: EnvSpec = SPEC, seed:
                     reward=torch.rand(batch_size, L, generator=g),
                     discount=torch.ones(batch_size, L), mask=torch.ones(batch_size, L),
                     task_id=torch.zeros(batch_size, dtype=torch.long),
-                    policy_version=torch.zeros(batch_size, dtype=torch.long))
+                    policy_version=torch.zeros(batch_size, dtype=torch.long),
+                    pixels=torch.randint(0, 256, (batch_size, L, *spec.pixels_shape),
+                                         generator=g, dtype=torch.uint8)
+                    if spec.pixels_shape else None)

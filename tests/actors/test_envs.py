@@ -41,3 +41,31 @@ def test_action_repeat_and_seeded_episodes():
         assert x.truncated and not x.terminated and x.discount[-2] == 1.0
         assert (x.policy_version == 0).all() and x.lineage.seed in (5, 6, 7)
     assert len({e.lineage.episode_id for e in a + b}) == 6
+
+
+def test_camera_observations_are_rendered_uint8_frames():
+    spec = make_env_spec([TASK], action_repeat=8, pixels_shape=(32, 48, 3))
+    assert spec.pixels_shape == (32, 48, 3) and spec.obs_dim == 5  # pixels are not a vector
+    env = make_environment(TASK, seed=0, action_repeat=8, pixels_shape=(32, 48, 3))
+    loop = EnvironmentLoop([env], spec)
+    ctx = EpisodeContext("run", 0, "actor-0", TASK, 0, "collect")
+    [episode] = loop.run(RandomPolicy(spec, 11, seed=0), seeds=[1], context=ctx, greedy=False)
+    assert episode.pixels.shape == (episode.length + 1, 32, 48, 3)
+    assert episode.pixels.dtype == np.uint8 and episode.pixels.std() > 0
+    assert not np.array_equal(episode.pixels[0], episode.pixels[-1])  # the cart moved
+
+
+def test_renderer_is_egl_on_nvidia_nodes_else_osmesa(monkeypatch):
+    import ctypes.util
+    import os
+
+    from actors import envs
+
+    libs = {"EGL": "libEGL.so.1", "OSMesa": "libOSMesa.so.8"}
+    monkeypatch.setattr(ctypes.util, "find_library", libs.get)
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/nvidiactl")
+    assert envs.default_gl_backend() == "egl"
+    monkeypatch.setattr(os.path, "exists", lambda p: False)
+    assert envs.default_gl_backend() == "osmesa"
+    monkeypatch.setattr(ctypes.util, "find_library", {}.get)
+    assert envs.default_gl_backend() == "disable"

@@ -39,6 +39,10 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (_with(learner={"alpha": 1.5}), r"learner.alpha=1.5 must be in \[0, 1\]"),
     (_with(loop={"num_cycles": True}), "loop.num_cycles: expected int, got bool"),
     (_with(model={"width": 30, "num_heads": 4}), "model.width=30 must be divisible"),
+    (_with(env={"pixels": [64]}), r"env.pixels=\[64\] must be \[height, width\]"),
+    (_with(env={"pixels": [64, 64]}, model={"patch_size": 6}),
+     r"model.patch_size=6 must divide the camera image size env.pixels=\[64, 64\]"),
+    (_with(env={"instructions": ["a", "b"]}), "env.instructions has 2 entries; give one per task"),
 ])
 def test_errors_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
@@ -54,7 +58,7 @@ def test_overrides_parse_values_as_yaml():
 
 
 def test_shipped_presets_parse():
-    for name in ("cartpole", "smoke"):
+    for name in ("cartpole", "smoke", "cartpole_pixels"):
         config = load_config(f"deploy/configs/{name}.yaml")
         assert config.env.tasks == ("dm_control:cartpole-swingup",)
 
