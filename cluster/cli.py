@@ -85,9 +85,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
-    from replay.archive import EpisodeArchive
+    from replay.archive import ArchiveSchemaError, EpisodeArchive
 
-    archive = EpisodeArchive(args.uri)
+    try:
+        archive = EpisodeArchive(args.uri)
+    except (ArchiveSchemaError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
     if args.action == "ls":
         for path in archive.paths():
             print(path)

@@ -2,8 +2,13 @@
 
 Layout: `<root>/<episode_id>.parquet`, one row per step record (see replay/spec.py), the lineage
 repeated as columns (it compresses to nothing) and also stored as JSON in the file's metadata.
-A write goes to `.<name>.<pid>.tmp` in the same folder, is re-read to check its row count, then
-renamed into place; re-archiving an episode_id that exists is a no-op.
+Locally a write goes to `.<name>.<pid>.tmp` in the same folder, is re-read to check its row
+count, then renamed into place. On an object store (s3://, gs://) it is a single put, which
+appears whole or not at all. Re-archiving an episode_id that exists is a no-op.
+
+`<root>/_manifest.json` pins the archive's schema (column names and Arrow types). Opening an
+archive with a newer schema that only adds columns extends the manifest (older files read those
+columns as null); a column whose type changed, or one that disappeared, is refused by name.
 """
 
 from __future__ import annotations
@@ -43,6 +48,31 @@ STEP_FIELDS = [
 ]
 SCHEMA = pa.schema(LINEAGE_FIELDS + EPISODE_FIELDS + STEP_FIELDS,
                    metadata={"pacflow.schema_version": str(SCHEMA_VERSION)})
+
+
+MANIFEST_NAME = "_manifest.json"
+
+
+class ArchiveSchemaError(ValueError):
+    """The code's schema is not an additive extension of the archive's pinned schema."""
+
+
+def schema_changes(pinned: dict[str, str], current: pa.Schema) -> tuple[list[str], list[str]]:
+    """(added columns, refused changes) of `current` against a pinned {name: type} schema."""
+    types = {f.name: str(f.type) for f in current}
+    refused = [f"column {name!r} is {old} in the archive, {types[name]} here"
+               for name, old in pinned.items() if name in types and types[name] != old]
+    refused += [f"column {name!r} is in the archive but not in this schema"
+                for name in pinned if name not in types]
+    return [name for name in types if name not in pinned], refused
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A table of an older (additively compatible) file -> SCHEMA, missing columns as nulls."""
+    for field in SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -86,7 +116,33 @@ class EpisodeArchive:
     def __init__(self, uri: str | os.PathLike):
         self.uri = str(uri)
         self._fs, self._root = resolve(uri)
+        self._local = isinstance(self._fs, pafs.LocalFileSystem)
         self._fs.create_dir(self._root, recursive=True)
+        self.schema = self._pin_schema()
+
+    def _pin_schema(self) -> dict[str, str]:
+        """Reads (or writes) the manifest; extends it by added columns; refuses other changes."""
+        path = f"{self._root}/{MANIFEST_NAME}"
+        pinned: dict[str, str] = {}
+        if self._fs.get_file_info(path).type != pafs.FileType.NotFound:
+            with self._fs.open_input_stream(path) as f:
+                pinned = json.loads(f.read())["columns"]
+        added, refused = schema_changes(pinned, SCHEMA)
+        if refused:
+            raise ArchiveSchemaError(f"archive {self.uri}: " + "; ".join(refused))
+        if added or not pinned:
+            pinned = {**pinned, **{f.name: str(f.type) for f in SCHEMA if f.name in added}}
+            manifest = {"schema_version": SCHEMA_VERSION, "columns": pinned}
+            self._put(path, json.dumps(manifest, indent=1).encode())
+        return pinned
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Writes a small file atomically: temp + rename locally, a single put elsewhere."""
+        tmp = f"{path}.{os.getpid()}.tmp" if self._local else path
+        with self._fs.open_output_stream(tmp) as f:
+            f.write(data)
+        if self._local:
+            self._fs.move(tmp, path)
 
     def path_of(self, episode_id: str) -> str:
         return f"{self._root}/{episode_id}.parquet"
@@ -96,6 +152,9 @@ class EpisodeArchive:
         if self._fs.get_file_info(target).type != pafs.FileType.NotFound:
             return False
         table = episode_table(episode)
+        if not self._local:  # one put: the object appears whole when the upload completes
+            pq.write_table(table, target, filesystem=self._fs)
+            return True
         tmp = f"{self._root}/.{episode.lineage.episode_id}.{os.getpid()}.tmp"
         pq.write_table(table, tmp, filesystem=self._fs)
         if pq.read_metadata(tmp, filesystem=self._fs).num_rows != table.num_rows:
@@ -131,7 +190,7 @@ class EpisodeArchive:
         fs.create_dir(root, recursive=True)
         paths = self.paths()
         for i, path in enumerate(paths):  # one part per episode keeps memory flat
-            table = pq.read_table(path, filesystem=self._fs).cast(SCHEMA)
+            table = conform(pq.read_table(path, filesystem=self._fs))
             pq.write_table(table, f"{root}/part-{i:06d}.parquet", filesystem=fs)
         return len(paths)
 
