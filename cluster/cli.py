@@ -55,6 +55,7 @@ def _load_config(args: argparse.Namespace):
 
 def _cmd_train_offline(args: argparse.Namespace) -> int:
     from cluster.offline import FilterError, train_offline
+    from replay.archive import ArchiveSchemaError
 
     config = _load_config(args)
     steps = args.steps or config.loop.learner_steps_per_cycle * config.loop.num_cycles
@@ -62,8 +63,8 @@ def _cmd_train_offline(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir.absolute()}", flush=True)
     try:
         result = train_offline(config, args.archive, run_dir.absolute(), steps, args.where,
-                               config.loop.seed)
-    except FilterError as e:
+                               config.loop.seed, stream=args.stream)
+    except (FilterError, ArchiveSchemaError) as e:
         raise UsageError(str(e)) from None
     data = result["data"]
     print(f"trained {steps} steps on {data['episodes']} episodes (mean return "
@@ -172,6 +173,9 @@ def make_parser() -> argparse.ArgumentParser:
     offline.add_argument("--set", action="append", metavar="KEY=VALUE")
     offline.add_argument("--where", help="episode filter, e.g. \"cycle <= 3\"")
     offline.add_argument("--steps", type=int, help="learner steps (default: cycles x steps)")
+    offline.add_argument("--stream", action="store_true",
+                         help="stream the archive through Ray Data while training (archives "
+                              "larger than memory; replay.max_size bounds the table)")
     offline.add_argument("--run-dir", help="output directory (default: runs/<time>-offline)")
     offline.set_defaults(func=_cmd_train_offline)
     replay = sub.add_parser("replay", help="run the Reverb replay server on its own")

@@ -1,17 +1,25 @@
-"""`pacflow train-offline`: retrain PAC from an episode archive in one process (no Ray).
+"""`pacflow train-offline`: retrain PAC from an episode archive in one process.
 
 The archive's collected episodes (optionally filtered, e.g. `--where "cycle <= 3"`) are loaded into
 an in-process Reverb table through the same adder the actors use, the same PACLearner trains on
 it, and the result is checkpointed, evaluated greedily and saved as a snapshot that records which
 data it was trained on (archive manifest hash, episode count, filter).
+
+With `stream=True` (`--stream`, for archives larger than memory) the episodes are not loaded up
+front: a thread reads them through Ray Data (parallel Parquet reads, bounded memory) into the
+table, pass after pass, while the learner trains. The table's `replay.max_size` bounds memory
+(FIFO eviction); `replay.rate_limiter: sample_to_insert` holds the learner's reuse of each item.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import operator
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +32,12 @@ from learners.learner import PACLearner
 from policies.policy import PACPolicy
 from policies.snapshot import Snapshot, save_snapshot, snapshot_metadata
 from replay.adders import ReverbSequenceAdder
-from replay.archive import EpisodeArchive
+from replay.archive import EpisodeArchive, episodes_from_blocks
 from replay.dataset import ReverbBatchIterator
 from replay.server import ReplayServer
-from replay.spec import EnvSpec, Episode
+from replay.spec import EnvSpec
+
+log = logging.getLogger(__name__)
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
         "<": operator.lt, ">": operator.gt}
@@ -54,15 +64,75 @@ def parse_where(where: str | None, columns: set[str]):
     return lambda row: all(op(row[name], value) for name, op, value in clauses)
 
 
-def select_episodes(archive: EpisodeArchive, where: str | None) -> tuple[list[Episode], str]:
-    """Collected episodes passing the filter, and the sha256 of their sorted episode ids."""
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The collected episodes a filter selects, known from their metadata alone."""
+
+    episode_ids: list[str]  # sorted
+    returns: np.ndarray  # (E,) episode returns, in episode_ids order
+    manifest_hash: str  # sha256 of the sorted ids: names exactly this training set
+
+
+def select_episodes(archive: EpisodeArchive, where: str | None) -> Selection:
+    """Collected episodes passing the filter (reads one row of metadata per episode)."""
     table = archive.episode_table()
     keep = parse_where(where, set(table.column_names))
-    rows = [r for r in table.to_pylist() if r["mode"] == "collect" and keep(r)]
-    ids = sorted(r["episode_id"] for r in rows)
-    manifest_hash = hashlib.sha256("\n".join(ids).encode()).hexdigest()
-    episodes = [archive.read(archive.path_of(i)) for i in ids]
-    return episodes, manifest_hash
+    rows = sorted((r for r in table.to_pylist() if r["mode"] == "collect" and keep(r)),
+                  key=lambda r: r["episode_id"])
+    ids = [r["episode_id"] for r in rows]
+    return Selection(ids, np.asarray([r["return"] for r in rows], np.float64),
+                     hashlib.sha256("\n".join(ids).encode()).hexdigest())
+
+
+class StreamFeeder:
+    """Feeds the selected episodes from the archive into replay through Ray Data, pass after
+    pass, until stopped. Errors are kept and re-raised by `stop`.
+
+    Usage:
+        feeder = StreamFeeder(archive, selection.episode_ids, spec, adder).start()
+        ...   # train
+        feeder.stop()
+    """
+
+    def __init__(self, archive: EpisodeArchive, episode_ids: list[str], spec: EnvSpec,
+                 adder: ReverbSequenceAdder):
+        self._archive, self._ids, self._spec, self._adder = archive, episode_ids, spec, adder
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="archive-stream", daemon=True)
+        self.num_episodes = 0  # episodes written, over all passes
+
+    def start(self) -> "StreamFeeder":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import ray
+
+        paths = [self._archive.path_of(i) for i in self._ids]
+        try:
+            while not self._stop.is_set():
+                ds = ray.data.read_parquet(paths, filesystem=self._archive.filesystem)
+                blocks = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+                for episode in episodes_from_blocks(blocks, self._spec.pixels_shape):
+                    if self._stop.is_set():
+                        return
+                    self._adder.add_episode(episode)
+                    self.num_episodes += 1
+        except BaseException as e:  # surfaced by stop()
+            self._error = e
+            log.exception("archive stream failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        if self._error is not None:
+            raise RuntimeError("streaming the archive failed") from self._error
 
 
 def evaluate(policy: PACPolicy, spec: EnvSpec, task: str, env: EnvConfig,
@@ -74,30 +144,41 @@ def evaluate(policy: PACPolicy, spec: EnvSpec, task: str, env: EnvConfig,
 
 
 def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, steps: int,
-                  where: str | None = None, seed: int = 0) -> dict:
-    """Loads, trains, evaluates, snapshots; returns the summary also written to result.json."""
+                  where: str | None = None, seed: int = 0, stream: bool = False) -> dict:
+    """Loads (or streams), trains, evaluates, snapshots; returns the summary also written to
+    result.json."""
     t0 = time.time()
     for sub in ("checkpoints", "policies", "replay_checkpoints", "report"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    episodes, manifest_hash = select_episodes(EpisodeArchive(archive_uri), where)
-    if not episodes:
+    archive = EpisodeArchive(archive_uri)
+    selection = select_episodes(archive, where)
+    if not selection.episode_ids:
         raise FilterError(f"no collected episodes in {archive_uri} match {where!r}")
     spec = config.env.spec()
     server = ReplayServer(spec, config.replay, run_dir / "replay_checkpoints")
+    feeder = None
     try:
         adder = ReverbSequenceAdder(server.address, config.replay)
-        for episode in episodes:
-            adder.add_episode(episode)
+        if stream:
+            feeder = StreamFeeder(archive, selection.episode_ids, spec, adder).start()
+        else:
+            for episode_id in selection.episode_ids:
+                adder.add_episode(archive.read(archive.path_of(episode_id)))
         batches = ReverbBatchIterator(server.address, config.replay, config.learner.batch_size)
         learner = PACLearner(spec, config.model, config.learner, batches, seed=seed)
         metrics = learner.run(steps)
         batches.close()
+        table_items = server.num_items()
     finally:
+        if feeder is not None:
+            feeder.stop()
         server.stop()
     save_checkpoint(learner.state(), run_dir / "checkpoints", step=learner.num_steps, cycle=0)
-    returns = np.asarray([e.episode_return for e in episodes])
-    data = {"archive": str(archive_uri), "manifest_sha256": manifest_hash,
-            "episodes": len(episodes), "filter": where or ""}
+    returns = selection.returns
+    data = {"archive": str(archive_uri), "manifest_sha256": selection.manifest_hash,
+            "episodes": len(selection.episode_ids), "filter": where or "",
+            "streamed": stream, "episodes_streamed": feeder.num_episodes if feeder else 0,
+            "table_items_at_end": table_items}
     snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
         spec.to_dict(), config.model, 0, learner.num_steps, 0, trained_on=data))
     save_snapshot(snapshot, run_dir / "policies")

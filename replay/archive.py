@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -144,6 +144,10 @@ class EpisodeArchive:
         if self._local:
             self._fs.move(tmp, path)
 
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self._fs
+
     def path_of(self, episode_id: str) -> str:
         return f"{self._root}/{episode_id}.parquet"
 
@@ -208,13 +212,15 @@ class EpisodeArchive:
         return good, bad
 
 
-def table_to_episode(table: pa.Table) -> Episode:
+def table_to_episode(table: pa.Table, pixels_shape: tuple[int, ...] = ()) -> Episode:
+    """One episode's step rows -> Episode. The pixel shape comes from the file's metadata, or
+    from `pixels_shape` where the metadata was lost (e.g. rows read through Ray Data)."""
     row0 = table.slice(0, 1).to_pylist()[0]
     lineage = Lineage(**{f.name: row0[f.name] for f in LINEAGE_FIELDS},
                       policy_version=int(table.column("policy_version")[0].as_py()))
     stack = lambda name: np.stack(table.column(name).to_numpy(zero_copy_only=False))  # noqa: E731
     return Episode(
-        pixels=_pixels(table),
+        pixels=_pixels(table, pixels_shape),
         lineage=lineage, task_id=row0["task_id"],
         observation=stack("observation").astype(np.float32),
         action=stack("action").astype(np.float32),
@@ -225,11 +231,34 @@ def table_to_episode(table: pa.Table) -> Episode:
     )
 
 
-def _pixels(table: pa.Table) -> np.ndarray | None:
+def episodes_from_blocks(blocks: Iterable[pa.Table],
+                         pixels_shape: tuple[int, ...] = ()) -> Iterator[Episode]:
+    """Step rows in archive order, in blocks of any size (e.g. from Ray Data) -> Episodes.
+    An episode may span blocks; each ends at its `is_last` row."""
+    pending: list[pa.Table] = []
+    for block in blocks:
+        ends = np.flatnonzero(block.column("is_last").to_numpy(zero_copy_only=False))
+        start = 0
+        for end in ends:
+            pending.append(block.slice(start, end + 1 - start))
+            table = pa.concat_tables(pending)
+            if len(set(table.column("episode_id").to_pylist())) != 1:
+                raise ValueError("archive rows arrived out of order: an episode's rows are "
+                                 "interleaved with another's")
+            yield table_to_episode(table, pixels_shape)
+            pending, start = [], int(end) + 1
+        if start < block.num_rows:
+            pending.append(block.slice(start))
+    if pending:
+        raise ValueError("archive rows ended inside an episode (no is_last row)")
+
+
+def _pixels(table: pa.Table, pixels_shape: tuple[int, ...]) -> np.ndarray | None:
     """The (T+1, H, W, 3) uint8 images of an episode table, or None (no camera, older schema)."""
-    shape = (table.schema.metadata or {}).get(b"pacflow.pixels_shape")
-    if shape is None or "pixels" not in table.column_names:
+    meta = (table.schema.metadata or {}).get(b"pacflow.pixels_shape")
+    shape = json.loads(meta) if meta else pixels_shape
+    if not shape or "pixels" not in table.column_names or table.column("pixels").null_count:
         return None
     frames = table.column("pixels").to_pylist()
     data = np.frombuffer(b"".join(frames), np.uint8)  # read-only view of the joined bytes
-    return data.reshape(len(frames), *json.loads(shape)).copy()
+    return data.reshape(len(frames), *shape).copy()

@@ -1,31 +1,18 @@
 """deploy/configs/smoke.yaml through the real Ray + Reverb + gRPC path, via the CLI."""
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cluster.config import load_config
 from replay.archive import EpisodeArchive
 from replay.server import ReplayServer, episode_key, sample_items
 from replay.spec import EnvSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "run", "--config", "deploy/configs/smoke.yaml",
-         "--run-dir", str(run_dir)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result.stdout, load_config(ROOT / "deploy/configs/smoke.yaml")
 
 
 def test_prints_a_row_per_cycle_and_versions_advance(smoke_run):
