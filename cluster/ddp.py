@@ -23,7 +23,7 @@ from learners.config import LearnerConfig
 from learners.distributed import allreduce_gradients, parameter_checksum
 from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
-from policies.server import publish
+from policies.client import publish
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.spec import Batch, EnvSpec
 

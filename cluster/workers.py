@@ -24,7 +24,8 @@ from learners.config import LearnerConfig
 from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
 from policies.policy import PACPolicy, Policy, RandomPolicy
-from policies.server import PolicyServer, PolicySubscriber, publish
+from policies.client import PolicySubscriber, publish
+from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.adders import ReverbSequenceAdder
 from replay.archive import EpisodeArchive

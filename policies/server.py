@@ -1,10 +1,12 @@
-"""The gRPC policy server and its clients.
+"""The gRPC policy server and robot gateway.
 
-The learner publishes versioned snapshots; each subscriber holds one server stream and receives
-every new version as it is published, without polling. Snapshots are kept on disk under the run's
-`policies/` folder, so a restarted server serves what it had.
-
-Plaintext, bound to loopback: TLS, tokens and the robot gateway come with the gateway work.
+The learner publishes versioned snapshots (chunked); each subscriber holds one server stream and
+receives the version it should run as soon as it changes, with heartbeats while nothing changes,
+so clients can tell a quiet server from an unreachable one. Operators pin a version for the fleet
+or one client (rollback). Robots upload finished episodes (chunked, idempotent by episode_id),
+which go through the same validation, archive and replay path as simulated ones, and thin clients
+call Act, batched across callers. Versions and pins live under the run's `policies/` folder, so a
+restarted server serves what it had.
 """
 
 from __future__ import annotations
@@ -14,115 +16,216 @@ import logging
 import threading
 from concurrent import futures
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
+from policies.gateway import ActBatcher
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.snapshot import Snapshot, SnapshotError, load_snapshot, save_snapshot
+from policies.wire import MAX_SNAPSHOT_BYTES, WireError, read_episode, read_snapshots, \
+    snapshot_chunks
+from replay.ingest import Ingested
+from replay.spec import Episode
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Client keepalive no faster than the server permits (reliability.md §3.4).
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.ping_timeout_ms", 5_000),
-]
+MAX_MESSAGE_BYTES = 8 << 20  # per message; snapshots and episodes travel in 1 MiB chunks
+HEARTBEAT_SECONDS = 1.0  # idle Subscribe streams get a heartbeat this often
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Accept the clients' keepalive pings (reliability.md §3.4: else GOAWAY too_many_pings).
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-RPC_TIMEOUT_SECONDS = 60.0
+EpisodeHandler = Callable[[Episode], Ingested]
 
 
-def to_message(snapshot: Snapshot) -> pb.Snapshot:
-    return pb.Snapshot(version=snapshot.version, metadata_json=json.dumps(dict(snapshot.metadata)),
-                       weights=snapshot.weights, sha256=snapshot.sha256)
+class PolicyStore:
+    """Versions (on disk and in memory) and pins, behind one condition variable."""
 
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.cond = threading.Condition()
+        self.snapshots: dict[int, Snapshot] = {}
+        for meta_path in sorted(self.directory.glob("v*.json")):
+            snapshot = load_snapshot(meta_path)
+            self.snapshots[snapshot.version] = snapshot
+        pins = self._pins_path()
+        data = json.loads(pins.read_text()) if pins.exists() else {}
+        self.fleet_pin: int = int(data.get("fleet", 0))
+        self.client_pins: dict[str, int] = {k: int(v) for k, v in data.get("clients", {}).items()}
 
-def from_message(message: pb.Snapshot) -> Snapshot:
-    """Decodes a snapshot message and checks its hash."""
-    snap = Snapshot(int(message.version), json.loads(message.metadata_json), message.weights)
-    snap.verify(message.sha256)
-    return snap
+    def _pins_path(self) -> Path:
+        return self.directory / "pins.json"
+
+    @property
+    def latest(self) -> int:
+        return max(self.snapshots, default=0)
+
+    def target(self, client_id: str) -> int:
+        """The version `client_id` should run: its pin, else the fleet pin, else the latest."""
+        return self.client_pins.get(client_id) or self.fleet_pin or self.latest
+
+    def add(self, snapshot: Snapshot) -> None:
+        with self.cond:
+            if snapshot.version <= self.latest:
+                raise ValueError(f"version {snapshot.version} does not advance latest "
+                                 f"{self.latest}")
+            save_snapshot(snapshot, self.directory)
+            self.snapshots[snapshot.version] = snapshot
+            self.cond.notify_all()
+
+    def pin(self, version: int, client_id: str) -> None:
+        with self.cond:
+            if version not in self.snapshots:
+                raise KeyError(f"no policy version {version} to pin")
+            if client_id:
+                self.client_pins[client_id] = version
+            else:
+                self.fleet_pin = version
+            self._save_pins()
+
+    def unpin(self, client_id: str) -> None:
+        with self.cond:
+            if client_id:
+                self.client_pins.pop(client_id, None)
+            else:
+                self.fleet_pin = 0
+            self._save_pins()
+
+    def _save_pins(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self._pins_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fleet": self.fleet_pin, "clients": self.client_pins}))
+        tmp.replace(self._pins_path())
+        self.cond.notify_all()
+
+    def pins_reply(self) -> pb.PinReply:
+        with self.cond:
+            return pb.PinReply(fleet_pin=self.fleet_pin, client_pins=self.client_pins)
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    """Holds the versions and wakes subscriber streams when a new one arrives."""
+    """The service: versions, pins, subscriber streams, and the gateway's upload and Act."""
 
-    def __init__(self, directory: str | Path):
-        self._directory = Path(directory)
-        self._cond = threading.Condition()
-        self._messages: dict[int, pb.Snapshot] = {}
+    def __init__(self, directory: str | Path, episode_handler: EpisodeHandler | None = None,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS,
+                 max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES):
+        self.store = PolicyStore(directory)
+        self._episode_handler = episode_handler
+        self._upload_lock = threading.Lock()  # one writer into archive and replay at a time
+        self._heartbeat, self._max_snapshot_bytes = heartbeat_seconds, max_snapshot_bytes
         self._stopping = False
-        for meta_path in sorted(self._directory.glob("v*.json")):
-            self._messages[int(meta_path.stem[1:])] = to_message(load_snapshot(meta_path))
+        self.batcher = ActBatcher(self._snapshot_for)
 
-    @property
-    def latest_version(self) -> int:
-        with self._cond:
-            return max(self._messages, default=0)
+    def _snapshot_for(self, client_id: str) -> Snapshot | None:
+        with self.store.cond:
+            return self.store.snapshots.get(self.store.target(client_id))
 
     def stop(self) -> None:
-        with self._cond:
+        with self.store.cond:
             self._stopping = True
-            self._cond.notify_all()
+            self.store.cond.notify_all()
+        self.batcher.close()
 
-    def Publish(self, request: pb.Snapshot, context: grpc.ServicerContext) -> pb.PublishReply:
+    def Publish(self, request_iterator, context: grpc.ServicerContext) -> pb.PublishReply:
         try:
-            snapshot = from_message(request)
-        except (SnapshotError, ValueError) as e:
+            received = list(read_snapshots(request_iterator, self._max_snapshot_bytes))
+            if len(received) != 1:
+                raise WireError(f"a Publish call carries one snapshot, got {len(received)}")
+            snapshot = received[0][0]
+            snapshot.state_dict()  # decodes, and refuses non-finite weights
+            self.store.add(snapshot)
+        except (WireError, SnapshotError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        with self._cond:
-            latest = max(self._messages, default=0)
-            if snapshot.version <= latest:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"version {snapshot.version} does not advance latest {latest}")
-            save_snapshot(snapshot, self._directory)
-            self._messages[snapshot.version] = request
-            self._cond.notify_all()
-        log.info("published policy v%d (%d bytes)", snapshot.version, len(request.weights))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        log.info("published policy v%d (%d bytes)", snapshot.version, len(snapshot.weights))
         return pb.PublishReply(version=snapshot.version)
 
     def Subscribe(self, request: pb.SubscribeRequest,
-                  context: grpc.ServicerContext) -> Iterator[pb.Snapshot]:
-        sent = int(request.after_version)
+                  context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
+        store, held = self.store, int(request.after_version)
         while context.is_active():
-            with self._cond:
-                self._cond.wait_for(
-                    lambda: self._stopping or max(self._messages, default=0) > sent, timeout=1.0)
+            with store.cond:
+                store.cond.wait_for(
+                    lambda: self._stopping or store.target(request.client_id) != held,
+                    timeout=self._heartbeat)
                 if self._stopping:
                     return
-                latest = max(self._messages, default=0)
-                message = self._messages[latest] if latest > sent else None
-            if message is not None:
-                sent = latest
-                yield message
+                target = store.target(request.client_id)
+                pinned = target != store.latest
+                newer = [v for v in sorted(store.snapshots) if held < v <= target]
+                versions = newer if request.every_version and not pinned and newer else [target]
+                snapshots = [store.snapshots[v] for v in versions if v]
+            if target == held or not snapshots:
+                yield pb.SnapshotChunk(heartbeat=pb.Heartbeat(latest_version=target))
+                continue
+            for snapshot in snapshots:
+                yield from snapshot_chunks(snapshot, pinned=pinned)
+            held = target
 
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.Snapshot:
-        with self._cond:
-            version = int(request.version) or max(self._messages, default=0)
-            message = self._messages.get(version)
-        if message is None:
+    def Fetch(self, request: pb.FetchRequest,
+              context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
+        with self.store.cond:
+            version = int(request.version) or self.store.target("")
+            snapshot = self.store.snapshots.get(version)
+        if snapshot is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
-        return message
+        yield from snapshot_chunks(snapshot)
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
-        with self._cond:
-            infos = [pb.VersionInfo(version=v, sha256=m.sha256, metadata_json=m.metadata_json)
-                     for v, m in sorted(self._messages.items())]
-        return pb.ListReply(versions=infos)
+        with self.store.cond:
+            infos = [pb.VersionInfo(version=v, sha256=s.sha256, total_bytes=len(s.weights),
+                                    metadata_json=json.dumps(dict(s.metadata)))
+                     for v, s in sorted(self.store.snapshots.items())]
+            return pb.ListReply(versions=infos, fleet_pin=self.store.fleet_pin,
+                                client_pins=self.store.client_pins)
+
+    def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinReply:
+        try:
+            self.store.pin(int(request.version), request.client_id)
+        except KeyError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+        log.warning("pinned v%d for %s", request.version, request.client_id or "the fleet")
+        return self.store.pins_reply()
+
+    def Unpin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinReply:
+        self.store.unpin(request.client_id)
+        log.warning("unpinned %s", request.client_id or "the fleet")
+        return self.store.pins_reply()
+
+    def UploadEpisode(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
+        if self._episode_handler is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this policy server has no gateway")
+        try:
+            header, episode = read_episode(request_iterator)
+        except WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if episode.lineage.actor_id != header.robot_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"episode {header.episode_id} was recorded by "
+                          f"{episode.lineage.actor_id!r}, uploaded as {header.robot_id!r}")
+        with self._upload_lock:
+            result = self._episode_handler(episode)
+        return pb.UploadReply(episode_id=header.episode_id, stored=result.stored,
+                              duplicate=result.duplicate, quarantined="; ".join(result.problems))
+
+    def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActReply:
+        try:
+            action, version = self.batcher.act(request, timeout=context.time_remaining())
+        except LookupError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.ActReply(action=action.tolist(), policy_version=version)
 
 
 class PolicyServer:
-    """A running gRPC policy server.
+    """A running gRPC policy server (and, with an episode handler, the robot gateway).
 
     Usage:
         server = PolicyServer(run_dir / "policies", host="127.0.0.1", port=0)
@@ -131,13 +234,15 @@ class PolicyServer:
         server.stop()
     """
 
-    def __init__(self, directory: str | Path, host: str = "127.0.0.1", port: int = 0):
-        self._servicer = PolicyServicer(directory)
+    def __init__(self, directory: str | Path, host: str = "127.0.0.1", port: int = 0,
+                 episode_handler: EpisodeHandler | None = None,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
+        self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds)
         self._host, self._port = host, port
         self._server: grpc.Server | None = None
 
     def start(self) -> str:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
                                    options=SERVER_OPTIONS)
         pb_grpc.add_PolicyServiceServicer_to_server(self._servicer, self._server)
         port = self._server.add_insecure_port(f"{self._host}:{self._port}")
@@ -150,107 +255,13 @@ class PolicyServer:
 
     @property
     def latest_version(self) -> int:
-        return self._servicer.latest_version
+        return self._servicer.store.latest
+
+    @property
+    def batcher(self) -> ActBatcher:
+        return self._servicer.batcher
 
     def stop(self, grace_seconds: float = 1.0) -> None:
         self._servicer.stop()
         if self._server is not None:
             self._server.stop(grace_seconds).wait()
-
-
-def publish(address: str, snapshot: Snapshot, timeout: float = RPC_TIMEOUT_SECONDS) -> int:
-    """Sends a snapshot to the server; returns the version it now serves."""
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        reply = pb_grpc.PolicyServiceStub(channel).Publish(to_message(snapshot), timeout=timeout)
-    return int(reply.version)
-
-
-def fetch(address: str, version: int = 0, timeout: float = RPC_TIMEOUT_SECONDS) -> Snapshot:
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        message = pb_grpc.PolicyServiceStub(channel).Fetch(pb.FetchRequest(version=version),
-                                                           timeout=timeout)
-    return from_message(message)
-
-
-class PolicySubscriber:
-    """Keeps the newest snapshot pushed by the server, on a background thread.
-
-    Reconnects with backoff when the stream breaks, resuming after the version it holds. Refuses
-    snapshots whose hash is wrong or whose version goes backwards, and keeps the one it had.
-
-    Usage:
-        sub = PolicySubscriber(address, client_id="actor-0").start()
-        snapshot = sub.latest()            # None until the first version arrives
-        sub.wait_for_version(3, timeout=60)
-    """
-
-    def __init__(self, address: str, client_id: str):
-        self._address, self._client_id = address, client_id
-        self._cond = threading.Condition()
-        self._latest: Snapshot | None = None
-        self._stop = threading.Event()
-        self._channel: grpc.Channel | None = None
-        self._thread = threading.Thread(target=self._run, name=f"subscribe-{client_id}",
-                                        daemon=True)
-
-    def start(self) -> "PolicySubscriber":
-        self._thread.start()
-        return self
-
-    def latest(self) -> Snapshot | None:
-        with self._cond:
-            return self._latest
-
-    def wait_for_version(self, version: int, timeout: float) -> Snapshot:
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: self._latest is not None and self._latest.version >= version, timeout)
-            if not ok:
-                held = self._latest.version if self._latest else 0
-                raise TimeoutError(f"{self._client_id}: policy v{version} did not arrive within "
-                                   f"{timeout:.0f}s (holding v{held})")
-            return self._latest
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._channel is not None:
-            self._channel.close()
-        self._thread.join(timeout=5)
-
-    def _accept(self, message: pb.Snapshot) -> None:
-        try:
-            snapshot = from_message(message)
-        except (SnapshotError, ValueError) as e:
-            log.error("%s: refused snapshot v%d: %s", self._client_id, message.version, e)
-            return
-        with self._cond:
-            held = self._latest.version if self._latest else 0
-            if snapshot.version <= held:
-                log.warning("%s: refused version regression v%d <= v%d", self._client_id,
-                            snapshot.version, held)
-                return
-            self._latest = snapshot
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self._channel = grpc.insecure_channel(self._address, options=CHANNEL_OPTIONS)
-                stub = pb_grpc.PolicyServiceStub(self._channel)
-                held = self.latest()
-                request = pb.SubscribeRequest(after_version=held.version if held else 0,
-                                              client_id=self._client_id)
-                for message in stub.Subscribe(request, wait_for_ready=True):
-                    self._accept(message)
-                    backoff = 0.1
-            except grpc.RpcError as e:
-                if self._stop.is_set():
-                    return
-                log.warning("%s: policy stream broke (%s); reconnecting", self._client_id,
-                            e.code() if hasattr(e, "code") else e)
-            finally:
-                if self._channel is not None:
-                    self._channel.close()
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, 5.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -11,6 +12,15 @@ from replay.spec import Adder, EnvSpec, Episode
 from replay.validation import episode_problems, quarantine
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ingested:
+    """What happened to one episode."""
+
+    stored: bool  # archived now (and written to replay when asked)
+    duplicate: bool  # its episode_id was already archived: nothing was written again
+    problems: tuple[str, ...] = ()  # why it went to quarantine; empty when it was accepted
 
 
 class EpisodeSink:
@@ -31,14 +41,18 @@ class EpisodeSink:
         self.num_items = 0
 
     def write(self, episode: Episode, to_replay: bool) -> bool:
+        """True when the episode was accepted (stored now or already archived)."""
+        return not self.ingest(episode, to_replay).problems
+
+    def ingest(self, episode: Episode, to_replay: bool) -> Ingested:
         problems = episode_problems(episode, self._spec)
         if problems:
             quarantine(episode, problems, self._quarantine_dir)
             self.rejected[problems[0].split(":")[0]] += 1
             log.warning("quarantined episode %s: %s", episode.lineage.episode_id,
                         "; ".join(problems))
-            return False
+            return Ingested(False, False, tuple(problems))
         written = self._archive.write(episode)
         if written and to_replay and self._adder is not None:
             self.num_items += self._adder.add_episode(episode)
-        return True
+        return Ingested(written, not written)

@@ -14,27 +14,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpolicies/proto/policy.proto\x12\x11pacflow.policy.v1\"S\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x1f\n\x0cPublishReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\"<\n\x10SubscribeRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x1f\n\x0c\x46\x65tchRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\r\n\x0bListRequest\"E\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"=\n\tListReply\x12\x30\n\x08versions\x18\x01 \x03(\x0b\x32\x1e.pacflow.policy.v1.VersionInfo2\xb6\x02\n\rPolicyService\x12G\n\x07Publish\x12\x1b.pacflow.policy.v1.Snapshot\x1a\x1f.pacflow.policy.v1.PublishReply\x12O\n\tSubscribe\x12#.pacflow.policy.v1.SubscribeRequest\x1a\x1b.pacflow.policy.v1.Snapshot0\x01\x12\x45\n\x05\x46\x65tch\x12\x1f.pacflow.policy.v1.FetchRequest\x1a\x1b.pacflow.policy.v1.Snapshot\x12\x44\n\x04List\x12\x1e.pacflow.policy.v1.ListRequest\x1a\x1c.pacflow.policy.v1.ListReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpolicies/proto/policy.proto\x12\x11pacflow.policy.v1\"m\n\x0eSnapshotHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\"\x8f\x01\n\rSnapshotChunk\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.pacflow.policy.v1.SnapshotHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x31\n\theartbeat\x18\x03 \x01(\x0b\x32\x1c.pacflow.policy.v1.HeartbeatH\x00\x42\x06\n\x04part\"#\n\tHeartbeat\x12\x16\n\x0elatest_version\x18\x01 \x01(\x04\"\x1f\n\x0cPublishReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\"S\n\x10SubscribeRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x15\n\revery_version\x18\x03 \x01(\x08\"\x1f\n\x0c\x46\x65tchRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\r\n\x0bListRequest\"Z\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"\xc6\x01\n\tListReply\x12\x30\n\x08versions\x18\x01 \x03(\x0b\x32\x1e.pacflow.policy.v1.VersionInfo\x12\x11\n\tfleet_pin\x18\x02 \x01(\x04\x12\x41\n\x0b\x63lient_pins\x18\x03 \x03(\x0b\x32,.pacflow.policy.v1.ListReply.ClientPinsEntry\x1a\x31\n\x0f\x43lientPinsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"0\n\nPinRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x92\x01\n\x08PinReply\x12\x11\n\tfleet_pin\x18\x01 \x01(\x04\x12@\n\x0b\x63lient_pins\x18\x02 \x03(\x0b\x32+.pacflow.policy.v1.PinReply.ClientPinsEntry\x1a\x31\n\x0f\x43lientPinsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"Z\n\rEpisodeHeader\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x10\n\x08robot_id\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"Z\n\x0c\x45pisodeChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .pacflow.policy.v1.EpisodeHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Y\n\x0bUploadReply\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x13\n\x0bquarantined\x18\x04 \x01(\t\"e\n\nActRequest\x12\x13\n\x0bobservation\x18\x01 \x03(\x02\x12\x0f\n\x07task_id\x18\x02 \x01(\r\x12\x0e\n\x06pixels\x18\x03 \x01(\x0c\x12\x0e\n\x06greedy\x18\x04 \x01(\x08\x12\x11\n\tclient_id\x18\x05 \x01(\t\"2\n\x08\x41\x63tReply\x12\x0e\n\x06\x61\x63tion\x18\x01 \x03(\x02\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x32\xe8\x04\n\rPolicyService\x12N\n\x07Publish\x12 .pacflow.policy.v1.SnapshotChunk\x1a\x1f.pacflow.policy.v1.PublishReply(\x01\x12T\n\tSubscribe\x12#.pacflow.policy.v1.SubscribeRequest\x1a .pacflow.policy.v1.SnapshotChunk0\x01\x12L\n\x05\x46\x65tch\x12\x1f.pacflow.policy.v1.FetchRequest\x1a .pacflow.policy.v1.SnapshotChunk0\x01\x12\x44\n\x04List\x12\x1e.pacflow.policy.v1.ListRequest\x1a\x1c.pacflow.policy.v1.ListReply\x12\x41\n\x03Pin\x12\x1d.pacflow.policy.v1.PinRequest\x1a\x1b.pacflow.policy.v1.PinReply\x12\x43\n\x05Unpin\x12\x1d.pacflow.policy.v1.PinRequest\x1a\x1b.pacflow.policy.v1.PinReply\x12R\n\rUploadEpisode\x12\x1f.pacflow.policy.v1.EpisodeChunk\x1a\x1e.pacflow.policy.v1.UploadReply(\x01\x12\x41\n\x03\x41\x63t\x12\x1d.pacflow.policy.v1.ActRequest\x1a\x1b.pacflow.policy.v1.ActReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policies.proto.policy_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_SNAPSHOT']._serialized_start=50
-  _globals['_SNAPSHOT']._serialized_end=133
-  _globals['_PUBLISHREPLY']._serialized_start=135
-  _globals['_PUBLISHREPLY']._serialized_end=166
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=168
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=228
-  _globals['_FETCHREQUEST']._serialized_start=230
-  _globals['_FETCHREQUEST']._serialized_end=261
-  _globals['_LISTREQUEST']._serialized_start=263
-  _globals['_LISTREQUEST']._serialized_end=276
-  _globals['_VERSIONINFO']._serialized_start=278
-  _globals['_VERSIONINFO']._serialized_end=347
-  _globals['_LISTREPLY']._serialized_start=349
-  _globals['_LISTREPLY']._serialized_end=410
-  _globals['_POLICYSERVICE']._serialized_start=413
-  _globals['_POLICYSERVICE']._serialized_end=723
+  _globals['_LISTREPLY_CLIENTPINSENTRY']._options = None
+  _globals['_LISTREPLY_CLIENTPINSENTRY']._serialized_options = b'8\001'
+  _globals['_PINREPLY_CLIENTPINSENTRY']._options = None
+  _globals['_PINREPLY_CLIENTPINSENTRY']._serialized_options = b'8\001'
+  _globals['_SNAPSHOTHEADER']._serialized_start=50
+  _globals['_SNAPSHOTHEADER']._serialized_end=159
+  _globals['_SNAPSHOTCHUNK']._serialized_start=162
+  _globals['_SNAPSHOTCHUNK']._serialized_end=305
+  _globals['_HEARTBEAT']._serialized_start=307
+  _globals['_HEARTBEAT']._serialized_end=342
+  _globals['_PUBLISHREPLY']._serialized_start=344
+  _globals['_PUBLISHREPLY']._serialized_end=375
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=377
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=460
+  _globals['_FETCHREQUEST']._serialized_start=462
+  _globals['_FETCHREQUEST']._serialized_end=493
+  _globals['_LISTREQUEST']._serialized_start=495
+  _globals['_LISTREQUEST']._serialized_end=508
+  _globals['_VERSIONINFO']._serialized_start=510
+  _globals['_VERSIONINFO']._serialized_end=600
+  _globals['_LISTREPLY']._serialized_start=603
+  _globals['_LISTREPLY']._serialized_end=801
+  _globals['_LISTREPLY_CLIENTPINSENTRY']._serialized_start=752
+  _globals['_LISTREPLY_CLIENTPINSENTRY']._serialized_end=801
+  _globals['_PINREQUEST']._serialized_start=803
+  _globals['_PINREQUEST']._serialized_end=851
+  _globals['_PINREPLY']._serialized_start=854
+  _globals['_PINREPLY']._serialized_end=1000
+  _globals['_PINREPLY_CLIENTPINSENTRY']._serialized_start=752
+  _globals['_PINREPLY_CLIENTPINSENTRY']._serialized_end=801
+  _globals['_EPISODEHEADER']._serialized_start=1002
+  _globals['_EPISODEHEADER']._serialized_end=1092
+  _globals['_EPISODECHUNK']._serialized_start=1094
+  _globals['_EPISODECHUNK']._serialized_end=1184
+  _globals['_UPLOADREPLY']._serialized_start=1186
+  _globals['_UPLOADREPLY']._serialized_end=1275
+  _globals['_ACTREQUEST']._serialized_start=1277
+  _globals['_ACTREQUEST']._serialized_end=1378
+  _globals['_ACTREPLY']._serialized_start=1380
+  _globals['_ACTREPLY']._serialized_end=1430
+  _globals['_POLICYSERVICE']._serialized_start=1433
+  _globals['_POLICYSERVICE']._serialized_end=2049
 # @@protoc_insertion_point(module_scope)

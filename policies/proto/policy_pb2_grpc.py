@@ -14,40 +14,61 @@ class PolicyServiceStub(object):
         Args:
             channel: A grpc.Channel.
         """
-        self.Publish = channel.unary_unary(
+        self.Publish = channel.stream_unary(
                 '/pacflow.policy.v1.PolicyService/Publish',
-                request_serializer=policies_dot_proto_dot_policy__pb2.Snapshot.SerializeToString,
+                request_serializer=policies_dot_proto_dot_policy__pb2.SnapshotChunk.SerializeToString,
                 response_deserializer=policies_dot_proto_dot_policy__pb2.PublishReply.FromString,
                 )
         self.Subscribe = channel.unary_stream(
                 '/pacflow.policy.v1.PolicyService/Subscribe',
                 request_serializer=policies_dot_proto_dot_policy__pb2.SubscribeRequest.SerializeToString,
-                response_deserializer=policies_dot_proto_dot_policy__pb2.Snapshot.FromString,
+                response_deserializer=policies_dot_proto_dot_policy__pb2.SnapshotChunk.FromString,
                 )
-        self.Fetch = channel.unary_unary(
+        self.Fetch = channel.unary_stream(
                 '/pacflow.policy.v1.PolicyService/Fetch',
                 request_serializer=policies_dot_proto_dot_policy__pb2.FetchRequest.SerializeToString,
-                response_deserializer=policies_dot_proto_dot_policy__pb2.Snapshot.FromString,
+                response_deserializer=policies_dot_proto_dot_policy__pb2.SnapshotChunk.FromString,
                 )
         self.List = channel.unary_unary(
                 '/pacflow.policy.v1.PolicyService/List',
                 request_serializer=policies_dot_proto_dot_policy__pb2.ListRequest.SerializeToString,
                 response_deserializer=policies_dot_proto_dot_policy__pb2.ListReply.FromString,
                 )
+        self.Pin = channel.unary_unary(
+                '/pacflow.policy.v1.PolicyService/Pin',
+                request_serializer=policies_dot_proto_dot_policy__pb2.PinRequest.SerializeToString,
+                response_deserializer=policies_dot_proto_dot_policy__pb2.PinReply.FromString,
+                )
+        self.Unpin = channel.unary_unary(
+                '/pacflow.policy.v1.PolicyService/Unpin',
+                request_serializer=policies_dot_proto_dot_policy__pb2.PinRequest.SerializeToString,
+                response_deserializer=policies_dot_proto_dot_policy__pb2.PinReply.FromString,
+                )
+        self.UploadEpisode = channel.stream_unary(
+                '/pacflow.policy.v1.PolicyService/UploadEpisode',
+                request_serializer=policies_dot_proto_dot_policy__pb2.EpisodeChunk.SerializeToString,
+                response_deserializer=policies_dot_proto_dot_policy__pb2.UploadReply.FromString,
+                )
+        self.Act = channel.unary_unary(
+                '/pacflow.policy.v1.PolicyService/Act',
+                request_serializer=policies_dot_proto_dot_policy__pb2.ActRequest.SerializeToString,
+                response_deserializer=policies_dot_proto_dot_policy__pb2.ActReply.FromString,
+                )
 
 
 class PolicyServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
-    def Publish(self, request, context):
-        """Learner -> server. Refused when the version does not advance or the hash is wrong.
+    def Publish(self, request_iterator, context):
+        """Learner -> server, chunked. Refused when the version does not advance or the hash is wrong.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Subscribe(self, request, context):
-        """Server -> subscriber stream: the latest version on connect, then every new one.
+        """Server -> subscriber: the version the client should run on connect (or each version after
+        after_version), then every new one; heartbeats while idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,28 +86,74 @@ class PolicyServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """Operator: make the fleet or one client run a given version (rollback), or undo that.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadEpisode(self, request_iterator, context):
+        """Robot -> gateway, chunked, idempotent by episode_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Act(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Publish': grpc.unary_unary_rpc_method_handler(
+            'Publish': grpc.stream_unary_rpc_method_handler(
                     servicer.Publish,
-                    request_deserializer=policies_dot_proto_dot_policy__pb2.Snapshot.FromString,
+                    request_deserializer=policies_dot_proto_dot_policy__pb2.SnapshotChunk.FromString,
                     response_serializer=policies_dot_proto_dot_policy__pb2.PublishReply.SerializeToString,
             ),
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
                     request_deserializer=policies_dot_proto_dot_policy__pb2.SubscribeRequest.FromString,
-                    response_serializer=policies_dot_proto_dot_policy__pb2.Snapshot.SerializeToString,
+                    response_serializer=policies_dot_proto_dot_policy__pb2.SnapshotChunk.SerializeToString,
             ),
-            'Fetch': grpc.unary_unary_rpc_method_handler(
+            'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
                     request_deserializer=policies_dot_proto_dot_policy__pb2.FetchRequest.FromString,
-                    response_serializer=policies_dot_proto_dot_policy__pb2.Snapshot.SerializeToString,
+                    response_serializer=policies_dot_proto_dot_policy__pb2.SnapshotChunk.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
                     request_deserializer=policies_dot_proto_dot_policy__pb2.ListRequest.FromString,
                     response_serializer=policies_dot_proto_dot_policy__pb2.ListReply.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=policies_dot_proto_dot_policy__pb2.PinRequest.FromString,
+                    response_serializer=policies_dot_proto_dot_policy__pb2.PinReply.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=policies_dot_proto_dot_policy__pb2.PinRequest.FromString,
+                    response_serializer=policies_dot_proto_dot_policy__pb2.PinReply.SerializeToString,
+            ),
+            'UploadEpisode': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadEpisode,
+                    request_deserializer=policies_dot_proto_dot_policy__pb2.EpisodeChunk.FromString,
+                    response_serializer=policies_dot_proto_dot_policy__pb2.UploadReply.SerializeToString,
+            ),
+            'Act': grpc.unary_unary_rpc_method_handler(
+                    servicer.Act,
+                    request_deserializer=policies_dot_proto_dot_policy__pb2.ActRequest.FromString,
+                    response_serializer=policies_dot_proto_dot_policy__pb2.ActReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -99,7 +166,7 @@ class PolicyService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Publish(request,
+    def Publish(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -109,8 +176,8 @@ class PolicyService(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/Publish',
-            policies_dot_proto_dot_policy__pb2.Snapshot.SerializeToString,
+        return grpc.experimental.stream_unary(request_iterator, target, '/pacflow.policy.v1.PolicyService/Publish',
+            policies_dot_proto_dot_policy__pb2.SnapshotChunk.SerializeToString,
             policies_dot_proto_dot_policy__pb2.PublishReply.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
@@ -128,7 +195,7 @@ class PolicyService(object):
             metadata=None):
         return grpc.experimental.unary_stream(request, target, '/pacflow.policy.v1.PolicyService/Subscribe',
             policies_dot_proto_dot_policy__pb2.SubscribeRequest.SerializeToString,
-            policies_dot_proto_dot_policy__pb2.Snapshot.FromString,
+            policies_dot_proto_dot_policy__pb2.SnapshotChunk.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -143,9 +210,9 @@ class PolicyService(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/Fetch',
+        return grpc.experimental.unary_stream(request, target, '/pacflow.policy.v1.PolicyService/Fetch',
             policies_dot_proto_dot_policy__pb2.FetchRequest.SerializeToString,
-            policies_dot_proto_dot_policy__pb2.Snapshot.FromString,
+            policies_dot_proto_dot_policy__pb2.SnapshotChunk.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -163,5 +230,73 @@ class PolicyService(object):
         return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/List',
             policies_dot_proto_dot_policy__pb2.ListRequest.SerializeToString,
             policies_dot_proto_dot_policy__pb2.ListReply.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/Pin',
+            policies_dot_proto_dot_policy__pb2.PinRequest.SerializeToString,
+            policies_dot_proto_dot_policy__pb2.PinReply.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/Unpin',
+            policies_dot_proto_dot_policy__pb2.PinRequest.SerializeToString,
+            policies_dot_proto_dot_policy__pb2.PinReply.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UploadEpisode(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(request_iterator, target, '/pacflow.policy.v1.PolicyService/UploadEpisode',
+            policies_dot_proto_dot_policy__pb2.EpisodeChunk.SerializeToString,
+            policies_dot_proto_dot_policy__pb2.UploadReply.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Act(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/Act',
+            policies_dot_proto_dot_policy__pb2.ActRequest.SerializeToString,
+            policies_dot_proto_dot_policy__pb2.ActReply.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -6,7 +6,8 @@ import torch
 
 from policies.perceiver import PerceiverActorCritic
 from policies.policy import PACPolicy
-from policies.server import PolicyServer, PolicySubscriber, fetch, publish
+from policies.client import PolicySubscriber, fetch, publish
+from policies.server import PolicyServer
 from policies.snapshot import Snapshot, SnapshotError, snapshot_metadata
 from tests.fakes import SPEC, TINY_MODEL
 

@@ -1,0 +1,220 @@
+"""Clients of the policy service: one-shot calls (every one with a deadline) and the subscriber
+that actors and robots use to receive new versions in the background."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterable
+
+import grpc
+import numpy as np
+
+from policies.proto import policy_pb2 as pb
+from policies.proto import policy_pb2_grpc as pb_grpc
+from policies.snapshot import Snapshot, SnapshotError
+from policies.wire import WireError, episode_bytes, episode_chunks, read_snapshots, \
+    snapshot_chunks
+from replay.spec import Episode
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_SECONDS = 60.0  # deadline of one-shot calls (a large Publish or Fetch included)
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.max_receive_message_length", 8 << 20),
+    # No faster than the server permits (reliability.md §3.4), and a frozen server is noticed
+    # in seconds, not after gRPC's default one-minute ping timeout.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+]
+
+
+def open_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class PolicyClient:
+    """One channel to the policy service.
+
+    Usage:
+        with PolicyClient(address) as client:
+            client.publish(snapshot)
+            client.pin(3, client_id="robot-7")
+    """
+
+    def __init__(self, address: str, timeout: float = RPC_TIMEOUT_SECONDS):
+        self._channel = open_channel(address)
+        self._stub = pb_grpc.PolicyServiceStub(self._channel)
+        self._timeout = timeout
+
+    def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def publish(self, snapshot: Snapshot) -> int:
+        """Sends a snapshot in chunks; returns the version the server now serves."""
+        return int(self._stub.Publish(snapshot_chunks(snapshot), timeout=self._timeout).version)
+
+    def fetch(self, version: int = 0) -> Snapshot:
+        """A version (0: the one the fleet should run), hash-checked."""
+        chunks = self._stub.Fetch(pb.FetchRequest(version=version), timeout=self._timeout)
+        return next(read_snapshots(chunks))[0]
+
+    def list(self) -> pb.ListReply:
+        return self._stub.List(pb.ListRequest(), timeout=self._timeout)
+
+    def pin(self, version: int, client_id: str = "") -> pb.PinReply:
+        return self._stub.Pin(pb.PinRequest(version=version, client_id=client_id),
+                              timeout=self._timeout)
+
+    def unpin(self, client_id: str = "") -> pb.PinReply:
+        return self._stub.Unpin(pb.PinRequest(client_id=client_id), timeout=self._timeout)
+
+    def upload_episode(self, episode: Episode, payload: bytes | None = None) -> pb.UploadReply:
+        """Uploads one finished episode (idempotent by its episode_id)."""
+        payload = episode_bytes(episode) if payload is None else payload
+        chunks = episode_chunks(episode.lineage.episode_id, episode.lineage.actor_id, payload)
+        return self._stub.UploadEpisode(chunks, timeout=self._timeout)
+
+    def act(self, observation: np.ndarray, task_id: int = 0, pixels: np.ndarray | None = None,
+            greedy: bool = True, client_id: str = "") -> tuple[np.ndarray, int]:
+        """Remote inference: (action (A,) float32, policy version)."""
+        request = pb.ActRequest(observation=np.asarray(observation, np.float32).tolist(),
+                                task_id=task_id, greedy=greedy, client_id=client_id,
+                                pixels=b"" if pixels is None else pixels.tobytes())
+        reply = self._stub.Act(request, timeout=self._timeout)
+        return np.asarray(reply.action, np.float32), int(reply.policy_version)
+
+
+def publish(address: str, snapshot: Snapshot, timeout: float = RPC_TIMEOUT_SECONDS) -> int:
+    with PolicyClient(address, timeout) as client:
+        return client.publish(snapshot)
+
+
+def fetch(address: str, version: int = 0, timeout: float = RPC_TIMEOUT_SECONDS) -> Snapshot:
+    with PolicyClient(address, timeout) as client:
+        return client.fetch(version)
+
+
+def weight_shapes(snapshot: Snapshot) -> dict[str, tuple[int, ...]]:
+    """Decodes the weights (refusing non-finite values) -> {name: shape}."""
+    return {k: tuple(v.shape) for k, v in snapshot.state_dict().items()}
+
+
+class PolicySubscriber:
+    """Keeps the version the server says this client should run, on a background thread.
+
+    Refuses, keeping the snapshot it had: a wrong hash or truncated stream, non-finite weights,
+    weights whose names or shapes differ from the held version's, and a version that goes
+    backwards unless the server marks it pinned (an operator's rollback). Reconnects with backoff,
+    resuming after the version it holds. `last_contact` is when the server last spoke (a version
+    or a heartbeat): robots derive staleness from it.
+
+    Usage:
+        sub = PolicySubscriber(address, client_id="actor-0").start()
+        snapshot = sub.latest()            # None until the first version arrives
+        sub.wait_for_version(3, timeout=60)
+    """
+
+    def __init__(self, address: str, client_id: str):
+        self._address, self._client_id = address, client_id
+        self._cond = threading.Condition()
+        self._latest: Snapshot | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._stop = threading.Event()
+        self._channel: grpc.Channel | None = None
+        self.last_contact: float = -float("inf")  # time.monotonic() of the last message
+        self.server_version = 0  # what the server last said this client should run
+        self.refused = 0  # snapshots refused
+        self._thread = threading.Thread(target=self._run, name=f"subscribe-{client_id}",
+                                        daemon=True)
+
+    def start(self) -> "PolicySubscriber":
+        self._thread.start()
+        return self
+
+    def latest(self) -> Snapshot | None:
+        with self._cond:
+            return self._latest
+
+    def wait_for_version(self, version: int, timeout: float) -> Snapshot:
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self._latest is not None and self._latest.version >= version, timeout)
+            if not ok:
+                held = self._latest.version if self._latest else 0
+                raise TimeoutError(f"{self._client_id}: policy v{version} did not arrive within "
+                                   f"{timeout:.0f}s (holding v{held})")
+            return self._latest
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._channel is not None:
+            self._channel.close()
+        self._thread.join(timeout=5)
+
+    def _heard(self, heartbeat: pb.Heartbeat | None = None) -> None:
+        self.last_contact = time.monotonic()
+        if heartbeat is not None:
+            self.server_version = int(heartbeat.latest_version)
+
+    def _accept(self, snapshot: Snapshot, header: pb.SnapshotHeader) -> None:
+        self._heard()
+        self.server_version = snapshot.version
+        with self._cond:
+            held = self._latest.version if self._latest else 0
+        reason = None
+        if snapshot.version <= held and not (header.pinned and snapshot.version != held):
+            reason = f"version regression v{snapshot.version} <= v{held}"
+        else:
+            try:
+                shapes = weight_shapes(snapshot)
+                if self._shapes is not None and shapes != self._shapes:
+                    changed = sorted(set(shapes.items()) ^ set(self._shapes.items()))[:3]
+                    reason = f"weights differ in names or shapes from v{held}: {changed}"
+            except SnapshotError as e:
+                reason = str(e)
+        if reason:
+            self.refused += 1
+            log.error("%s: refused snapshot v%d: %s", self._client_id, snapshot.version, reason)
+            return
+        with self._cond:
+            self._latest, self._shapes = snapshot, shapes
+            self._cond.notify_all()
+
+    def _stream(self, stub: pb_grpc.PolicyServiceStub) -> Iterable:
+        held = self.latest()
+        request = pb.SubscribeRequest(after_version=held.version if held else 0,
+                                      client_id=self._client_id)
+        return read_snapshots(stub.Subscribe(request, wait_for_ready=True),
+                              on_heartbeat=self._heard)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._channel = open_channel(self._address)
+                for snapshot, header in self._stream(pb_grpc.PolicyServiceStub(self._channel)):
+                    self._accept(snapshot, header)
+                    backoff = 0.1
+            except (WireError, SnapshotError) as e:
+                self.refused += 1
+                log.error("%s: refused a snapshot stream: %s", self._client_id, e)
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    return
+                log.warning("%s: policy stream broke (%s); reconnecting", self._client_id,
+                            e.code() if hasattr(e, "code") else e)
+            finally:
+                if self._channel is not None:
+                    self._channel.close()
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
