@@ -13,6 +13,7 @@ import numpy as np
 
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
+from policies.security import ClientSecurity, channel_credentials
 from policies.snapshot import Snapshot, SnapshotError
 from policies.wire import WireError, episode_bytes, episode_chunks, read_snapshots, \
     snapshot_chunks
@@ -29,11 +30,24 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.ping_timeout_ms", 5_000),
+    # Reconnect within seconds after a server restart (gRPC's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
-def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+PLAINTEXT = ClientSecurity()
+
+
+def open_channel(address: str, security: ClientSecurity = PLAINTEXT) -> grpc.Channel:
+    """A channel with our limits and keepalive; TLS, client certificate and token per
+    `security` (plaintext when it names no CA)."""
+    creds = channel_credentials(security)
+    if creds is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", security.server_name)]
+                                 if security.server_name else [])
+    return grpc.secure_channel(address, creds, options=options)
 
 
 class PolicyClient:
@@ -45,8 +59,9 @@ class PolicyClient:
             client.pin(3, client_id="robot-7")
     """
 
-    def __init__(self, address: str, timeout: float = RPC_TIMEOUT_SECONDS):
-        self._channel = open_channel(address)
+    def __init__(self, address: str, timeout: float = RPC_TIMEOUT_SECONDS,
+                 security: ClientSecurity = PLAINTEXT):
+        self._channel = open_channel(address, security)
         self._stub = pb_grpc.PolicyServiceStub(self._channel)
         self._timeout = timeout
 
@@ -94,13 +109,15 @@ class PolicyClient:
         return np.asarray(reply.action, np.float32), int(reply.policy_version)
 
 
-def publish(address: str, snapshot: Snapshot, timeout: float = RPC_TIMEOUT_SECONDS) -> int:
-    with PolicyClient(address, timeout) as client:
+def publish(address: str, snapshot: Snapshot, timeout: float = RPC_TIMEOUT_SECONDS,
+            security: ClientSecurity = PLAINTEXT) -> int:
+    with PolicyClient(address, timeout, security) as client:
         return client.publish(snapshot)
 
 
-def fetch(address: str, version: int = 0, timeout: float = RPC_TIMEOUT_SECONDS) -> Snapshot:
-    with PolicyClient(address, timeout) as client:
+def fetch(address: str, version: int = 0, timeout: float = RPC_TIMEOUT_SECONDS,
+          security: ClientSecurity = PLAINTEXT) -> Snapshot:
+    with PolicyClient(address, timeout, security) as client:
         return client.fetch(version)
 
 
@@ -124,8 +141,8 @@ class PolicySubscriber:
         sub.wait_for_version(3, timeout=60)
     """
 
-    def __init__(self, address: str, client_id: str):
-        self._address, self._client_id = address, client_id
+    def __init__(self, address: str, client_id: str, security: ClientSecurity = PLAINTEXT):
+        self._address, self._client_id, self._security = address, client_id, security
         self._cond = threading.Condition()
         self._latest: Snapshot | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
@@ -201,7 +218,7 @@ class PolicySubscriber:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                self._channel = open_channel(self._address)
+                self._channel = open_channel(self._address, self._security)
                 for snapshot, header in self._stream(pb_grpc.PolicyServiceStub(self._channel)):
                     self._accept(snapshot, header)
                     backoff = 0.1

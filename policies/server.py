@@ -23,6 +23,8 @@ import grpc
 from policies.gateway import ActBatcher
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
+from policies.security import ServerSecurity, caller_identity, server_credentials, \
+    server_interceptors
 from policies.snapshot import Snapshot, SnapshotError, load_snapshot, save_snapshot
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError, read_episode, read_snapshots, \
     snapshot_chunks
@@ -41,6 +43,7 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 EpisodeHandler = Callable[[Episode], Ingested]
+PLAINTEXT_LOOPBACK = ServerSecurity(allow_plaintext=True)  # in-process and single-node runs
 
 
 class PolicyStore:
@@ -205,6 +208,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             header, episode = read_episode(request_iterator)
         except WireError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        identity = caller_identity()
+        if identity and header.robot_id != identity:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{identity} may not upload episodes of {header.robot_id!r}")
         if episode.lineage.actor_id != header.robot_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"episode {header.episode_id} was recorded by "
@@ -236,16 +243,21 @@ class PolicyServer:
 
     def __init__(self, directory: str | Path, host: str = "127.0.0.1", port: int = 0,
                  episode_handler: EpisodeHandler | None = None,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS,
+                 security: ServerSecurity = PLAINTEXT_LOOPBACK):
+        self._credentials = server_credentials(security, host)  # refuses what is not allowed
+        self._interceptors = server_interceptors(security)
         self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds)
         self._host, self._port = host, port
         self._server: grpc.Server | None = None
 
     def start(self) -> str:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                                   options=SERVER_OPTIONS)
+                                   options=SERVER_OPTIONS, interceptors=self._interceptors)
         pb_grpc.add_PolicyServiceServicer_to_server(self._servicer, self._server)
-        port = self._server.add_insecure_port(f"{self._host}:{self._port}")
+        bind = f"{self._host}:{self._port}"
+        port = self._server.add_insecure_port(bind) if self._credentials is None else \
+            self._server.add_secure_port(bind, self._credentials)
         if port == 0:
             raise RuntimeError(f"policy server could not bind {self._host}:{self._port}")
         self._server.start()
