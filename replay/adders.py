@@ -77,8 +77,9 @@ class ReverbSequenceAdder(Adder):
             writer.append({k: v[j] for k, v in records.items()})
             start = j - cfg.n_step
             if start >= 0 and start < episode.length:
+                history = writer.history  # builds a structure of all columns: once per item
                 writer.create_item(cfg.table, priority=float(priorities[start]),
-                                   trajectory={k: writer.history[k][-L:] for k in records})
+                                   trajectory={k: history[k][-L:] for k in records})
                 num_items += 1
                 if num_items % cfg.max_in_flight_items == 0:
                     writer.flush(block_until_num_items=cfg.max_in_flight_items,

@@ -93,18 +93,27 @@ class ReverbBatchIterator(Iterator[Batch]):
             raise RuntimeError("replay sampling failed") from item
         return item
 
-    def close(self) -> None:
+    def close(self, wait_seconds: float = 0.0) -> None:
+        """Stops the prefetch thread; waits up to `wait_seconds` for it to end."""
         self._stop.set()
+        if wait_seconds > 0:
+            self._thread.join(wait_seconds)
 
 
-def _batched_dataset(address: str, config: ReplayConfig, batch_size: int) -> Iterator:
+def configure_tf_threads() -> None:
+    """One TF thread: the learner's torch threads need the cores. Only effective before TF's
+    runtime starts in this process; later calls change nothing."""
     import tensorflow as tf
 
-    try:  # one TF thread: the learner's torch threads need the cores
+    try:
         tf.config.threading.set_inter_op_parallelism_threads(1)
         tf.config.threading.set_intra_op_parallelism_threads(1)
     except RuntimeError:  # TF already initialised in this process
         pass
+
+
+def _batched_dataset(address: str, config: ReplayConfig, batch_size: int) -> Iterator:
+    configure_tf_threads()
     import reverb
 
     dataset = reverb.TrajectoryDataset.from_table_signature(
