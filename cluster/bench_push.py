@@ -1,0 +1,303 @@
+"""`pacflow bench policy-push`: time from Publish until every subscriber holds the new version.
+
+Ours: a real `PolicyServer` on loopback in the driver; a publisher process (the learner's role)
+calls `policies.client.publish`; S subscriber processes each run a `PolicySubscriber`, which
+receives the pushed chunks, checks the sha256, decodes the weights (finite values, same names and
+shapes) and only then holds the version. Each subscriber waits in `wait_for_version` on a thread
+armed before the publish and stamps `time.time()` when it returns; the case time is the last
+stamp minus the publisher's stamp just before Publish (one machine, one clock, no Ray RPC inside
+the interval).
+
+Baseline, in the same run and processes: the publisher `ray.put`s the same safetensors bytes and
+calls every subscriber with the ref; each `ray.get`s it and runs the same checks (sha256, decode)
+before holding it. Case time: put start until the last subscriber holds it; this includes one
+Ray actor call per subscriber, the way a Ray broadcast would tell them.
+
+Each case publishes one untimed warm-up version, then `repeats` timed versions; medians are
+reported. Ratio = baseline seconds / ours (higher is better; 1.0 = as fast as Ray's object store).
+A case whose estimated peak memory does not fit the machine is recorded as skipped, not run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import resource
+import shutil
+import statistics
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+import torch
+
+from cluster.bench import machine
+from policies.client import PolicySubscriber, publish, weight_shapes
+from policies.server import PolicyServer
+from policies.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+SIZES = (1_000_000, 10_000_000, 100_000_000)  # float32 parameters per snapshot
+SUBSCRIBERS = (4, 16)
+REPEATS = 5  # timed versions per case, after one warm-up version
+WAIT_SECONDS = 600.0  # per version; a stuck subscriber fails the bench instead of hanging it
+# Peak RSS growth of one subscriber process taking a new version, in snapshot sizes: held
+# version, received chunks, joined blob, decoded tensors and allocator slack (measured 5.6 at
+# 100M params: 2.6 GB RSS for a 0.4 GB snapshot). So 16 x 100M does not fit a 24 GiB box.
+SUBSCRIBER_PEAK_FACTOR = 6.0
+DRIVER_FACTOR = 6.0  # server (every version of the case + its Publish decode) and publisher
+
+
+def make_weights(num_params: int) -> bytearray:
+    """Safetensors bytes of a few float32 tensors holding `num_params` values in all."""
+    sizes = [num_params // 2, num_params // 4]
+    sizes.append(num_params - sum(sizes))
+    generator = torch.Generator().manual_seed(num_params)
+    state = {f"layer{i}.weight": torch.randn(n, generator=generator) for i, n in enumerate(sizes)}
+    return bytearray(Snapshot.from_state_dict(1, state, {}).weights)
+
+
+class PublisherWorker:
+    """The learner's role: builds one snapshot per version and sends it, by gRPC or by Ray."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        self._weights = bytearray()
+
+    def prepare(self, num_params: int) -> int:
+        self._weights = bytearray()
+        _release_memory()
+        self._weights = make_weights(num_params)
+        return len(self._weights)
+
+    def _snapshot(self, version: int) -> Snapshot:
+        # Rewrite the last float so each version's bytes (and sha256) differ, without re-encoding.
+        self._weights[-4:] = struct.pack("<f", float(version))
+        return Snapshot(version, {"bench": "policy-push", "learner_step": version},
+                        bytes(self._weights))
+
+    def publish(self, address: str, version: int) -> dict:
+        snapshot = self._snapshot(version)
+        sha256 = snapshot.sha256
+        start = time.time()
+        publish(address, snapshot, timeout=WAIT_SECONDS)
+        return {"start": start, "returned": time.time(), "sha256": sha256}
+
+    def broadcast(self, subscribers: list, version: int) -> dict:
+        """The Ray baseline: one put, every subscriber gets and checks it."""
+        snapshot = self._snapshot(version)
+        sha256 = snapshot.sha256
+        start = time.time()
+        ref = ray.put(snapshot.weights)
+        put_done = time.time()
+        held = ray.get([s.take_from_store.remote([ref], version, sha256) for s in subscribers])
+        return {"start": start, "put_done": put_done, "sha256": sha256, "held": held}
+
+
+class SubscriberWorker:
+    """One subscriber process: a real PolicySubscriber, and the baseline's Ray get."""
+
+    def __init__(self, index: int) -> None:
+        torch.set_num_threads(1)
+        self._client_id = f"bench-{index}"
+        self._sub: PolicySubscriber | None = None
+        self._held: Snapshot | None = None  # the baseline's held version
+        self._waiter: threading.Thread | None = None
+        self._result: dict = {}
+
+    def subscribe(self, address: str) -> None:
+        self.release()
+        self._sub = PolicySubscriber(address, self._client_id).start()
+
+    def arm(self, version: int) -> None:
+        """Starts waiting for `version` on a thread; returns once the wait has begun."""
+        started = threading.Event()
+
+        def wait() -> None:
+            started.set()
+            try:
+                self._sub.wait_for_version(version, timeout=WAIT_SECONDS)
+                self._result = {"held_at": time.time()}
+            except TimeoutError as e:
+                self._result = {"error": str(e)}
+
+        self._result = {}
+        self._waiter = threading.Thread(target=wait, daemon=True)
+        self._waiter.start()
+        started.wait()
+
+    def held(self) -> dict:
+        """The armed wait's outcome and what this subscriber holds now."""
+        self._waiter.join()
+        snapshot = self._sub.latest()
+        return {**self._result, **_holding(snapshot)}
+
+    def take_from_store(self, refs: list, version: int, sha256: str) -> dict:
+        start = time.time()
+        snapshot = Snapshot(version, {}, ray.get(refs[0]))
+        got = time.time()
+        snapshot.verify(sha256)
+        weight_shapes(snapshot)  # the subscriber's decode check: finite values, names, shapes
+        self._held = snapshot
+        held_at = time.time()
+        return {"held_at": held_at, "get_s": got - start, "check_s": held_at - got,
+                **_holding(snapshot)}
+
+    def release(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+        self._sub = self._held = None
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Frees what the previous case left behind, heap pages included (glibc keeps them)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _holding(snapshot: Snapshot | None) -> dict:
+    return {"version": snapshot.version if snapshot else 0,
+            "sha256": snapshot.sha256 if snapshot else "",
+            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _check_held(held: list[dict], version: int, sha256: str, what: str) -> None:
+    wrong = [h for h in held if "error" in h or h["version"] != version or h["sha256"] != sha256]
+    if wrong:
+        raise RuntimeError(f"{what}: {len(wrong)} of {len(held)} subscribers do not hold "
+                           f"v{version}: {wrong[0]}")
+
+
+def _time_ours(publisher, subscribers: list, address: str, version: int) -> dict:
+    ray.get([s.arm.remote(version) for s in subscribers])
+    sent = ray.get(publisher.publish.remote(address, version))
+    held = ray.get([s.held.remote() for s in subscribers])
+    _check_held(held, version, sent["sha256"], "policy push")
+    stamps = [h["held_at"] - sent["start"] for h in held]
+    return {"all_s": max(stamps), "first_s": min(stamps),
+            "publish_s": sent["returned"] - sent["start"],
+            "max_rss": max(h["max_rss"] for h in held)}
+
+
+def _time_ray(publisher, subscribers: list, version: int) -> dict:
+    sent = ray.get(publisher.broadcast.remote(subscribers, version))
+    _check_held(sent["held"], version, sent["sha256"], "ray broadcast")
+    stamps = [h["held_at"] - sent["start"] for h in sent["held"]]
+    return {"all_s": max(stamps), "put_s": sent["put_done"] - sent["start"],
+            "get_s": max(h["get_s"] for h in sent["held"]),
+            "check_s": max(h["check_s"] for h in sent["held"])}
+
+
+def _median(samples: list[dict], key: str) -> float:
+    return statistics.median(s[key] for s in samples)
+
+
+def bench_case(publisher, subscribers: list, num_bytes: int, repeats: int,
+               directory: Path) -> dict:
+    """Ours then the baseline for one (size, subscriber count); raw timings per repeat."""
+    server = PolicyServer(directory, host="127.0.0.1", port=0)
+    address = server.start()
+    try:
+        ray.get([s.subscribe.remote(address) for s in subscribers])
+        ours = [_time_ours(publisher, subscribers, address, v) for v in range(1, repeats + 2)]
+        ray.get([s.release.remote() for s in subscribers])  # frees the gRPC-held versions
+        first = repeats + 2  # baseline versions continue the numbering
+        base = [_time_ray(publisher, subscribers, v) for v in range(first, first + repeats + 1)]
+        ray.get([s.release.remote() for s in subscribers])
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)  # up to repeats + 1 versions on disk
+        del server
+        _release_memory()
+    return {"ours": ours[1:], "base": base[1:], "bytes": num_bytes,
+            "subscribers": len(subscribers)}
+
+
+def push_results(case: str, r: dict) -> list[dict]:
+    """The DESIGN §6 rows for one case: latency and delivered bandwidth, each against Ray."""
+    ours_s, base_s = _median(r["ours"], "all_s"), _median(r["base"], "all_s")
+    delivered_gb = r["bytes"] * r["subscribers"] / 1e9
+    detail = {
+        "bytes": r["bytes"], "subscribers": r["subscribers"], "repeats": len(r["ours"]),
+        "verified_subscribers": r["subscribers"],  # every repeat checked version and sha256
+        "ours_samples_s": [s["all_s"] for s in r["ours"]],
+        "baseline_samples_s": [s["all_s"] for s in r["base"]],
+        "ours_publish_rpc_s": _median(r["ours"], "publish_s"),
+        "ours_first_subscriber_s": _median(r["ours"], "first_s"),
+        "baseline_put_s": _median(r["base"], "put_s"),
+        "baseline_slowest_get_s": _median(r["base"], "get_s"),  # ray.get, per subscriber
+        "baseline_slowest_check_s": _median(r["base"], "check_s"),  # sha256 + decode
+        "subscriber_max_rss_bytes": max(s["max_rss"] for s in r["ours"]),
+    }
+    return [
+        {"case": case, "metric": "seconds_until_all_hold", "value": ours_s, "unit": "s",
+         "baseline": base_s, "ratio": base_s / ours_s, "detail": detail},
+        {"case": case, "metric": "delivered_gb_per_s", "value": delivered_gb / ours_s,
+         "unit": "GB/s", "baseline": delivered_gb / base_s, "ratio": base_s / ours_s},
+    ]
+
+
+def _label(num_params: int) -> str:
+    return f"{num_params / 1e6:g}M" if num_params >= 1_000_000 else f"{num_params / 1e3:g}k"
+
+
+def _memory_shortfall(num_bytes: int, num_subscribers: int) -> str | None:
+    need = (SUBSCRIBER_PEAK_FACTOR * num_subscribers + DRIVER_FACTOR) * num_bytes
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:  # headroom for whatever else shares the machine
+        return f"needs ~{need / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
+    return None
+
+
+def _skipped_row(case: str, reason: str) -> dict:
+    return {"case": case, "metric": "seconds_until_all_hold", "value": None, "unit": "s",
+            "baseline": None, "ratio": None, "detail": {"skipped": reason}}
+
+
+def run_push_bench(json_path: str | None, sizes: tuple[int, ...] = SIZES,
+                   subscribers: tuple[int, ...] = SUBSCRIBERS, repeats: int = REPEATS) -> dict:
+    """Runs every (size, subscriber count) case; writes the DESIGN §6 JSON to `json_path`.
+
+    Args:
+        sizes: float32 parameters per snapshot (4 bytes each, plus a small safetensors header).
+        subscribers: subscriber process counts.
+        repeats: timed versions per case, after one warm-up version.
+    """
+    largest = 4 * max(sizes)
+    ray.init(num_cpus=psutil.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, object_store_memory=max(3 * largest, 256 << 20))
+    results = []
+    try:
+        publisher = ray.remote(num_cpus=0)(PublisherWorker).remote()
+        workers = [ray.remote(num_cpus=0)(SubscriberWorker).remote(i)
+                   for i in range(max(subscribers))]
+        with tempfile.TemporaryDirectory(prefix="pacflow-bench-push-") as tmp:
+            for num_params in sizes:
+                num_bytes = ray.get(publisher.prepare.remote(num_params))
+                for count in subscribers:
+                    case = f"params={_label(num_params)},subscribers={count}"
+                    shortfall = _memory_shortfall(num_bytes, count)
+                    if shortfall:
+                        log.warning("skipping %s: %s", case, shortfall)
+                        results.append(_skipped_row(case, shortfall))
+                        continue
+                    r = bench_case(publisher, workers[:count], num_bytes, repeats,
+                                   Path(tmp) / case.replace(",", "_").replace("=", "-"))
+                    results += push_results(case, r)
+    finally:
+        ray.shutdown()
+    report = {"benchmark": "policy-push", "machine": machine(), "results": results}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
+    return report

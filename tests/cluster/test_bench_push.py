@@ -1,0 +1,38 @@
+"""`pacflow bench policy-push` writes the DESIGN §6 JSON shape with a same-run Ray baseline."""
+
+import json
+import statistics
+
+import pytest
+
+from cluster.bench import format_report
+from cluster.bench_push import _memory_shortfall, run_push_bench
+
+
+@pytest.mark.slow  # starts Ray, a policy server and three worker processes
+def test_policy_push_json(tmp_path):
+    out = tmp_path / "push.json"
+    report = run_push_bench(str(out), sizes=(10_000,), subscribers=(2,), repeats=2)
+    assert json.loads(out.read_text()) == report
+    assert report["benchmark"] == "policy-push" and "cores" in report["machine"]
+    latency, bandwidth = report["results"]
+    assert latency["case"] == bandwidth["case"] == "params=10k,subscribers=2"
+    assert (latency["metric"], latency["unit"]) == ("seconds_until_all_hold", "s")
+    assert (bandwidth["metric"], bandwidth["unit"]) == ("delivered_gb_per_s", "GB/s")
+    assert latency["value"] > 0 and latency["baseline"] > 0
+    assert latency["ratio"] == pytest.approx(latency["baseline"] / latency["value"])
+    assert bandwidth["ratio"] == pytest.approx(bandwidth["value"] / bandwidth["baseline"])
+    assert bandwidth["ratio"] == pytest.approx(latency["ratio"])
+    detail = latency["detail"]
+    # The bench raises unless every subscriber held each published version (version and sha256).
+    assert detail["verified_subscribers"] == detail["subscribers"] == 2
+    assert detail["bytes"] > 4 * 10_000  # float32 values plus the safetensors header
+    assert len(detail["ours_samples_s"]) == len(detail["baseline_samples_s"]) == 2
+    assert latency["value"] == pytest.approx(statistics.median(detail["ours_samples_s"]))
+    assert latency["baseline"] == pytest.approx(statistics.median(detail["baseline_samples_s"]))
+    assert "seconds_until_all_hold" in format_report(report)
+
+
+def test_cases_that_cannot_fit_are_refused_up_front():
+    assert _memory_shortfall(1 << 20, 2) is None
+    assert "GB available" in _memory_shortfall(1 << 40, 16)
