@@ -110,13 +110,17 @@ class FlatObservationWrapper(SeededEnvironment):
 
 
 def make_environment(name: str, seed: int, action_repeat: int = 1,
-                     pixels_shape: tuple[int, ...] = (), camera_id: int = 0) -> SeededEnvironment:
+                     pixels_shape: tuple[int, ...] = (), camera_id: int = 0,
+                     time_limit: float | None = None) -> SeededEnvironment:
     """Builds one environment; `seed` fixes its random initial states. With `pixels_shape`
-    (H, W, 3) observations include camera images (needs MUJOCO_GL=egl or osmesa)."""
+    (H, W, 3) observations include camera images (needs MUJOCO_GL=egl or osmesa).
+    `time_limit` (simulated seconds) overrides the task's episode length."""
     domain, task = parse_task_name(name)
     from dm_control import suite
 
-    env = suite.load(domain, task, task_kwargs={"random": seed})
+    task_kwargs = {"random": seed} if time_limit is None else \
+        {"random": seed, "time_limit": time_limit}
+    env = suite.load(domain, task, task_kwargs=task_kwargs)
     return FlatObservationWrapper(env, action_repeat, pixels_shape, camera_id)
 
 

@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_config_args(args)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs --run-dir")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
@@ -38,7 +38,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config(args: argparse.Namespace):
+def load_config_args(args: argparse.Namespace):
     from actors.envs import UnknownTaskError, parse_task_name
     from cluster.config import ConfigError, load_config
 
@@ -57,7 +57,7 @@ def _cmd_train_offline(args: argparse.Namespace) -> int:
     from cluster.offline import FilterError, train_offline
     from replay.archive import ArchiveSchemaError
 
-    config = _load_config(args)
+    config = load_config_args(args)
     steps = args.steps or config.loop.learner_steps_per_cycle * config.loop.num_cycles
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S-offline"))
     print(f"run directory: {run_dir.absolute()}", flush=True)
@@ -77,7 +77,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from cluster.services import serve_replay
     from replay.server import ReplayCheckpointError
 
-    config = _load_config(args)
+    config = load_config_args(args)
     try:
         return serve_replay(config, Path(args.dir).absolute(), args.host, args.port,
                             args.checkpoint_period)
@@ -141,7 +141,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from cluster.bench import format_report, run_learner_bench
+    from cluster.bench import format_report
+
+    if args.target == "replay":
+        from cluster.bench_replay import run_replay_bench
+
+        print(format_report(run_replay_bench(args.json)))
+        return 0
+    if args.target == "policy-push":
+        from cluster.bench_push import run_push_bench
+
+        print(format_report(run_push_bench(args.json)))
+        return 0
+    from cluster.bench import run_learner_bench
     from policies.perceiver import PRESETS
 
     args.preset = args.preset or ["tiny"]
@@ -193,7 +205,7 @@ def make_parser() -> argparse.ArgumentParser:
     archive.add_argument("destination", nargs="?", help="export: where to write the dataset")
     archive.set_defaults(func=_cmd_archive)
     bench = sub.add_parser("bench", help="measure throughput against a same-run baseline")
-    bench.add_argument("target", choices=["learner"])
+    bench.add_argument("target", choices=["learner", "replay", "policy-push"])
     bench.add_argument("--preset", action="append", default=None,
                        help="model preset: tiny, small, base, large (repeatable; default tiny)")
     bench.add_argument("--steps", type=int, default=30, help="timed updates per case")
@@ -201,6 +213,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--json", help="write the results here")
     bench.set_defaults(func=_cmd_bench)
+    from cluster.fleet import add_fleet_commands
+
+    add_fleet_commands(sub)
     report = sub.add_parser("report", help="print a run's cycle table and redraw its plot")
     report.add_argument("run_dir")
     report.set_defaults(func=_cmd_report)
@@ -223,5 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the package module, so there is one UsageError class
+    from cluster.cli import main as package_main
+
+    sys.exit(package_main())

@@ -17,6 +17,7 @@ import yaml
 
 from learners.config import LearnerConfig
 from policies.perceiver import PRESETS, PerceiverConfig
+from policies.security import ClientSecurity, ServerSecurity, is_loopback
 from replay.config import ReplayConfig
 
 if TYPE_CHECKING:
@@ -99,11 +100,30 @@ class ClusterConfig:
     learner_gpus: float = 0.0  # Ray GPUs per learner process (set 1 on GPU nodes)
     learner_workers: int = 1  # >1: data-parallel learner through Ray Train, batch split evenly
     host: str = "127.0.0.1"  # address the replay and policy servers advertise
+    # `pacflow policy gen-certs` directory (or one with the same file names): the policy server
+    # runs mTLS + tokens, the learner and actors use its "learner" and "actor" credentials.
+    # "" = plaintext, allowed only while `host` is a loopback address.
+    policy_credentials: str = ""
 
     def __post_init__(self) -> None:
         if self.num_actors < 1 or self.envs_per_actor < 1 or self.learner_workers < 1:
             raise ValueError("cluster.num_actors, cluster.envs_per_actor and "
                              "cluster.learner_workers must be >= 1")
+        if not self.policy_credentials and not is_loopback(self.host):
+            raise ValueError(f"cluster.policy_credentials: required when cluster.host "
+                             f"({self.host}) is not loopback; make them with `pacflow policy "
+                             f"gen-certs DIR --host {self.host}`")
+
+    def policy_server_security(self) -> ServerSecurity:
+        if not self.policy_credentials:
+            return ServerSecurity(allow_plaintext=True)
+        return ServerSecurity.from_dir(self.policy_credentials)
+
+    def policy_client_security(self, identity: str) -> ClientSecurity:
+        """`identity` is "learner" or "actor"."""
+        if not self.policy_credentials:
+            return ClientSecurity()
+        return ClientSecurity.from_dir(self.policy_credentials, identity)
 
 
 @dataclasses.dataclass(frozen=True)

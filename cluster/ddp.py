@@ -24,6 +24,7 @@ from learners.distributed import allreduce_gradients, parameter_checksum
 from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
 from policies.client import publish
+from policies.security import ClientSecurity
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.spec import Batch, EnvSpec
 
@@ -42,6 +43,7 @@ class DataParallelJob:
     cycle: int = 0  # recorded in the checkpoint and snapshot
     policy_address: str | None = None  # rank 0 publishes version `publish_version` here
     publish_version: int = 0  # the version to publish (when policy_address is set)
+    policy_security: ClientSecurity = ClientSecurity()  # how rank 0 reaches the policy server
     metrics_path: str = ""  # rank 0 writes its metrics here (set by train_data_parallel)
 
 
@@ -64,7 +66,8 @@ def _train_loop(config: dict) -> None:
             meta = snapshot_metadata(job.spec.to_dict(), job.model, job.cycle,
                                      learner.num_steps, job.publish_version - 1)
             publish(job.policy_address,
-                    Snapshot.from_state_dict(job.publish_version, learner.get_variables(), meta))
+                    Snapshot.from_state_dict(job.publish_version, learner.get_variables(), meta),
+                    security=job.policy_security)
     result = {**metrics, "learner_steps": learner.num_steps, "replica_checksums": checksums}
     if rank == 0:  # Ray Train keeps only checkpointed reports; ours live in the run dir
         Path(job.metrics_path).write_text(json.dumps(result))

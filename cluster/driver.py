@@ -64,7 +64,7 @@ class Topology:
         c, run = config.cluster, str(run_dir)
         spec = config.env.spec()
         self.replay = ray.remote(num_cpus=0)(ReplayWorker).remote(spec, config.replay, run, c.host)
-        self.policy = ray.remote(num_cpus=0)(PolicyServerWorker).remote(run, c.host)
+        self.policy = ray.remote(num_cpus=0)(PolicyServerWorker).remote(run, c)
         self.addresses = {"replay": ray.get(self.replay.address.remote()),
                           "policy": ray.get(self.policy.address.remote())}
         local = c.learner_workers == 1  # else the Ray Train workers hold the devices

@@ -91,9 +91,10 @@ class ReplayWorker:
 class PolicyServerWorker:
     """The gRPC policy server of the run, storing versions under `<run_dir>/policies/`."""
 
-    def __init__(self, run_dir: str, host: str):
+    def __init__(self, run_dir: str, cluster_config: ClusterConfig):
         setup_process(Path(run_dir), "policyserver")
-        self._server = PolicyServer(Path(run_dir) / "policies", host=host, port=0)
+        self._server = PolicyServer(Path(run_dir) / "policies", host=cluster_config.host, port=0,
+                                    security=cluster_config.policy_server_security())
         self._address = self._server.start()
 
     def address(self) -> str:
@@ -130,7 +131,9 @@ class CollectorWorker:
                                  ReverbSequenceAdder(addresses["replay"], replay_config),
                                  self._run_dir / "quarantine")
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
-        self._subscriber = PolicySubscriber(addresses["policy"], self.actor_id).start()
+        self._subscriber = PolicySubscriber(
+            addresses["policy"], self.actor_id,
+            cluster_config.policy_client_security("actor")).start()
         self._num_episodes = 0
 
     def _switch_policy(self) -> None:
@@ -274,7 +277,8 @@ class LearnerWorker:
 
     def publish(self, policy_address: str) -> int:
         assert self._candidate is not None, "make_snapshot before publish"
-        return publish(policy_address, self._candidate)
+        return publish(policy_address, self._candidate,
+                       security=self._cluster.policy_client_security("learner"))
 
     def checkpoint(self, cycle: int) -> str:
         if self._cluster.learner_workers > 1:  # rank 0 of the train job wrote it

@@ -96,7 +96,11 @@ class PolicyClient:
     def upload_episode(self, episode: Episode, payload: bytes | None = None) -> pb.UploadReply:
         """Uploads one finished episode (idempotent by its episode_id)."""
         payload = episode_bytes(episode) if payload is None else payload
-        chunks = episode_chunks(episode.lineage.episode_id, episode.lineage.actor_id, payload)
+        return self.upload_payload(episode.lineage.episode_id, episode.lineage.actor_id, payload)
+
+    def upload_payload(self, episode_id: str, robot_id: str, payload: bytes) -> pb.UploadReply:
+        """Uploads an episode already encoded as the archive's Parquet file."""
+        chunks = episode_chunks(episode_id, robot_id, payload)
         return self._stub.UploadEpisode(chunks, timeout=self._timeout)
 
     def act(self, observation: np.ndarray, task_id: int = 0, pixels: np.ndarray | None = None,

@@ -1,0 +1,323 @@
+"""A robot client: runs any dm_env environment outside Ray with policies from the gateway.
+
+The control loop never waits on the network. A subscriber thread receives snapshots; the loop
+switches policy only between episodes. A watchdog puts the robot into safe idle (the configured
+safe action, episode ended) when the server has not confirmed the robot's policy for longer than
+the staleness budget, and resumes once it has. An e-stop (a file appearing, or SIGUSR1) stops at
+once. Finished episodes are spooled to disk and an uploader thread sends them with retries, so
+a gateway outage loses nothing; uploads are idempotent by episode_id, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Callable
+
+import dm_env
+import grpc
+import numpy as np
+
+from actors.envs import flatten_observation
+from policies.client import PLAINTEXT, PolicyClient, PolicySubscriber
+from policies.policy import PACPolicy
+from policies.security import ClientSecurity
+from replay.archive import EpisodeArchive
+from replay.spec import EnvSpec, Episode, Lineage, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RobotConfig:
+    """One robot's identity, timing and safety settings."""
+
+    robot_id: str  # "robot-<id>": lineage actor_id of its episodes and its subscriber id
+    spool_dir: str  # finished episodes wait here (Parquet) until the gateway has them
+    control_period_seconds: float = 0.05  # one action per period
+    staleness_budget_seconds: float = 5.0  # safe idle when the server is silent this long
+    safe_action: float = 0.0  # applied to every action dimension in safe idle and at e-stop
+    estop_file: str = ""  # e-stop when this file exists ("" = signal only)
+    task: str = ""  # task name in the policy's env spec ("" = its first task)
+    run_id: str = "robot"  # lineage run_id of the robot's episodes
+    max_episodes: int = 0  # stop after this many finished episodes (0 = run until stopped)
+    upload_retry_seconds: float = 1.0  # wait between upload attempts while the gateway is down
+
+
+@dataclasses.dataclass
+class RobotStats:
+    """What the robot did; exported as log lines and read by tests."""
+
+    episodes: int = 0  # finished (spooled) episodes
+    uploaded: int = 0  # acknowledged by the gateway
+    safe_idle_entries: int = 0  # watchdog trips
+    actions_clipped: int = 0  # action dimensions clipped to the action spec
+    max_compute_seconds: float = 0.0  # longest inference + env step within an episode
+    estopped: bool = False
+    episode_ids: list[str] = dataclasses.field(default_factory=list)
+
+
+def clip_action(action: np.ndarray, spec: dm_env.specs.BoundedArray) -> tuple[np.ndarray, int]:
+    """Clips to the action spec; returns (action, number of clipped dimensions)."""
+    clipped = np.clip(action, spec.minimum, spec.maximum).astype(spec.dtype)
+    return clipped, int(np.sum(clipped != action))
+
+
+class Uploader:
+    """Sends spooled episodes to the gateway until each is acknowledged, then deletes it."""
+
+    def __init__(self, gateway: str, robot_id: str, spool: EpisodeArchive, retry_seconds: float,
+                 stats: RobotStats, security: ClientSecurity = PLAINTEXT):
+        self._gateway, self._robot_id = gateway, robot_id
+        self._spool, self._retry = spool, retry_seconds
+        self._security = security
+        self._stats, self._wake, self._stop = stats, threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
+
+    def start(self) -> "Uploader":
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def pending(self) -> int:
+        return len(self._spool.paths())
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stops after trying to drain the spool for up to drain_seconds."""
+        deadline = time.monotonic() + drain_seconds
+        while self.pending() and time.monotonic() < deadline:
+            self.wake()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        client = PolicyClient(self._gateway, timeout=30, security=self._security)
+        try:
+            while not self._stop.is_set():
+                for path in self._spool.paths():
+                    if not self._upload(client, path):
+                        break
+                self._wake.wait(self._retry)
+                self._wake.clear()
+        finally:
+            client.close()
+
+    def _upload(self, client: PolicyClient, path: str) -> bool:
+        """Sends the spooled file's bytes as they are (the archive's per-episode format)."""
+        episode_id = os.path.basename(path)[:-len(".parquet")]
+        with self._spool.filesystem.open_input_stream(path) as f:
+            payload = f.read()
+        try:
+            reply = client.upload_payload(episode_id, self._robot_id, payload)
+        except grpc.RpcError as e:
+            log.warning("upload of %s failed (%s); retrying", episode_id, e.code())
+            return False
+        if reply.quarantined:
+            log.error("gateway quarantined %s: %s", reply.episode_id, reply.quarantined)
+        os.remove(path)
+        self._stats.uploaded += 1
+        return True
+
+
+class RobotClient:
+    """The robot's control loop.
+
+    Usage:
+        robot = RobotClient(config, gateway="host:port", env_factory=make_env)
+        stats = robot.run()     # until max_episodes, stop(), or an e-stop
+    """
+
+    def __init__(self, config: RobotConfig, gateway: str,
+                 env_factory: Callable[[], dm_env.Environment],
+                 security: ClientSecurity = PLAINTEXT):
+        self.config, self.stats = config, RobotStats()
+        self._env = env_factory()
+        self._stop, self._estop = threading.Event(), threading.Event()
+        self._subscriber = PolicySubscriber(gateway, config.robot_id, security)
+        self._spool = EpisodeArchive(config.spool_dir)
+        self._uploader = Uploader(gateway, config.robot_id, self._spool,
+                                  config.upload_retry_seconds, self.stats, security)
+        self._policy: PACPolicy | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def estop(self) -> None:
+        """Stops at once (within one control period), with the safe action applied."""
+        self._estop.set()
+
+    def _estopped(self) -> bool:
+        if self.config.estop_file and os.path.exists(self.config.estop_file):
+            self._estop.set()
+        return self._estop.is_set()
+
+    def _fresh(self) -> bool:
+        silent = time.monotonic() - self._subscriber.last_contact
+        return silent <= self.config.staleness_budget_seconds
+
+    def run(self, drain_seconds: float = 10.0) -> RobotStats:
+        self._subscriber.start()
+        self._uploader.start()
+        try:
+            while not (self._stop.is_set() or self._estopped()):
+                if not self._ready():
+                    continue
+                self._run_episode()
+                done = self.config.max_episodes and self.stats.episodes >= self.config.max_episodes
+                if done:
+                    break
+        finally:
+            if self._estopped():  # also when it came between episodes
+                self._apply_safe_action()
+                self.stats.estopped = True
+            self._subscriber.close()
+            self._uploader.stop(drain_seconds if not self._estop.is_set() else 0.0)
+        return self.stats
+
+    def _ready(self) -> bool:
+        """Between episodes: take the newest policy; wait one period if none or stale."""
+        snapshot = self._subscriber.latest()
+        if snapshot is not None and self._fresh():
+            if self._policy is None or snapshot.version != self._policy.policy_version:
+                self._policy = PACPolicy.from_snapshot(snapshot, seed=snapshot.version)
+                self._warm_up()
+                log.info("%s: running policy v%d", self.config.robot_id, snapshot.version)
+            return True
+        self._apply_safe_action()
+        time.sleep(self.config.control_period_seconds)
+        return False
+
+    def _warm_up(self) -> None:
+        """One inference before the episode, so its first step is not the slow first call."""
+        spec = self._policy.model.spec
+        pixels = np.zeros((1, *spec.pixels_shape), np.uint8) if spec.pixels_shape else None
+        self._policy.act(np.zeros((1, spec.obs_dim), np.float32), np.zeros(1, np.int64), True,
+                         pixels)
+
+    def _apply_safe_action(self) -> None:
+        """Holds the safe action (environments that cannot idle are simply not stepped)."""
+        hold = getattr(self._env, "hold", None)
+        if hold is not None:
+            hold(self._safe_action())
+
+    def _safe_action(self) -> np.ndarray:
+        spec = self._env.action_spec()
+        return clip_action(np.full(spec.shape, self.config.safe_action, np.float32), spec)[0]
+
+    def _task(self) -> tuple[EnvSpec, int]:
+        spec = self._policy.model.spec
+        task_id = spec.task_names.index(self.config.task) if self.config.task else 0
+        return spec, task_id
+
+    def _run_episode(self) -> None:
+        spec, task_id = self._task()
+        task, period = spec.tasks[task_id], self.config.control_period_seconds
+        recorder = _Recorder(spec, task_id, self._policy.policy_version)
+        timestep, start, interrupted = self._env.reset(), time.time(), False
+        next_tick = time.monotonic()
+        while True:
+            recorder.observe(timestep.observation, task)
+            if self._estopped() or not self._fresh():
+                self._apply_safe_action()  # at once; the bookkeeping below can wait
+                interrupted = True
+                break
+            t0 = time.monotonic()
+            action = self._act(recorder, task_id)
+            timestep = self._env.step(action[:task.action_dim])
+            self.stats.max_compute_seconds = max(self.stats.max_compute_seconds,
+                                                 time.monotonic() - t0)
+            recorder.step(action, timestep)
+            if timestep.last():
+                recorder.observe(timestep.observation, task)
+                break
+            next_tick += period
+            time.sleep(max(0.0, next_tick - time.monotonic()))
+        if recorder.length:
+            self._spool_episode(recorder.episode(self._lineage(task.name, start)))
+        if interrupted:
+            self._enter_safe_idle()
+
+    def _act(self, recorder: "_Recorder", task_id: int) -> np.ndarray:
+        obs, pixels = recorder.current()
+        action = self._policy.act(obs[None], np.array([task_id]), False,
+                                  None if pixels is None else pixels[None])[0]  # (A,)
+        action_spec = self._env.action_spec()
+        dims = action_spec.shape[0]
+        action[:dims], clipped = clip_action(action[:dims], action_spec)
+        action[dims:] = 0.0
+        self.stats.actions_clipped += clipped
+        return action
+
+    def _enter_safe_idle(self) -> None:
+        """Counts and reports an interrupted episode (the safe action is already applied)."""
+        if self._estop.is_set():
+            log.error("%s: E-STOP: safe action applied, stopping", self.config.robot_id)
+        else:
+            self.stats.safe_idle_entries += 1
+            log.error("%s: safe idle (policy stale or server unreachable); episode ended",
+                      self.config.robot_id)
+
+    def _lineage(self, task: str, start: float) -> Lineage:
+        return Lineage(run_id=self.config.run_id, cycle=0,
+                       policy_version=self._policy.policy_version, actor_id=self.config.robot_id,
+                       task=task, episode_id=uuid.uuid4().hex, seed=0, mode="collect",
+                       start_time=start, end_time=time.time())
+
+    def _spool_episode(self, episode: Episode) -> None:
+        self._spool.write(episode)  # atomic: temp + rename
+        self.stats.episodes += 1
+        self.stats.episode_ids.append(episode.lineage.episode_id)
+        self._uploader.wake()
+
+
+class _Recorder:
+    """Builds one Episode from the control loop's observations, actions and timesteps."""
+
+    def __init__(self, spec: EnvSpec, task_id: int, version: int):
+        self._spec, self._task_id, self._version = spec, task_id, version
+        self._obs: list[np.ndarray] = []
+        self._pixels: list[np.ndarray] = []
+        self._actions: list[np.ndarray] = []
+        self._rewards: list[float] = []
+        self._discounts: list[float] = []
+
+    @property
+    def length(self) -> int:
+        return len(self._actions)
+
+    def observe(self, observation: dict, task: TaskSpec) -> None:
+        if len(self._obs) > len(self._actions):  # already observed this step
+            return
+        self._obs.append(flatten_observation(observation, task, self._spec.obs_dim))
+        if self._spec.pixels_shape:
+            self._pixels.append(np.asarray(observation["pixels"], np.uint8))
+
+    def current(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._obs[-1], self._pixels[-1] if self._pixels else None
+
+    def step(self, action: np.ndarray, timestep: dm_env.TimeStep) -> None:
+        self._actions.append(action.astype(np.float32))
+        self._rewards.append(float(timestep.reward or 0.0))
+        self._discounts.append(float(1.0 if timestep.discount is None else timestep.discount))
+
+    def episode(self, lineage: Lineage) -> Episode:
+        T = self.length
+        obs = self._obs[:T + 1]
+        terminated = self._discounts[-1] == 0.0
+        return Episode(
+            lineage=lineage, task_id=self._task_id, observation=np.stack(obs),
+            action=np.concatenate([np.stack(self._actions),
+                                   np.zeros((1, self._spec.action_dim), np.float32)]),
+            reward=np.array(self._rewards + [0.0], np.float32),
+            discount=np.array(self._discounts + [0.0], np.float32),
+            policy_version=np.full(T + 1, self._version, np.int64),
+            terminated=terminated, truncated=not terminated,
+            pixels=np.stack(self._pixels[:T + 1]) if self._pixels else None)

@@ -1,0 +1,244 @@
+"""`pacflow robot` and `pacflow policy serve|ls|pin|unpin|gen-certs`: the commands that face
+robots and operators. Bad input raises UsageError (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Callable
+
+from cluster.cli import UsageError, load_config_args
+from policies.security import ClientSecurity, SecurityError, ServerSecurity, is_loopback
+
+
+def add_credential_flags(parser: argparse.ArgumentParser, identity_help: str) -> None:
+    parser.add_argument("--credentials", metavar="DIR",
+                        help="a `pacflow policy gen-certs` directory (CA, certificate, token)")
+    parser.add_argument("--identity", help=identity_help)
+    parser.add_argument("--ca", help="CA certificate of the server (PEM)")
+    parser.add_argument("--cert", help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--key", help="client private key (PEM)")
+    parser.add_argument("--token-file", help="file holding the bearer token")
+    parser.add_argument("--server-name", default="",
+                        help="name to check in the server certificate (default: its host)")
+
+
+def client_security(args: argparse.Namespace, address: str, identity: str) -> ClientSecurity:
+    """The credentials the flags name; plaintext only towards a loopback server."""
+    if args.credentials:
+        security = ClientSecurity.from_dir(args.credentials, identity)
+        security = ClientSecurity(args.ca or security.ca_file, args.cert or security.cert_file,
+                                  args.key or security.key_file,
+                                  args.token_file or security.token_file, args.server_name)
+    else:
+        security = ClientSecurity(args.ca or "", args.cert or "", args.key or "",
+                                  args.token_file or "", args.server_name)
+    for path in (security.ca_file, security.cert_file, security.key_file, security.token_file):
+        if path and not Path(path).is_file():
+            raise UsageError(f"--credentials: {path} does not exist")
+    host = address.rsplit(":", 1)[0]
+    if not security.ca_file and not is_loopback(host):
+        raise UsageError(f"{address}: plaintext is only for loopback servers; give "
+                         "--credentials DIR or --ca")
+    return security
+
+
+def load_env_factory(spec: str) -> Callable:
+    """`module:factory` -> the factory, or UsageError naming what is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--env {spec!r}: expected MODULE:FACTORY, e.g. actors.standins:cartpole")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"--env {spec!r}: cannot import {module_name} ({e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--env {spec!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_robot(args: argparse.Namespace) -> int:
+    import torch
+
+    from actors.robot import RobotClient, RobotConfig
+
+    factory = load_env_factory(args.env)
+    robot_id = args.robot_id or f"robot-{socket.gethostname()}"
+    security = client_security(args, args.gateway, args.identity or robot_id)
+    config = RobotConfig(
+        robot_id=robot_id, spool_dir=args.spool or str(Path("spool") / robot_id),
+        control_period_seconds=args.control_period,
+        staleness_budget_seconds=args.staleness_budget, safe_action=args.safe_action,
+        estop_file=args.estop_file or "", task=args.task or "", run_id=args.run_id,
+        max_episodes=args.max_episodes, upload_retry_seconds=args.upload_retry)
+    torch.set_num_threads(1)  # one inference thread: no thread-pool stalls in the control loop
+    _log_to_stderr()
+    try:
+        robot = RobotClient(config, args.gateway, factory, security)
+    except SecurityError as e:
+        raise UsageError(str(e)) from None
+    signal.signal(signal.SIGUSR1, lambda *_: robot.estop())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: robot.stop())
+    print(f"{robot_id}: gateway {args.gateway}, spool {config.spool_dir}", flush=True)
+    stats = robot.run(drain_seconds=args.drain_seconds)
+    summary = {k: v for k, v in vars(stats).items()}
+    print(f"{robot_id}: {stats.episodes} episodes, {stats.uploaded} uploaded, "
+          f"{stats.safe_idle_entries} safe idles, {stats.actions_clipped} clipped actions, "
+          f"max step {stats.max_compute_seconds * 1000:.1f} ms"
+          f"{', E-STOP' if stats.estopped else ''}", flush=True)
+    if args.stats:
+        Path(args.stats).write_text(json.dumps(summary))
+    return 3 if stats.estopped else 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    if args.action == "gen-certs":
+        from policies.certs import generate_dev_credentials
+
+        clients = ["learner", "actor", "operator", *(args.robot or ["robot-1"])]
+        roles = generate_dev_credentials(args.target, clients, args.host or [], args.days)
+        print(f"wrote a development CA, a server certificate and {len(roles)} client "
+              f"credentials to {args.target}: " + ", ".join(f"{i} ({r})" for i, r in roles.items()))
+        return 0
+    if args.action == "serve":
+        return _serve(args)
+    return _operate(args)
+
+
+def _operate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from policies.client import PolicyClient
+
+    if not args.target:
+        raise UsageError(f"policy {args.action} needs the server address: HOST:PORT")
+    security = client_security(args, args.target, args.identity or "operator")
+    with PolicyClient(args.target, timeout=30, security=security) as client:
+        try:
+            if args.action == "ls":
+                reply = client.list()
+                for v in reply.versions:
+                    meta = json.loads(v.metadata_json)
+                    print(f"v{v.version:<6} {v.total_bytes:>12} bytes  cycle "
+                          f"{meta.get('cycle', '-')}  learner_step {meta.get('learner_step', '-')}"
+                          f"  sha256 {v.sha256[:12]}")
+            elif args.action == "pin":
+                if args.version is None:
+                    raise UsageError("policy pin needs --version N")
+                reply = client.pin(args.version, args.client or "")
+            else:
+                reply = client.unpin(args.client or "")
+        except grpc.RpcError as e:
+            raise UsageError(f"policy {args.action}: {e.code().name}: {e.details()}") from None
+    print(f"fleet pin: {reply.fleet_pin or 'none'}; client pins: "
+          f"{dict(reply.client_pins) or 'none'}")
+    return 0
+
+
+def _server_security(args: argparse.Namespace) -> ServerSecurity:
+    if args.credentials:
+        security = ServerSecurity.from_dir(args.credentials, mtls=not args.no_client_certs)
+    else:
+        security = ServerSecurity(args.cert or "", args.key or "", args.client_ca or "",
+                                  args.tokens or "", allow_plaintext=args.plaintext)
+    return security
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from policies.server import PolicyServer
+    from replay.archive import EpisodeArchive
+    from replay.ingest import EpisodeSink
+
+    if not args.config or not args.target:
+        raise UsageError("policy serve needs a run directory and --config FILE")
+    if args.host and len(args.host) > 1:
+        raise UsageError("policy serve: --host binds one address")
+    config = load_config_args(args)
+    run_dir = Path(args.target).absolute()
+    adder = None
+    if args.replay:
+        from replay.adders import ReverbSequenceAdder
+
+        adder = ReverbSequenceAdder(args.replay, config.replay)
+    sink = EpisodeSink(config.env.spec(), EpisodeArchive(run_dir / "archive"), adder,
+                       run_dir / "quarantine")
+    try:
+        host = args.host[0] if args.host else "127.0.0.1"
+        server = PolicyServer(run_dir / "policies", host=host, port=args.port,
+                              security=_server_security(args),
+                              episode_handler=lambda e: sink.ingest(e, to_replay=True))
+    except SecurityError as e:
+        raise UsageError(str(e)) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    _log_to_stderr()
+    print(f"policy server listening on {server.start()} (versions in {run_dir / 'policies'}, "
+          f"uploads to {run_dir / 'archive'})", flush=True)
+    stop.wait()
+    server.stop()
+    print("policy server stopped", flush=True)
+    return 0
+
+
+def add_fleet_commands(sub) -> None:
+    robot = sub.add_parser("robot", help="run a dm_env environment as a robot client")
+    robot.add_argument("--gateway", required=True, help="policy server HOST:PORT")
+    robot.add_argument("--env", required=True,
+                       help="MODULE:FACTORY returning a dm_env.Environment, "
+                            "e.g. actors.standins:cartpole")
+    robot.add_argument("--robot-id", help="identity and lineage id (default robot-<hostname>)")
+    robot.add_argument("--spool", help="episode spool directory (default spool/<robot-id>)")
+    robot.add_argument("--control-period", type=float, default=0.05, metavar="SECONDS")
+    robot.add_argument("--staleness-budget", type=float, default=5.0, metavar="SECONDS",
+                       help="safe idle when the server has been silent this long")
+    robot.add_argument("--safe-action", type=float, default=0.0,
+                       help="value of every action dimension in safe idle")
+    robot.add_argument("--estop-file", help="e-stop as soon as this file exists (also SIGUSR1)")
+    robot.add_argument("--task", help="task name in the policy's env spec (default: its first)")
+    robot.add_argument("--run-id", default="robot", help="lineage run_id of the episodes")
+    robot.add_argument("--max-episodes", type=int, default=0, help="0 = until stopped")
+    robot.add_argument("--upload-retry", type=float, default=1.0, metavar="SECONDS")
+    robot.add_argument("--drain-seconds", type=float, default=10.0,
+                       help="at exit, keep uploading the spool this long")
+    robot.add_argument("--stats", help="write the run's counters here as JSON")
+    add_credential_flags(robot, "credential identity (default: the robot id)")
+    robot.set_defaults(func=cmd_robot)
+
+    policy = sub.add_parser("policy", help="serve, inspect and pin policy versions")
+    policy.add_argument("action", choices=["serve", "ls", "pin", "unpin", "gen-certs"])
+    policy.add_argument("target", nargs="?",
+                        help="serve: run directory; ls/pin/unpin: server HOST:PORT; "
+                             "gen-certs: output directory")
+    policy.add_argument("--version", type=int, help="pin: the version to run")
+    policy.add_argument("--client", help="pin/unpin: one client id (default: the whole fleet)")
+    policy.add_argument("--config", help="serve: YAML config (env spec for upload validation)")
+    policy.add_argument("--set", action="append", metavar="KEY=VALUE")
+    policy.add_argument("--host", action="append",
+                        help="serve: address to bind (once); gen-certs: extra server names")
+    policy.add_argument("--port", type=int, default=0, help="serve: port (default: a free one)")
+    policy.add_argument("--replay", help="serve: Reverb HOST:PORT that uploads also go to")
+    policy.add_argument("--client-ca", help="serve: require client certificates from this CA")
+    policy.add_argument("--tokens", help="serve: tokens file (sha256 digests, roles)")
+    policy.add_argument("--plaintext", action="store_true",
+                        help="serve: allow plaintext (loopback only)")
+    policy.add_argument("--no-client-certs", action="store_true",
+                        help="serve with --credentials: TLS and tokens, no client certificates")
+    policy.add_argument("--robot", action="append", help="gen-certs: a robot identity (repeat)")
+    policy.add_argument("--days", type=int, default=30, help="gen-certs: validity")
+    add_credential_flags(policy, "ls/pin/unpin: credential identity (default operator); "
+                                 "serve: --cert/--key are the server's own")
+    policy.set_defaults(func=cmd_policy)

@@ -1,0 +1,117 @@
+"""The robot client in-process against a real gateway on loopback: restarts lose and duplicate
+nothing, the watchdog idles the robot while the gateway is away, the e-stop stops at once.
+The control-period timing is checked with robot and gateway as separate processes
+(tests/integration/test_robot_cli.py): here they share one interpreter lock."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from dm_env import specs
+
+from actors.envs import make_env_spec
+from actors.robot import RobotClient, RobotConfig, clip_action
+from actors.standins import cartpole
+from policies.client import publish
+from policies.perceiver import PerceiverActorCritic
+from policies.server import PolicyServer
+from policies.snapshot import Snapshot, snapshot_metadata
+from replay.archive import EpisodeArchive
+from replay.ingest import EpisodeSink
+from tests.fakes import TINY_MODEL
+
+PERIOD = 0.1  # control period of the tests' robot, seconds (12 steps per episode)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+@pytest.fixture()
+def gateway(tmp_path):
+    """A gateway that archives uploads (validated against the cartpole spec) and can restart."""
+    spec = make_env_spec(["dm_control:cartpole-swingup"], action_repeat=8)
+    archive = EpisodeArchive(tmp_path / "archive")
+    sink = EpisodeSink(spec, archive, None, tmp_path / "quarantine")
+    port = _free_port()
+
+    def start() -> PolicyServer:
+        server = PolicyServer(tmp_path / "policies", port=port, heartbeat_seconds=0.1,
+                              episode_handler=lambda e: sink.ingest(e, to_replay=False))
+        server.start()
+        return server
+
+    server = start()
+    torch.manual_seed(0)
+    model = PerceiverActorCritic(spec, TINY_MODEL)
+    publish(server.address, Snapshot.from_state_dict(
+        1, model.state_dict(), snapshot_metadata(spec.to_dict(), TINY_MODEL, 0, 0, 0)))
+    state = {"server": server}
+    yield state, start, archive
+    state["server"].stop()
+
+
+def _robot(tmp_path, address: str, **overrides) -> RobotClient:
+    config = RobotConfig(robot_id="robot-1", spool_dir=str(tmp_path / "spool"),
+                         control_period_seconds=PERIOD, staleness_budget_seconds=0.5,
+                         upload_retry_seconds=0.2, **overrides)
+    return RobotClient(config, address, lambda: cartpole(seed=1, time_limit=1.0))
+
+
+def test_gateway_restart_loses_and_duplicates_nothing(gateway, tmp_path):
+    state, start, archive = gateway
+    address = state["server"].address
+    robot = _robot(tmp_path, address, max_episodes=8)
+    runner = threading.Thread(target=robot.run)
+    runner.start()
+    _wait(lambda: robot.stats.uploaded >= 2, timeout=30)
+    state["server"].stop()  # the gateway goes away mid-run
+    _wait(lambda: robot.stats.safe_idle_entries >= 1, timeout=10)
+    idle_episodes = robot.stats.episodes
+    time.sleep(1.0)
+    assert robot.stats.episodes == idle_episodes  # no episode starts while idle
+    state["server"] = start()  # same port, same policies/ folder
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    stats = robot.stats
+    archived = [e.lineage for e in archive.episodes()]
+    assert stats.episodes == 8 and stats.uploaded == 8
+    assert sorted(lin.episode_id for lin in archived) == sorted(stats.episode_ids)
+    assert {lin.actor_id for lin in archived} == {"robot-1"}
+    assert {lin.policy_version for lin in archived} == {1}
+    assert not list((tmp_path / "spool").glob("*.parquet"))
+
+
+def test_estop_file_stops_at_once_with_the_episode_kept(gateway, tmp_path):
+    state, _, _ = gateway
+    estop = tmp_path / "ESTOP"
+    robot = _robot(tmp_path, state["server"].address, estop_file=str(estop))
+    runner = threading.Thread(target=robot.run)
+    runner.start()
+    _wait(lambda: robot.stats.episodes >= 1, timeout=30)
+    estop.touch()
+    t0 = time.monotonic()
+    runner.join(timeout=10)
+    assert not runner.is_alive() and time.monotonic() - t0 < 2 * PERIOD + 1.0
+    assert robot.stats.estopped
+    spooled_or_sent = robot.stats.uploaded + len(list((tmp_path / "spool").glob("*.parquet")))
+    assert spooled_or_sent == robot.stats.episodes  # the interrupted episode was kept
+
+
+def test_actions_are_clipped_to_the_action_spec():
+    spec = specs.BoundedArray((3,), np.float32, minimum=[-1, -0.5, 0], maximum=[1, 0.5, 1])
+    action, clipped = clip_action(np.array([2.0, 0.2, -1.0], np.float32), spec)
+    np.testing.assert_array_equal(action, np.array([1.0, 0.2, 0.0], np.float32))
+    assert clipped == 2
