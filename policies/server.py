@@ -11,6 +11,7 @@ restarted server serves what it had.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -25,9 +26,10 @@ from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.security import ServerSecurity, caller_identity, server_credentials, \
     server_interceptors
-from policies.snapshot import Snapshot, SnapshotError, load_snapshot, save_snapshot
-from policies.wire import MAX_SNAPSHOT_BYTES, WireError, read_episode, read_snapshots, \
-    snapshot_chunks
+from policies.snapshot import Snapshot, SnapshotError, load_snapshot, read_snapshot_metadata, \
+    save_snapshot, snapshot_paths
+from policies.wire import MAX_SNAPSHOT_BYTES, WireError, data_chunks, read_episode, \
+    read_snapshots, snapshot_header
 from replay.ingest import Ingested
 from replay.spec import Episode
 
@@ -47,15 +49,26 @@ PLAINTEXT_LOOPBACK = ServerSecurity(allow_plaintext=True)  # in-process and sing
 
 
 class PolicyStore:
-    """Versions (on disk and in memory) and pins, behind one condition variable."""
+    """Versions and pins, behind one condition variable.
 
-    def __init__(self, directory: str | Path):
+    Every version's metadata stays in memory; weights only for the newest `cached_versions`
+    versions touched (with their wire chunks, encoded once and sent to every subscriber).
+    Older ones are read back from disk, hash-checked, when asked for, so a long run of a large
+    model does not hold every version it ever published.
+    """
+
+    def __init__(self, directory: str | Path, cached_versions: int = 3):
         self.directory = Path(directory)
         self.cond = threading.Condition()
-        self.snapshots: dict[int, Snapshot] = {}
-        for meta_path in sorted(self.directory.glob("v*.json")):
-            snapshot = load_snapshot(meta_path)
-            self.snapshots[snapshot.version] = snapshot
+        self.infos: dict[int, pb.VersionInfo] = {}
+        self._cache: collections.OrderedDict[int, tuple[Snapshot, list]] = \
+            collections.OrderedDict()
+        self._cached_versions = cached_versions
+        for meta_path in snapshot_paths(self.directory):
+            meta = read_snapshot_metadata(meta_path)
+            size = meta_path.with_suffix(".safetensors").stat().st_size
+            self.infos[int(meta["version"])] = _info(int(meta["version"]), meta["sha256"],
+                                                     meta["metadata"], size)
         pins = self._pins_path()
         data = json.loads(pins.read_text()) if pins.exists() else {}
         self.fleet_pin: int = int(data.get("fleet", 0))
@@ -66,11 +79,30 @@ class PolicyStore:
 
     @property
     def latest(self) -> int:
-        return max(self.snapshots, default=0)
+        return max(self.infos, default=0)
 
     def target(self, client_id: str) -> int:
         """The version `client_id` should run: its pin, else the fleet pin, else the latest."""
         return self.client_pins.get(client_id) or self.fleet_pin or self.latest
+
+    def get(self, version: int) -> tuple[Snapshot, list[pb.SnapshotChunk]] | None:
+        """(snapshot, its data chunks), or None when there is no such version."""
+        with self.cond:
+            if version not in self.infos:
+                return None
+            if version in self._cache:
+                self._cache.move_to_end(version)
+                return self._cache[version]
+        snapshot = load_snapshot(self.directory / f"v{version:06d}.json")  # checks the hash
+        return self._remember(snapshot)
+
+    def _remember(self, snapshot: Snapshot) -> tuple[Snapshot, list[pb.SnapshotChunk]]:
+        entry = (snapshot, list(data_chunks(snapshot.weights)))
+        with self.cond:
+            self._cache[snapshot.version] = entry
+            while len(self._cache) > self._cached_versions:
+                self._cache.popitem(last=False)
+        return entry
 
     def add(self, snapshot: Snapshot) -> None:
         with self.cond:
@@ -78,12 +110,14 @@ class PolicyStore:
                 raise ValueError(f"version {snapshot.version} does not advance latest "
                                  f"{self.latest}")
             save_snapshot(snapshot, self.directory)
-            self.snapshots[snapshot.version] = snapshot
+            self._remember(snapshot)
+            self.infos[snapshot.version] = _info(snapshot.version, snapshot.sha256,
+                                                 snapshot.metadata, len(snapshot.weights))
             self.cond.notify_all()
 
     def pin(self, version: int, client_id: str) -> None:
         with self.cond:
-            if version not in self.snapshots:
+            if version not in self.infos:
                 raise KeyError(f"no policy version {version} to pin")
             if client_id:
                 self.client_pins[client_id] = version
@@ -111,6 +145,11 @@ class PolicyStore:
             return pb.PinReply(fleet_pin=self.fleet_pin, client_pins=self.client_pins)
 
 
+def _info(version: int, sha256: str, metadata, size: int) -> pb.VersionInfo:
+    return pb.VersionInfo(version=version, sha256=sha256, total_bytes=size,
+                          metadata_json=json.dumps(dict(metadata)))
+
+
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     """The service: versions, pins, subscriber streams, and the gateway's upload and Act."""
 
@@ -125,8 +164,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.batcher = ActBatcher(self._snapshot_for)
 
     def _snapshot_for(self, client_id: str) -> Snapshot | None:
-        with self.store.cond:
-            return self.store.snapshots.get(self.store.target(client_id))
+        entry = self.store.get(self.store.target(client_id))
+        return None if entry is None else entry[0]
 
     def stop(self) -> None:
         with self.store.cond:
@@ -161,30 +200,30 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     return
                 target = store.target(request.client_id)
                 pinned = target != store.latest
-                newer = [v for v in sorted(store.snapshots) if held < v <= target]
+                newer = [v for v in sorted(store.infos) if held < v <= target]
                 versions = newer if request.every_version and not pinned and newer else [target]
-                snapshots = [store.snapshots[v] for v in versions if v]
-            if target == held or not snapshots:
+            if target == held or not target:
                 yield pb.SnapshotChunk(heartbeat=pb.Heartbeat(latest_version=target))
                 continue
-            for snapshot in snapshots:
-                yield from snapshot_chunks(snapshot, pinned=pinned)
+            for version in versions:
+                entry = store.get(version)
+                if entry is not None:  # the same chunk messages go to every subscriber
+                    yield snapshot_header(entry[0], pinned=pinned)
+                    yield from entry[1]
             held = target
 
     def Fetch(self, request: pb.FetchRequest,
               context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
-        with self.store.cond:
-            version = int(request.version) or self.store.target("")
-            snapshot = self.store.snapshots.get(version)
-        if snapshot is None:
+        version = int(request.version) or self.store.target("")
+        entry = self.store.get(version)
+        if entry is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
-        yield from snapshot_chunks(snapshot)
+        yield snapshot_header(entry[0])
+        yield from entry[1]
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
         with self.store.cond:
-            infos = [pb.VersionInfo(version=v, sha256=s.sha256, total_bytes=len(s.weights),
-                                    metadata_json=json.dumps(dict(s.metadata)))
-                     for v, s in sorted(self.store.snapshots.items())]
+            infos = [info for _, info in sorted(self.store.infos.items())]
             return pb.ListReply(versions=infos, fleet_pin=self.store.fleet_pin,
                                 client_pins=self.store.client_pins)
 

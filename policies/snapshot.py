@@ -8,6 +8,7 @@ each written to a temp file and renamed into place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -29,8 +30,9 @@ class Snapshot:
     metadata: Mapping[str, Any]  # env_spec, model_config, cycle, learner_step, parent_version...
     weights: bytes  # safetensors-encoded state dict
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
+        """Computed once per snapshot object (the blob may be GBs)."""
         return hashlib.sha256(self.weights).hexdigest()
 
     @classmethod
@@ -86,6 +88,16 @@ def save_snapshot(snapshot: Snapshot, directory: str | os.PathLike) -> Path:
             "metadata": dict(snapshot.metadata)}
     _atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return stem.with_suffix(".json")
+
+
+def snapshot_paths(directory: str | os.PathLike) -> list[Path]:
+    """The metadata files of the complete snapshots in `directory`, oldest first."""
+    return sorted(Path(directory).glob("v*.json"))
+
+
+def read_snapshot_metadata(metadata_path: str | os.PathLike) -> dict[str, Any]:
+    """{version, sha256, metadata} of a stored snapshot, without reading its weights."""
+    return json.loads(Path(metadata_path).read_text())
 
 
 def load_snapshot(metadata_path: str | os.PathLike) -> Snapshot:

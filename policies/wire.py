@@ -30,17 +30,25 @@ class WireError(ValueError):
     """A chunk stream that is malformed, oversized or fails its hash."""
 
 
-def snapshot_chunks(snapshot: Snapshot, pinned: bool = False,
-                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SnapshotChunk]:
-    """A snapshot as a header then data parts of at most chunk_bytes."""
-    blob = snapshot.weights
-    header = pb.SnapshotHeader(version=snapshot.version,
-                               metadata_json=json.dumps(dict(snapshot.metadata)),
-                               sha256=snapshot.sha256, total_bytes=len(blob), pinned=pinned)
-    yield pb.SnapshotChunk(header=header)
+def snapshot_header(snapshot: Snapshot, pinned: bool = False) -> pb.SnapshotChunk:
+    """The first part of a snapshot stream."""
+    return pb.SnapshotChunk(header=pb.SnapshotHeader(
+        version=snapshot.version, metadata_json=json.dumps(dict(snapshot.metadata)),
+        sha256=snapshot.sha256, total_bytes=len(snapshot.weights), pinned=pinned))
+
+
+def data_chunks(blob: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SnapshotChunk]:
+    """The data parts of a snapshot stream, at most chunk_bytes each."""
     view = memoryview(blob)
     for start in range(0, len(blob), chunk_bytes):
         yield pb.SnapshotChunk(data=bytes(view[start:start + chunk_bytes]))
+
+
+def snapshot_chunks(snapshot: Snapshot, pinned: bool = False,
+                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SnapshotChunk]:
+    """A snapshot as a header then data parts of at most chunk_bytes."""
+    yield snapshot_header(snapshot, pinned)
+    yield from data_chunks(snapshot.weights, chunk_bytes)
 
 
 def read_snapshots(chunks: Iterable[pb.SnapshotChunk], max_bytes: int = MAX_SNAPSHOT_BYTES,
@@ -66,8 +74,9 @@ def read_snapshots(chunks: Iterable[pb.SnapshotChunk], max_bytes: int = MAX_SNAP
         elif header is None:
             raise WireError("snapshot data arrived before its header")
         else:
-            parts.append(chunk.data)
-            size += len(chunk.data)
+            data = chunk.data  # each attribute read copies the bytes
+            parts.append(data)
+            size += len(data)
             if size > header.total_bytes:
                 raise WireError(f"snapshot v{header.version} is longer than its announced "
                                 f"{header.total_bytes} bytes")
@@ -117,10 +126,11 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk],
     for chunk in it:
         if chunk.WhichOneof("part") != "data":
             raise WireError("an episode upload carries one header")
-        size += len(chunk.data)
+        data = chunk.data  # each attribute read copies the bytes
+        size += len(data)
         if size > header.total_bytes:
             raise WireError(f"episode {header.episode_id} is longer than announced")
-        parts.append(chunk.data)
+        parts.append(data)
     payload = b"".join(parts)
     if size != header.total_bytes or hashlib.sha256(payload).hexdigest() != header.sha256:
         raise WireError(f"episode {header.episode_id}: payload does not match its header "
@@ -135,5 +145,5 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk],
     return header, episode
 
 
-__all__ = ["SnapshotError", "WireError", "snapshot_chunks", "read_snapshots", "episode_bytes",
-           "episode_chunks", "read_episode"]
+__all__ = ["SnapshotError", "WireError", "snapshot_header", "data_chunks", "snapshot_chunks",
+           "read_snapshots", "episode_bytes", "episode_chunks", "read_episode"]

@@ -81,3 +81,23 @@ def test_restarted_server_serves_stored_versions(tmp_path):
         sub.close()
     finally:
         second.stop()
+
+
+def test_store_keeps_few_versions_in_memory_and_hash_checks_older_ones(tmp_path):
+    from policies.server import PolicyStore
+
+    store = PolicyStore(tmp_path, cached_versions=2)
+    for v in range(1, 6):
+        store.add(_snapshot(v, seed=v))
+    assert len(store._cache) == 2 and sorted(store._cache) == [4, 5]
+    old, chunks = store.get(1)  # read back from disk
+    assert old.sha256 == _snapshot(1, seed=1).sha256 and b"".join(c.data for c in chunks) == \
+        old.weights
+    assert list(store._cache) == [5, 1]  # least recently used first
+    weights = tmp_path / "v000002.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(SnapshotError, match="sha256"):
+        store.get(2)
+    assert PolicyStore(tmp_path).latest == 5  # a restart reads metadata only
