@@ -8,9 +8,9 @@ For each item shape, in one run against one Reverb server and table:
   against a bare `reverb.TrajectoryDataset` (tf.data, eager tensors), same table, same batch
   size (`replay.bench_raw.raw_sample_seconds`).
 The server runs in its own process, as in a run, so both sides go through gRPC (in one process
-Reverb would read the table directly). Ours and raw alternate in `rounds` rounds, so a busy
-neighbour on a shared box slows both alike. Ratio = ours / raw items per second: 1.0 means our
-layer costs nothing over Reverb's own.
+Reverb would read the table directly). Ours and raw alternate over `rounds` rounds (ours, raw,
+raw, ours, ...), so a busy neighbour on a shared box slows both alike. Ratio = ours / raw items
+per second: 1.0 means our layer costs nothing over Reverb's own.
 """
 
 from __future__ import annotations
@@ -108,6 +108,20 @@ def replay_process(spec: EnvSpec, config: ReplayConfig, checkpoint_dir: str) -> 
             proc.kill()
 
 
+def _alternate(rounds: int, ours, raw) -> tuple[float, float]:
+    """Sums ours(i) and raw(i) over the rounds in the order ours, raw, raw, ours, ... so that a
+    slow drift of the machine's load costs both sides alike."""
+    ours_s = raw_s = 0.0
+    for i in range(rounds):
+        if i % 2 == 0:
+            ours_s += ours(i)
+            raw_s += raw(i)
+        else:
+            raw_s += raw(i)
+            ours_s += ours(i)
+    return ours_s, raw_s
+
+
 def _time_inserts(address: str, config: ReplayConfig, episodes: list[Episode],
                   rounds: int) -> tuple[float, float]:
     """(ours seconds, raw seconds) to insert `episodes` once each way."""
@@ -116,43 +130,48 @@ def _time_inserts(address: str, config: ReplayConfig, episodes: list[Episode],
              for records in (episode_records(e, config.n_step) for e in episodes)]
     lengths = [e.length for e in episodes]
     timeout_ms = int(config.timeout_seconds * 1000)
-    raw = lambda i: raw_insert_seconds(  # noqa: E731
-        address, config.table, steps[i::rounds], config.n_step, lengths[i::rounds],
-        config.max_in_flight_items, timeout_ms)
-    adder.add_episode(episodes[0])  # warm-up, both sides: column structure, chunkers
-    raw_insert_seconds(address, config.table, steps[:1], config.n_step, lengths[:1],
-                       config.max_in_flight_items, timeout_ms)
-    ours_s = raw_s = 0.0
-    for i in range(rounds):
+
+    def ours(i: int) -> float:
         t0 = time.perf_counter()
         for episode in episodes[i::rounds]:
             adder.add_episode(episode)
-        ours_s += time.perf_counter() - t0
-        raw_s += raw(i)
+        return time.perf_counter() - t0
+
+    def raw(i: int, part: slice | None = None) -> float:
+        part = part or slice(i, None, rounds)
+        return raw_insert_seconds(address, config.table, steps[part], config.n_step,
+                                  lengths[part], config.max_in_flight_items, timeout_ms)
+
+    adder.add_episode(episodes[0])  # warm-up, both sides: column structure, chunkers
+    raw(0, slice(0, 1))
+    result = _alternate(rounds, ours, raw)
     adder.close()
-    return ours_s, raw_s
+    return result
 
 
 def _time_samples(address: str, config: ReplayConfig, batch_size: int, num_batches: int,
                   rounds: int) -> tuple[float, float]:
     """(ours seconds, raw seconds) to draw `num_batches` batches each way."""
     warmup = config.prefetch_batches + 2  # after these our read-ahead queue runs empty
-    ours_s = raw_s = 0.0
-    for i in range(rounds):
-        n = num_batches // rounds + (i < num_batches % rounds)
+    count = lambda i: num_batches // rounds + (i < num_batches % rounds)  # noqa: E731
+
+    def ours(i: int) -> float:
         batches = ReverbBatchIterator(address, config, batch_size)
         for _ in range(warmup):
             next(batches)
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(count(i)):
             next(batches)
-        ours_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         batches.close(wait_seconds=config.timeout_seconds)
-        raw_s += raw_sample_seconds(address, config.table, batch_size, n, warmup)
-    return ours_s, raw_s
+        return seconds
+
+    raw = lambda i: raw_sample_seconds(  # noqa: E731
+        address, config.table, batch_size, count(i), warmup)
+    return _alternate(rounds, ours, raw)
 
 
-def bench_case(case: ReplayCase, rounds: int = 2, seed: int = 0) -> list[dict]:
+def bench_case(case: ReplayCase, rounds: int = 4, seed: int = 0) -> list[dict]:
     """The DESIGN §6 result rows of one case."""
     config = ReplayConfig(n_step=case.n_step, timeout_seconds=60.0)
     rng = np.random.default_rng(seed)
@@ -184,7 +203,7 @@ def bench_case(case: ReplayCase, rounds: int = 2, seed: int = 0) -> list[dict]:
 
 
 def run_replay_bench(json_path: str | None = None,
-                     cases: Sequence[ReplayCase] = DEFAULT_CASES, rounds: int = 2) -> dict:
+                     cases: Sequence[ReplayCase] = DEFAULT_CASES, rounds: int = 4) -> dict:
     """Runs every case; writes the report as JSON to `json_path` when given."""
     results = []
     for case in cases:
