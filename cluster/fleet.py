@@ -125,7 +125,8 @@ def _operate(args: argparse.Namespace) -> int:
 
     if not args.target:
         raise UsageError(f"policy {args.action} needs the server address: HOST:PORT")
-    security = client_security(args, args.target, args.identity or "operator")
+    default_identity = "learner" if args.action == "publish" else "operator"
+    security = client_security(args, args.target, args.identity or default_identity)
     with PolicyClient(args.target, timeout=30, security=security) as client:
         try:
             if args.action == "ls":
@@ -135,6 +136,9 @@ def _operate(args: argparse.Namespace) -> int:
                     print(f"v{v.version:<6} {v.total_bytes:>12} bytes  cycle "
                           f"{meta.get('cycle', '-')}  learner_step {meta.get('learner_step', '-')}"
                           f"  sha256 {v.sha256[:12]}")
+            elif args.action == "publish":
+                print(f"published v{client.publish(_stored_snapshot(args))} to {args.target}")
+                return 0
             elif args.action == "pin":
                 if args.version is None:
                     raise UsageError("policy pin needs --version N")
@@ -146,6 +150,24 @@ def _operate(args: argparse.Namespace) -> int:
     print(f"fleet pin: {reply.fleet_pin or 'none'}; client pins: "
           f"{dict(reply.client_pins) or 'none'}")
     return 0
+
+
+def _stored_snapshot(args: argparse.Namespace):
+    """The snapshot `--snapshot runs/<run>/policies/vNNNNNN.json` names, hash-checked, with
+    `--as-version` replacing its version (a gateway's versions advance on their own)."""
+    import dataclasses
+
+    from policies.snapshot import load_snapshot
+
+    if not args.snapshot:
+        raise UsageError("policy publish needs --snapshot runs/<run>/policies/vNNNNNN.json")
+    try:
+        snapshot = load_snapshot(args.snapshot)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--snapshot {args.snapshot}: {e}") from None
+    if args.as_version:
+        snapshot = dataclasses.replace(snapshot, version=args.as_version)
+    return snapshot
 
 
 def _server_security(args: argparse.Namespace) -> ServerSecurity:
@@ -219,11 +241,14 @@ def add_fleet_commands(sub) -> None:
     robot.set_defaults(func=cmd_robot)
 
     policy = sub.add_parser("policy", help="serve, inspect and pin policy versions")
-    policy.add_argument("action", choices=["serve", "ls", "pin", "unpin", "gen-certs"])
+    policy.add_argument("action", choices=["serve", "ls", "publish", "pin", "unpin",
+                                           "gen-certs"])
     policy.add_argument("target", nargs="?",
-                        help="serve: run directory; ls/pin/unpin: server HOST:PORT; "
+                        help="serve: run directory; ls/publish/pin/unpin: server HOST:PORT; "
                              "gen-certs: output directory")
     policy.add_argument("--version", type=int, help="pin: the version to run")
+    policy.add_argument("--snapshot", help="publish: a stored snapshot's .json file")
+    policy.add_argument("--as-version", type=int, help="publish: under this version number")
     policy.add_argument("--client", help="pin/unpin: one client id (default: the whole fleet)")
     policy.add_argument("--config", help="serve: YAML config (env spec for upload validation)")
     policy.add_argument("--set", action="append", metavar="KEY=VALUE")
