@@ -136,3 +136,21 @@ def test_bad_env_factory_and_plaintext_to_a_remote_gateway_exit_2(tmp_path):
                              "actors.standins:cartpole"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert remote.returncode == 2 and "plaintext is only for loopback" in remote.stderr
+
+
+def test_operator_commands_publish_list_and_pin_with_their_roles(fleet, tmp_path):
+    address, creds = f"127.0.0.1:{fleet['port']}", str(fleet["creds"])
+    stored = Path(fleet["archive"]).parent / "policies" / "v000001.json"
+
+    def pacflow(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, "policy", *args, "--credentials", creds], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    published = pacflow("publish", address, "--snapshot", str(stored), "--as-version", "2")
+    assert published.returncode == 0 and "published v2" in published.stdout
+    listed = pacflow("ls", address)
+    assert [line.split()[0] for line in listed.stdout.splitlines()[:2]] == ["v1", "v2"]
+    pinned = pacflow("pin", address, "--version", "1", "--client", "robot-1")
+    assert pinned.returncode == 0 and "'robot-1': 1" in pinned.stdout
+    as_robot = pacflow("unpin", address, "--client", "robot-1", "--identity", "robot-1")
+    assert as_robot.returncode == 2 and "PERMISSION_DENIED" in as_robot.stderr
