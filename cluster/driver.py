@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import yaml
 
-from cluster.config import ExperimentConfig, config_to_dict
+from cluster.config import ExperimentConfig, config_from_dict, config_to_dict
 from cluster.report import (CycleRow, format_header, format_row, plot_returns, read_rows,
                             write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
@@ -47,7 +47,8 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> li
         def without_num_cycles(d: dict) -> dict:  # the one field a resume may change
             return {**d, "loop": {k: v for k, v in d["loop"].items() if k != "num_cycles"}}
 
-        before = yaml.safe_load(stored.read_text())
+        # Through the parser, so fields added since the run started compare as their defaults.
+        before = config_to_dict(config_from_dict(yaml.safe_load(stored.read_text())))
         if without_num_cycles(config_to_dict(config)) != without_num_cycles(before):
             raise RunDirError(f"--resume: the config differs from {stored} in more than "
                               "loop.num_cycles")

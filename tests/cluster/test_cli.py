@@ -22,6 +22,7 @@ def _pacflow(*args, cwd=None):
     (GOOD + "learner: {batch_size: lots}\n", [], "learner.batch_size: expected int"),
     (GOOD, ["--set", "replay.n_step=zero"], "replay.n_step: expected int"),
     ("env: [unclosed\n", [], "not valid YAML"),
+    (GOOD, ["--set", "cluster.host=0.0.0.0"], "cluster.policy_credentials: required"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, content, args, needle):
     path = tmp_path / "c.yaml"
