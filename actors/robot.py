@@ -2,10 +2,12 @@
 
 The control loop never waits on the network. A subscriber thread receives snapshots; the loop
 switches policy only between episodes. A watchdog puts the robot into safe idle (the configured
-safe action, episode ended) when the server has not confirmed the robot's policy for longer than
-the staleness budget, and resumes once it has. An e-stop (a file appearing, or SIGUSR1) stops at
-once. Finished episodes are spooled to disk and an uploader thread sends them with retries, so
-a gateway outage loses nothing; uploads are idempotent by episode_id, so nothing is duplicated.
+safe action, episode ended) when the server has not been heard from (a version, a data part or a
+heartbeat) for longer than the staleness budget, and resumes once it is. The robot keeps the last
+policy it validated; a refused snapshot never replaces it. An e-stop (a file appearing, or
+SIGUSR1) stops at once. Finished episodes are spooled to disk and an uploader thread sends them
+with retries, so a gateway outage loses nothing; uploads are idempotent by episode_id, so nothing
+is duplicated.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ class RobotConfig:
     max_episodes: int = 0  # stop after this many finished episodes (0 = run until stopped)
     upload_retry_seconds: float = 1.0  # wait between upload attempts while the gateway is down
 
+    def __post_init__(self) -> None:
+        for name in ("control_period_seconds", "staleness_budget_seconds",
+                     "upload_retry_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.staleness_budget_seconds <= self.control_period_seconds:
+            raise ValueError(f"staleness_budget_seconds={self.staleness_budget_seconds} must "
+                             f"exceed control_period_seconds={self.control_period_seconds} (and "
+                             "the server's 1 s heartbeat, or the robot idles between them)")
+
 
 @dataclasses.dataclass
 class RobotStats:
@@ -56,6 +68,8 @@ class RobotStats:
     uploaded: int = 0  # acknowledged by the gateway
     safe_idle_entries: int = 0  # watchdog trips
     actions_clipped: int = 0  # action dimensions clipped to the action spec
+    actions_nonfinite: int = 0  # NaN/Inf policy outputs replaced by the safe action
+    uploads_rejected: int = 0  # episodes the gateway refused for good (kept in spool/rejected)
     max_compute_seconds: float = 0.0  # longest inference + env step within an episode
     estopped: bool = False
     episode_ids: list[str] = dataclasses.field(default_factory=list)
@@ -67,8 +81,14 @@ def clip_action(action: np.ndarray, spec: dm_env.specs.BoundedArray) -> tuple[np
     return clipped, int(np.sum(clipped != action))
 
 
+# Upload failures that retrying cannot mend: the file moves to <spool>/rejected/ with the reason.
+PERMANENT_UPLOAD_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+
+
 class Uploader:
-    """Sends spooled episodes to the gateway until each is acknowledged, then deletes it."""
+    """Sends spooled episodes to the gateway until each is acknowledged, then deletes it.
+    An episode the gateway refuses for good is moved aside (never deleted) so the rest go on."""
 
     def __init__(self, gateway: str, robot_id: str, spool: EpisodeArchive, retry_seconds: float,
                  stats: RobotStats, security: ClientSecurity = PLAINTEXT):
@@ -103,7 +123,11 @@ class Uploader:
         try:
             while not self._stop.is_set():
                 for path in self._spool.paths():
-                    if not self._upload(client, path):
+                    try:
+                        if not self._upload(client, path):
+                            break
+                    except Exception:  # keep the thread alive: the spool must drain
+                        log.exception("upload of %s failed; retrying", path)
                         break
                 self._wake.wait(self._retry)
                 self._wake.clear()
@@ -118,13 +142,26 @@ class Uploader:
         try:
             reply = client.upload_payload(episode_id, self._robot_id, payload)
         except grpc.RpcError as e:
+            if e.code() in PERMANENT_UPLOAD_ERRORS:
+                self._reject(path, episode_id, f"{e.code().name}: {e.details()}")
+                return True
             log.warning("upload of %s failed (%s); retrying", episode_id, e.code())
             return False
         if reply.quarantined:
             log.error("gateway quarantined %s: %s", reply.episode_id, reply.quarantined)
-        os.remove(path)
+        self._spool.filesystem.delete_file(path)
         self._stats.uploaded += 1
         return True
+
+    def _reject(self, path: str, episode_id: str, reason: str) -> None:
+        log.error("gateway refused %s for good (%s); kept in rejected/", episode_id, reason)
+        rejected = f"{os.path.dirname(path)}/rejected"
+        fs = self._spool.filesystem
+        fs.create_dir(rejected)
+        fs.move(path, f"{rejected}/{episode_id}.parquet")
+        with fs.open_output_stream(f"{rejected}/{episode_id}.reason.txt") as f:
+            f.write(reason.encode())
+        self._stats.uploads_rejected += 1
 
 
 class RobotClient:
@@ -175,8 +212,8 @@ class RobotClient:
                 if done:
                     break
         finally:
+            self._apply_safe_action()  # whatever ended the loop, an exception included
             if self._estopped():  # also when it came between episodes
-                self._apply_safe_action()
                 self.stats.estopped = True
             self._subscriber.close()
             self._uploader.stop(drain_seconds if not self._estop.is_set() else 0.0)
@@ -225,9 +262,9 @@ class RobotClient:
         next_tick = time.monotonic()
         while True:
             recorder.observe(timestep.observation, task)
-            if self._estopped() or not self._fresh():
+            if self._estopped() or not self._fresh() or self._stop.is_set():
                 self._apply_safe_action()  # at once; the bookkeeping below can wait
-                interrupted = True
+                interrupted = not self._stop.is_set() or self._estop.is_set()
                 break
             t0 = time.monotonic()
             action = self._act(recorder, task_id)
@@ -238,7 +275,7 @@ class RobotClient:
             if timestep.last():
                 recorder.observe(timestep.observation, task)
                 break
-            next_tick += period
+            next_tick = max(next_tick + period, time.monotonic() - period)  # no catch-up burst
             time.sleep(max(0.0, next_tick - time.monotonic()))
         if recorder.length:
             self._spool_episode(recorder.episode(self._lineage(task.name, start)))
@@ -251,6 +288,9 @@ class RobotClient:
                                   None if pixels is None else pixels[None])[0]  # (A,)
         action_spec = self._env.action_spec()
         dims = action_spec.shape[0]
+        if not np.isfinite(action[:dims]).all():
+            self.stats.actions_nonfinite += 1
+            action[:dims] = self._safe_action()
         action[:dims], clipped = clip_action(action[:dims], action_spec)
         action[dims:] = 0.0
         self.stats.actions_clipped += clipped

@@ -56,7 +56,7 @@ def load_env_factory(spec: str) -> Callable:
         raise UsageError(f"--env {spec!r}: expected MODULE:FACTORY, e.g. actors.standins:cartpole")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except Exception as e:  # ImportError, or the module failing as it loads
         raise UsageError(f"--env {spec!r}: cannot import {module_name} ({e})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
@@ -69,26 +69,40 @@ def _log_to_stderr() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _robot_config(args: argparse.Namespace, robot_id: str):
+    from actors.robot import RobotConfig
+
+    try:
+        return RobotConfig(
+            robot_id=robot_id, spool_dir=args.spool or str(Path("spool") / robot_id),
+            control_period_seconds=args.control_period,
+            staleness_budget_seconds=args.staleness_budget, safe_action=args.safe_action,
+            estop_file=args.estop_file or "", task=args.task or "", run_id=args.run_id,
+            max_episodes=args.max_episodes, upload_retry_seconds=args.upload_retry)
+    except ValueError as e:
+        raise UsageError(f"robot: {e}") from None
+
+
 def cmd_robot(args: argparse.Namespace) -> int:
     import torch
 
-    from actors.robot import RobotClient, RobotConfig
+    from actors.robot import RobotClient
 
     factory = load_env_factory(args.env)
     robot_id = args.robot_id or f"robot-{socket.gethostname()}"
-    security = client_security(args, args.gateway, args.identity or robot_id)
-    config = RobotConfig(
-        robot_id=robot_id, spool_dir=args.spool or str(Path("spool") / robot_id),
-        control_period_seconds=args.control_period,
-        staleness_budget_seconds=args.staleness_budget, safe_action=args.safe_action,
-        estop_file=args.estop_file or "", task=args.task or "", run_id=args.run_id,
-        max_episodes=args.max_episodes, upload_retry_seconds=args.upload_retry)
+    if args.identity and args.identity != robot_id:
+        raise UsageError(f"--identity {args.identity}: a robot uploads only under its own id "
+                         f"({robot_id}); drop --identity or pass --robot-id {args.identity}")
+    security = client_security(args, args.gateway, robot_id)
+    config = _robot_config(args, robot_id)
     torch.set_num_threads(1)  # one inference thread: no thread-pool stalls in the control loop
     _log_to_stderr()
     try:
         robot = RobotClient(config, args.gateway, factory, security)
     except SecurityError as e:
         raise UsageError(str(e)) from None
+    except Exception as e:  # the environment factory failed
+        raise UsageError(f"--env {args.env}: {type(e).__name__}: {e}") from None
     signal.signal(signal.SIGUSR1, lambda *_: robot.estop())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: robot.stop())
@@ -108,6 +122,11 @@ def cmd_policy(args: argparse.Namespace) -> int:
     if args.action == "gen-certs":
         from policies.certs import generate_dev_credentials
 
+        if not args.target:
+            raise UsageError("policy gen-certs needs an output directory")
+        if (Path(args.target) / "ca.pem").exists():
+            raise UsageError(f"{args.target} already holds a CA (ca.pem); pick a new directory "
+                             "so existing credentials are not replaced by accident")
         clients = ["learner", "actor", "operator", *(args.robot or ["robot-1"])]
         roles = generate_dev_credentials(args.target, clients, args.host or [], args.days)
         print(f"wrote a development CA, a server certificate and {len(roles)} client "
@@ -127,7 +146,11 @@ def _operate(args: argparse.Namespace) -> int:
         raise UsageError(f"policy {args.action} needs the server address: HOST:PORT")
     default_identity = "learner" if args.action == "publish" else "operator"
     security = client_security(args, args.target, args.identity or default_identity)
-    with PolicyClient(args.target, timeout=30, security=security) as client:
+    try:
+        client = PolicyClient(args.target, timeout=30, security=security)
+    except SecurityError as e:
+        raise UsageError(str(e)) from None
+    with client:
         try:
             if args.action == "ls":
                 reply = client.list()
@@ -208,7 +231,11 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     _log_to_stderr()
-    print(f"policy server listening on {server.start()} (versions in {run_dir / 'policies'}, "
+    try:
+        address = server.start()
+    except RuntimeError as e:  # the address could not be bound
+        raise UsageError(str(e)) from None
+    print(f"policy server listening on {address} (versions in {run_dir / 'policies'}, "
           f"uploads to {run_dir / 'archive'})", flush=True)
     stop.wait()
     server.stop()

@@ -215,8 +215,14 @@ class PolicySubscriber:
         held = self.latest()
         request = pb.SubscribeRequest(after_version=held.version if held else 0,
                                       client_id=self._client_id)
-        return read_snapshots(stub.Subscribe(request, wait_for_ready=True),
+        return read_snapshots(self._touching(stub.Subscribe(request, wait_for_ready=True)),
                               on_heartbeat=self._heard)
+
+    def _touching(self, chunks: Iterable[pb.SnapshotChunk]) -> Iterable[pb.SnapshotChunk]:
+        """Every message counts as contact: a long download is a live server, not a silent one."""
+        for chunk in chunks:
+            self.last_contact = time.monotonic()
+            yield chunk
 
     def _run(self) -> None:
         backoff = 0.1

@@ -237,29 +237,29 @@ def _with_identity(handler, identity: str, require_cn: bool) -> grpc.RpcMethodHa
                           f"token of {identity!r} presented with the certificate of {names}")
 
     def wrap(behaviour, streaming):
+        # grpcio runs each call in a context of its own (and a streaming response's every
+        # step on that call's thread), so the value set here is seen only by this call.
         if streaming:
             def run_stream(request, context):
                 check(context)
-                reset = _IDENTITY.set(identity)
-                try:
-                    yield from behaviour(request, context)
-                finally:
-                    _IDENTITY.reset(reset)
+                _IDENTITY.set(identity)
+                yield from behaviour(request, context)
             return run_stream
 
         def run(request, context):
             check(context)
-            reset = _IDENTITY.set(identity)
-            try:
-                return behaviour(request, context)
-            finally:
-                _IDENTITY.reset(reset)
+            _IDENTITY.set(identity)
+            return behaviour(request, context)
         return run
     return _wrap(handler, wrap)
 
 
 def server_interceptors(security: ServerSecurity) -> list[grpc.ServerInterceptor]:
+    """The token check; TLS without tokens is refused (any caller could publish and pin)."""
     if not security.tokens_file:
+        if security.tls:
+            raise SecurityError("tokens_file: required with TLS; without tokens every caller "
+                                "could publish and pin (pacflow policy gen-certs writes one)")
         return []
     if not security.tls:
         raise SecurityError("tokens_file: bearer tokens need TLS (gRPC sends call credentials "

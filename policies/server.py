@@ -64,6 +64,7 @@ class PolicyStore:
         self._cache: collections.OrderedDict[int, tuple[Snapshot, list]] = \
             collections.OrderedDict()
         self._cached_versions = cached_versions
+        self._load_lock, self._publish_lock = threading.Lock(), threading.Lock()
         for meta_path in snapshot_paths(self.directory):
             meta = read_snapshot_metadata(meta_path)
             size = meta_path.with_suffix(".safetensors").stat().st_size
@@ -86,18 +87,23 @@ class PolicyStore:
         return self.client_pins.get(client_id) or self.fleet_pin or self.latest
 
     def get(self, version: int) -> tuple[Snapshot, list[pb.SnapshotChunk]] | None:
-        """(snapshot, its data chunks), or None when there is no such version."""
+        """(snapshot, its data chunks), or None when there is no such version. Raises
+        SnapshotError or OSError when the stored version is damaged or gone."""
         with self.cond:
             if version not in self.infos:
                 return None
             if version in self._cache:
                 self._cache.move_to_end(version)
                 return self._cache[version]
-        snapshot = load_snapshot(self.directory / f"v{version:06d}.json")  # checks the hash
-        return self._remember(snapshot)
+        with self._load_lock:  # one disk read per version, however many callers miss
+            with self.cond:
+                if version in self._cache:
+                    return self._cache[version]
+            snapshot = load_snapshot(self.directory / f"v{version:06d}.json")  # hash-checked
+            return self._remember(snapshot)
 
     def _remember(self, snapshot: Snapshot) -> tuple[Snapshot, list[pb.SnapshotChunk]]:
-        entry = (snapshot, list(data_chunks(snapshot.weights)))
+        entry = (snapshot, list(data_chunks(snapshot.weights)))  # encoded outside the lock
         with self.cond:
             self._cache[snapshot.version] = entry
             while len(self._cache) > self._cached_versions:
@@ -105,15 +111,18 @@ class PolicyStore:
         return entry
 
     def add(self, snapshot: Snapshot) -> None:
-        with self.cond:
+        """Stores a new latest version. Disk writes and encoding happen outside `cond`, so
+        subscribers keep their heartbeats while a large snapshot is saved."""
+        with self._publish_lock:
             if snapshot.version <= self.latest:
                 raise ValueError(f"version {snapshot.version} does not advance latest "
                                  f"{self.latest}")
             save_snapshot(snapshot, self.directory)
             self._remember(snapshot)
-            self.infos[snapshot.version] = _info(snapshot.version, snapshot.sha256,
-                                                 snapshot.metadata, len(snapshot.weights))
-            self.cond.notify_all()
+            with self.cond:
+                self.infos[snapshot.version] = _info(snapshot.version, snapshot.sha256,
+                                                     snapshot.metadata, len(snapshot.weights))
+                self.cond.notify_all()
 
     def pin(self, version: int, client_id: str) -> None:
         with self.cond:
@@ -167,6 +176,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         entry = self.store.get(self.store.target(client_id))
         return None if entry is None else entry[0]
 
+    def _get(self, version: int, context: grpc.ServicerContext):
+        """store.get, with a damaged stored version reported as DATA_LOSS (and logged)."""
+        try:
+            return self.store.get(version)
+        except (SnapshotError, OSError) as e:
+            log.error("stored policy v%d is unreadable: %s", version, e)
+            context.abort(grpc.StatusCode.DATA_LOSS, f"stored policy v{version} is unreadable")
+
     def stop(self) -> None:
         with self.store.cond:
             self._stopping = True
@@ -206,7 +223,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 yield pb.SnapshotChunk(heartbeat=pb.Heartbeat(latest_version=target))
                 continue
             for version in versions:
-                entry = store.get(version)
+                entry = self._get(version, context)
                 if entry is not None:  # the same chunk messages go to every subscriber
                     yield snapshot_header(entry[0], pinned=pinned)
                     yield from entry[1]
@@ -215,7 +232,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def Fetch(self, request: pb.FetchRequest,
               context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
         version = int(request.version) or self.store.target("")
-        entry = self.store.get(version)
+        entry = self._get(version, context)
         if entry is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
         yield snapshot_header(entry[0])

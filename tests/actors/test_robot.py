@@ -3,6 +3,7 @@ nothing, the watchdog idles the robot while the gateway is away, the e-stop stop
 The control-period timing is checked with robot and gateway as separate processes
 (tests/integration/test_robot_cli.py): here they share one interpreter lock."""
 
+import dataclasses
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import torch
 from dm_env import specs
 
 from actors.envs import make_env_spec
-from actors.robot import RobotClient, RobotConfig, clip_action
+from actors.robot import RobotClient, RobotConfig, RobotStats, Uploader, clip_action
 from actors.standins import cartpole
 from policies.client import publish
 from policies.perceiver import PerceiverActorCritic
@@ -21,7 +22,7 @@ from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.archive import EpisodeArchive
 from replay.ingest import EpisodeSink
-from tests.fakes import TINY_MODEL
+from tests.fakes import TINY_MODEL, make_episode
 
 PERIOD = 0.1  # control period of the tests' robot, seconds (12 steps per episode)
 
@@ -63,11 +64,24 @@ def gateway(tmp_path):
     state["server"].stop()
 
 
-def _robot(tmp_path, address: str, **overrides) -> RobotClient:
+class HoldingCartpole:
+    """The cartpole stand-in with the optional `hold(action)` a real robot driver provides."""
+
+    def __init__(self):
+        self._env, self.holds = cartpole(seed=1, time_limit=1.0), []
+
+    def hold(self, action: np.ndarray) -> None:
+        self.holds.append(np.array(action))
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+def _robot(tmp_path, address: str, env=None, **overrides) -> RobotClient:
     config = RobotConfig(robot_id="robot-1", spool_dir=str(tmp_path / "spool"),
                          control_period_seconds=PERIOD, staleness_budget_seconds=0.5,
                          upload_retry_seconds=0.2, **overrides)
-    return RobotClient(config, address, lambda: cartpole(seed=1, time_limit=1.0))
+    return RobotClient(config, address, lambda: env or cartpole(seed=1, time_limit=1.0))
 
 
 def test_gateway_restart_loses_and_duplicates_nothing(gateway, tmp_path):
@@ -77,8 +91,9 @@ def test_gateway_restart_loses_and_duplicates_nothing(gateway, tmp_path):
     runner = threading.Thread(target=robot.run)
     runner.start()
     _wait(lambda: robot.stats.uploaded >= 2, timeout=30)
+    idles_before = robot.stats.safe_idle_entries
     state["server"].stop()  # the gateway goes away mid-run
-    _wait(lambda: robot.stats.safe_idle_entries >= 1, timeout=10)
+    _wait(lambda: robot.stats.safe_idle_entries > idles_before, timeout=10)
     idle_episodes = robot.stats.episodes
     time.sleep(1.0)
     assert robot.stats.episodes == idle_episodes  # no episode starts while idle
@@ -95,9 +110,9 @@ def test_gateway_restart_loses_and_duplicates_nothing(gateway, tmp_path):
 
 
 def test_estop_file_stops_at_once_with_the_episode_kept(gateway, tmp_path):
-    state, _, _ = gateway
-    estop = tmp_path / "ESTOP"
-    robot = _robot(tmp_path, state["server"].address, estop_file=str(estop))
+    state, _, archive = gateway
+    estop, env = tmp_path / "ESTOP", HoldingCartpole()
+    robot = _robot(tmp_path, state["server"].address, env=env, estop_file=str(estop))
     runner = threading.Thread(target=robot.run)
     runner.start()
     _wait(lambda: robot.stats.episodes >= 1, timeout=30)
@@ -106,8 +121,30 @@ def test_estop_file_stops_at_once_with_the_episode_kept(gateway, tmp_path):
     runner.join(timeout=10)
     assert not runner.is_alive() and time.monotonic() - t0 < 2 * PERIOD + 1.0
     assert robot.stats.estopped
-    spooled_or_sent = robot.stats.uploaded + len(list((tmp_path / "spool").glob("*.parquet")))
-    assert spooled_or_sent == robot.stats.episodes  # the interrupted episode was kept
+    kept = list(archive.episodes()) + list(EpisodeArchive(tmp_path / "spool").episodes())
+    assert len(kept) == robot.stats.episodes
+    lengths = sorted(e.length for e in kept)
+    assert lengths[0] < lengths[-1]  # the interrupted episode was kept, cut short
+    np.testing.assert_array_equal(env.holds[-1], np.zeros(1, np.float32))  # safe action held
+
+
+def test_an_upload_refused_for_good_is_kept_aside_and_the_rest_go_on(gateway, tmp_path):
+    state, _, archive = gateway
+    spool = EpisodeArchive(tmp_path / "spool")
+    spec = make_env_spec(["dm_control:cartpole-swingup"], action_repeat=8)
+    good, foreign = make_episode(spec=spec, length=5), make_episode(spec=spec, length=5, seed=1)
+    good = dataclasses.replace(good, lineage=dataclasses.replace(good.lineage,
+                                                                 actor_id="robot-1"))
+    spool.write(foreign)  # recorded by actor-0: the gateway refuses it as robot-1's upload
+    spool.write(good)
+    stats = RobotStats()
+    uploader = Uploader(state["server"].address, "robot-1", spool, 0.1, stats).start()
+    _wait(lambda: stats.uploaded == 1 and stats.uploads_rejected == 1, timeout=30)
+    uploader.stop()
+    assert [e.lineage.episode_id for e in archive.episodes()] == [good.lineage.episode_id]
+    rejected = tmp_path / "spool" / "rejected"
+    assert (rejected / f"{foreign.lineage.episode_id}.parquet").exists()
+    assert "INVALID_ARGUMENT" in (rejected / f"{foreign.lineage.episode_id}.reason.txt").read_text()
 
 
 def test_actions_are_clipped_to_the_action_spec():

@@ -161,6 +161,9 @@ def test_plaintext_is_only_for_loopback_and_only_when_allowed(tmp_path, creds):
         PolicyServer(tmp_path / "p", host="0.0.0.0", security=ServerSecurity(allow_plaintext=True))
     with pytest.raises(SecurityError, match="allow_plaintext"):
         PolicyServer(tmp_path / "p", host="127.0.0.1", security=ServerSecurity())
+    with pytest.raises(SecurityError, match="tokens_file: required with TLS"):
+        PolicyServer(tmp_path / "p", security=dataclasses.replace(
+            ServerSecurity.from_dir(creds[0]), tokens_file=""))
     with pytest.raises(SecurityError, match="need TLS"):
         PolicyServer(tmp_path / "p", security=ServerSecurity(
             allow_plaintext=True, tokens_file=str(creds[0] / "tokens.yaml")))
