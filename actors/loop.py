@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Sequence
 
+import dm_env
 import numpy as np
 
 from actors.envs import SeededEnvironment, flatten_observation
@@ -30,18 +31,47 @@ class EpisodeContext:
     mode: str  # "collect" or "eval"
 
 
-class _EpisodeBuffer:
+class EpisodeBuffer:
+    """One episode's steps as they happen; `episode()` turns them into an Episode.
+    Shared by the sim acting loop and the robot client."""
+
     def __init__(self) -> None:
-        self.observations: list[np.ndarray] = []
+        self.observations: list[np.ndarray] = []  # (obs_dim,) each, one more than actions
         self.actions: list[np.ndarray] = []
         self.rewards: list[float] = []
         self.discounts: list[float] = []
         self.pixels: list[np.ndarray] = []
 
+    @property
+    def length(self) -> int:
+        return len(self.actions)
+
     def observe(self, observation: np.ndarray, pixels: np.ndarray | None) -> None:
         self.observations.append(observation)
         if pixels is not None:
             self.pixels.append(pixels)
+
+    def record(self, action: np.ndarray, timestep: dm_env.TimeStep) -> None:
+        """The action taken and the timestep it led to (dm_env: discount 0 = termination)."""
+        self.actions.append(action.astype(np.float32))
+        self.rewards.append(float(timestep.reward or 0.0))
+        self.discounts.append(1.0 if timestep.discount is None else float(timestep.discount))
+
+    def episode(self, spec: EnvSpec, task_id: int, lineage: Lineage) -> Episode:
+        """Needs length + 1 observations; the last action slot is padding."""
+        T = self.length
+        terminated = self.discounts[-1] == 0.0
+        return Episode(
+            lineage=lineage, task_id=task_id,
+            observation=np.stack(self.observations[:T + 1]).astype(np.float32),
+            action=np.concatenate([np.stack(self.actions),
+                                   np.zeros((1, spec.action_dim), np.float32)]),
+            reward=np.array(self.rewards + [0.0], np.float32),
+            discount=np.array(self.discounts + [0.0], np.float32),
+            policy_version=np.full(T + 1, lineage.policy_version, np.int64),
+            terminated=terminated, truncated=not terminated,
+            pixels=np.stack(self.pixels[:T + 1]) if self.pixels else None,
+        )
 
 
 class EnvironmentLoop:
@@ -71,7 +101,7 @@ class EnvironmentLoop:
         for env, seed in zip(envs, seeds):
             env.seed(seed)
         timesteps = [env.reset() for env in envs]
-        buffers = [_EpisodeBuffer() for _ in envs]
+        buffers = [EpisodeBuffer() for _ in envs]
         active = list(range(len(envs)))
         task_ids = np.full(len(envs), ctx.task_id, np.int64)
         task, obs_dim = self._spec.tasks[ctx.task_id], self._spec.obs_dim
@@ -87,10 +117,8 @@ class EnvironmentLoop:
             for j, i in enumerate(active):
                 buf = buffers[i]
                 buf.observe(obs[j], pixels[j] if camera else None)
-                buf.actions.append(actions[j].astype(np.float32))
                 timesteps[i] = envs[i].step(actions[j, :task.action_dim])
-                buf.rewards.append(float(timesteps[i].reward))
-                buf.discounts.append(float(timesteps[i].discount))
+                buf.record(actions[j], timesteps[i])
                 if timesteps[i].last():
                     last = timesteps[i].observation
                     buf.observe(flatten_observation(last, task, obs_dim),
@@ -101,21 +129,9 @@ class EnvironmentLoop:
         return [self._episode(buf, seed, start_time, policy.policy_version, ctx)
                 for buf, seed in zip(buffers, seeds)]
 
-    def _episode(self, buf: _EpisodeBuffer, seed: int, start_time: float, version: int,
+    def _episode(self, buf: EpisodeBuffer, seed: int, start_time: float, version: int,
                  ctx: EpisodeContext) -> Episode:
-        T = len(buf.actions)
-        terminated = buf.discounts[-1] == 0.0
         lineage = Lineage(run_id=ctx.run_id, cycle=ctx.cycle, policy_version=version,
                           actor_id=ctx.actor_id, task=ctx.task, episode_id=uuid.uuid4().hex,
                           seed=seed, mode=ctx.mode, start_time=start_time, end_time=time.time())
-        return Episode(
-            lineage=lineage, task_id=ctx.task_id,
-            observation=np.stack(buf.observations).astype(np.float32),
-            action=np.concatenate([np.stack(buf.actions),
-                                   np.zeros((1, self._spec.action_dim), np.float32)]),
-            reward=np.array(buf.rewards + [0.0], np.float32),
-            discount=np.array(buf.discounts + [0.0], np.float32),
-            policy_version=np.full(T + 1, version, np.int64),
-            terminated=terminated, truncated=not terminated,
-            pixels=np.stack(buf.pixels) if buf.pixels else None,
-        )
+        return buf.episode(self._spec, ctx.task_id, lineage)

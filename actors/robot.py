@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from actors.envs import flatten_observation
+from actors.loop import EpisodeBuffer
 from policies.client import PLAINTEXT, PolicyClient, PolicySubscriber
 from policies.policy import PACPolicy
 from policies.security import ClientSecurity
@@ -257,33 +258,48 @@ class RobotClient:
     def _run_episode(self) -> None:
         spec, task_id = self._task()
         task, period = spec.tasks[task_id], self.config.control_period_seconds
-        recorder = _Recorder(spec, task_id, self._policy.policy_version)
-        timestep, start, interrupted = self._env.reset(), time.time(), False
-        next_tick = time.monotonic()
+        buf, start, ended_by = EpisodeBuffer(), time.time(), None
+        timestep, next_tick = self._env.reset(), time.monotonic()
         while True:
-            recorder.observe(timestep.observation, task)
-            if self._estopped() or not self._fresh() or self._stop.is_set():
+            obs, pixels = self._observe(timestep, spec, task)
+            buf.observe(obs, pixels)
+            if timestep.last():
+                break
+            ended_by = self._interruption()
+            if ended_by:
                 self._apply_safe_action()  # at once; the bookkeeping below can wait
-                interrupted = not self._stop.is_set() or self._estop.is_set()
                 break
             t0 = time.monotonic()
-            action = self._act(recorder, task_id)
+            action = self._act(obs, pixels, task_id)
             timestep = self._env.step(action[:task.action_dim])
             self.stats.max_compute_seconds = max(self.stats.max_compute_seconds,
                                                  time.monotonic() - t0)
-            recorder.step(action, timestep)
-            if timestep.last():
-                recorder.observe(timestep.observation, task)
-                break
+            buf.record(action, timestep)
             next_tick = max(next_tick + period, time.monotonic() - period)  # no catch-up burst
             time.sleep(max(0.0, next_tick - time.monotonic()))
-        if recorder.length:
-            self._spool_episode(recorder.episode(self._lineage(task.name, start)))
-        if interrupted:
+        if buf.length:
+            self._spool_episode(buf.episode(spec, task_id, self._lineage(task.name, start)))
+        if ended_by in ("e-stop", "stale"):
             self._enter_safe_idle()
 
-    def _act(self, recorder: "_Recorder", task_id: int) -> np.ndarray:
-        obs, pixels = recorder.current()
+    def _interruption(self) -> str | None:
+        """Why the episode must end now: "e-stop", "stale" (watchdog), "stop", or None."""
+        if self._estopped():
+            return "e-stop"
+        if not self._fresh():
+            return "stale"
+        return "stop" if self._stop.is_set() else None
+
+    @staticmethod
+    def _observe(timestep: dm_env.TimeStep, spec: EnvSpec,
+                 task: TaskSpec) -> tuple[np.ndarray, np.ndarray | None]:
+        """(obs (obs_dim,) zero-padded, pixels (H, W, 3) uint8 or None)."""
+        obs = flatten_observation(timestep.observation, task, spec.obs_dim)
+        pixels = np.asarray(timestep.observation["pixels"], np.uint8) \
+            if spec.pixels_shape else None
+        return obs, pixels
+
+    def _act(self, obs: np.ndarray, pixels: np.ndarray | None, task_id: int) -> np.ndarray:
         action = self._policy.act(obs[None], np.array([task_id]), False,
                                   None if pixels is None else pixels[None])[0]  # (A,)
         action_spec = self._env.action_spec()
@@ -316,48 +332,3 @@ class RobotClient:
         self.stats.episodes += 1
         self.stats.episode_ids.append(episode.lineage.episode_id)
         self._uploader.wake()
-
-
-class _Recorder:
-    """Builds one Episode from the control loop's observations, actions and timesteps."""
-
-    def __init__(self, spec: EnvSpec, task_id: int, version: int):
-        self._spec, self._task_id, self._version = spec, task_id, version
-        self._obs: list[np.ndarray] = []
-        self._pixels: list[np.ndarray] = []
-        self._actions: list[np.ndarray] = []
-        self._rewards: list[float] = []
-        self._discounts: list[float] = []
-
-    @property
-    def length(self) -> int:
-        return len(self._actions)
-
-    def observe(self, observation: dict, task: TaskSpec) -> None:
-        if len(self._obs) > len(self._actions):  # already observed this step
-            return
-        self._obs.append(flatten_observation(observation, task, self._spec.obs_dim))
-        if self._spec.pixels_shape:
-            self._pixels.append(np.asarray(observation["pixels"], np.uint8))
-
-    def current(self) -> tuple[np.ndarray, np.ndarray | None]:
-        return self._obs[-1], self._pixels[-1] if self._pixels else None
-
-    def step(self, action: np.ndarray, timestep: dm_env.TimeStep) -> None:
-        self._actions.append(action.astype(np.float32))
-        self._rewards.append(float(timestep.reward or 0.0))
-        self._discounts.append(float(1.0 if timestep.discount is None else timestep.discount))
-
-    def episode(self, lineage: Lineage) -> Episode:
-        T = self.length
-        obs = self._obs[:T + 1]
-        terminated = self._discounts[-1] == 0.0
-        return Episode(
-            lineage=lineage, task_id=self._task_id, observation=np.stack(obs),
-            action=np.concatenate([np.stack(self._actions),
-                                   np.zeros((1, self._spec.action_dim), np.float32)]),
-            reward=np.array(self._rewards + [0.0], np.float32),
-            discount=np.array(self._discounts + [0.0], np.float32),
-            policy_version=np.full(T + 1, self._version, np.int64),
-            terminated=terminated, truncated=not terminated,
-            pixels=np.stack(self._pixels[:T + 1]) if self._pixels else None)

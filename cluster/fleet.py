@@ -108,13 +108,12 @@ def cmd_robot(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: robot.stop())
     print(f"{robot_id}: gateway {args.gateway}, spool {config.spool_dir}", flush=True)
     stats = robot.run(drain_seconds=args.drain_seconds)
-    summary = {k: v for k, v in vars(stats).items()}
     print(f"{robot_id}: {stats.episodes} episodes, {stats.uploaded} uploaded, "
           f"{stats.safe_idle_entries} safe idles, {stats.actions_clipped} clipped actions, "
           f"max step {stats.max_compute_seconds * 1000:.1f} ms"
           f"{', E-STOP' if stats.estopped else ''}", flush=True)
     if args.stats:
-        Path(args.stats).write_text(json.dumps(summary))
+        Path(args.stats).write_text(json.dumps(vars(stats)))
     return 3 if stats.estopped else 0
 
 

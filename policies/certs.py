@@ -23,14 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from policies.security import token_digest
-
-SERVICE_IDENTITIES = {"learner": "learner", "actor": "actor", "operator": "operator"}
+from policies.security import ROLES, token_digest
 
 
 def role_of(identity: str) -> str:
-    """learner, actor and operator are themselves; every other identity is a robot."""
-    return SERVICE_IDENTITIES.get(identity, "robot")
+    """learner, actor and operator are their own roles; every other identity is a robot."""
+    return identity if identity in ROLES else "robot"
 
 
 def _write(path: Path, data: bytes, secret: bool = False) -> None:

@@ -182,13 +182,10 @@ class PolicySubscriber:
             self._channel.close()
         self._thread.join(timeout=5)
 
-    def _heard(self, heartbeat: pb.Heartbeat | None = None) -> None:
-        self.last_contact = time.monotonic()
-        if heartbeat is not None:
-            self.server_version = int(heartbeat.latest_version)
+    def _heartbeat(self, heartbeat: pb.Heartbeat) -> None:
+        self.server_version = int(heartbeat.latest_version)
 
     def _accept(self, snapshot: Snapshot, header: pb.SnapshotHeader) -> None:
-        self._heard()
         self.server_version = snapshot.version
         with self._cond:
             held = self._latest.version if self._latest else 0
@@ -216,10 +213,11 @@ class PolicySubscriber:
         request = pb.SubscribeRequest(after_version=held.version if held else 0,
                                       client_id=self._client_id)
         return read_snapshots(self._touching(stub.Subscribe(request, wait_for_ready=True)),
-                              on_heartbeat=self._heard)
+                              on_heartbeat=self._heartbeat)
 
     def _touching(self, chunks: Iterable[pb.SnapshotChunk]) -> Iterable[pb.SnapshotChunk]:
-        """Every message counts as contact: a long download is a live server, not a silent one."""
+        """Sets `last_contact` on every message: a heartbeat, a header, and each data part (a long
+        download is a live server, not a silent one)."""
         for chunk in chunks:
             self.last_contact = time.monotonic()
             yield chunk
