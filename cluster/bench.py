@@ -80,9 +80,10 @@ def _flops_per_step(learner: PACLearner) -> float:
     return float(counter.get_total_flops())
 
 
-def bench_learner(preset: str, steps: int, batch_size: int, device: str) -> dict:
+def bench_learner(preset: str, steps: int, batch_size: int, device: str,
+                  threads: int = LearnerConfig.num_threads) -> dict:
     model_config = PerceiverConfig(**PRESETS[preset], v_max=400.0)
-    config = LearnerConfig(batch_size=batch_size, device=device, num_action_samples=20)
+    config = LearnerConfig(batch_size=batch_size, device=device, num_threads=threads)
     replay_config = ReplayConfig(n_step=3, prefetch_batches=4)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +108,8 @@ def bench_learner(preset: str, steps: int, batch_size: int, device: str) -> dict
         batches.close()
         server.stop()
     case = f"preset={preset},batch={batch_size},device={ours.device.type}"
+    if ours.device.type == "cpu":
+        case += f",threads={threads}"
     return {"case": case, "ours_s": ours_s, "base_s": base_s, "wait": wait_fraction,
             "batch_size": batch_size, **result_extra}
 
@@ -131,10 +134,12 @@ def learner_results(r: dict) -> list[dict]:
 
 
 def run_learner_bench(presets: list[str], steps: int, batch_size: int, device: str,
-                      json_path: str | None) -> dict:
+                      json_path: str | None, threads: list[int] | None = None) -> dict:
+    """One case per preset and CPU thread count (`threads`, default the config's)."""
     results = []
     for preset in presets:
-        results += learner_results(bench_learner(preset, steps, batch_size, device))
+        for n in threads or [LearnerConfig.num_threads]:
+            results += learner_results(bench_learner(preset, steps, batch_size, device, n))
     report = {"benchmark": "learner", "machine": machine(), "results": results}
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1))

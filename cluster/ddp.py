@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
-from learners.distributed import allreduce_gradients, parameter_checksum
+from learners.distributed import allreduce_gradients, allreduce_moments, parameter_checksum
 from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
 from policies.client import publish
@@ -52,7 +52,7 @@ def _train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     learner = PACLearner(job.spec, job.model, job.learner, job.make_iterator(rank), job.seed,
-                         gradient_hook=allreduce_gradients)
+                         gradient_hook=allreduce_gradients, moments_hook=allreduce_moments)
     state = load_latest_good(job.checkpoint_dir)
     if state is not None:
         learner.restore(state)

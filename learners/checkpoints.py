@@ -47,7 +47,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, cyc
     save_file(state["model"], tmp / "model.safetensors")
     save_file(state["target"], tmp / "target.safetensors")
     torch.save({k: state[k] for k in ("optimizer", "dual_optimizer", "log_temperature",
-                                      "num_steps", "rng_state")}, tmp / "optim.pt")
+                                      "log_entropy_multiplier", "num_steps", "rng_state")},
+               tmp / "optim.pt")
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "cycle": cycle,
                                                    "files": files}, indent=1))

@@ -32,7 +32,12 @@ class LearnerConfig:
     beta: float = 1.0  # critic loss weight
     epsilon: float = 0.1  # KL bound of the improved policy to the target policy
     init_temperature: float = 1.0  # initial eta
-    num_action_samples: int = 20  # N actions sampled from the target policy per state
+    # E-step: each action dimension's K bins are scored exactly, the other dimensions taken
+    # from this many samples of π_θ' per state (Q averaged over them; 1 dimension: exact).
+    num_context_samples: int = 1
+    # Entropy floor per action dimension, in nats (0 = off): a learned multiplier keeps the
+    # policy at least this random, for exploration in online cycles (ln K = uniform).
+    min_entropy: float = 0.0
     discount: float = 0.99  # gamma
     target_update: TargetUpdate = TargetUpdate.PERIODIC  # periodic hard copy or Polyak averaging
     target_update_period: int = 100  # learner steps between hard copies (periodic)
@@ -42,18 +47,20 @@ class LearnerConfig:
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     bf16_autocast: bool = True  # on CUDA: forward passes in bfloat16 autocast (losses in fp32)
     compile: bool = False  # torch.compile the network's encode/decode methods
-    num_threads: int = 2  # torch intra-op threads on CPU
+    num_threads: int = 2  # torch intra-op threads on CPU (measure: pacflow bench learner)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"learner.alpha={self.alpha} must be in [0, 1]")
+        if self.min_entropy < 0:
+            raise ValueError(f"learner.min_entropy={self.min_entropy} must be >= 0")
         if self.beta < 0:
             raise ValueError(f"learner.beta={self.beta} must be >= 0")
         if not 0.0 < self.discount <= 1.0:
             raise ValueError(f"learner.discount={self.discount} must be in (0, 1]")
         if self.init_temperature <= 0 or self.epsilon <= 0:
             raise ValueError("learner.init_temperature and learner.epsilon must be > 0")
-        for name in ("batch_size", "num_action_samples", "target_update_period", "num_threads"):
+        for name in ("batch_size", "num_context_samples", "target_update_period", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"learner.{name}={getattr(self, name)} must be >= 1")
         if not 0.0 < self.polyak_tau <= 1.0:

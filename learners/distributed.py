@@ -12,6 +12,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from policies.normalization import BatchMoments
+
 
 def allreduce_gradients(parameters: Iterable[torch.Tensor]) -> None:
     """Replaces each parameter's gradient by its mean over all ranks (missing grads count as 0)."""
@@ -25,6 +27,14 @@ def allreduce_gradients(parameters: Iterable[torch.Tensor]) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def allreduce_moments(moments: BatchMoments) -> BatchMoments:
+    """Sums every rank's batch observation moments, so all replicas merge the same statistics."""
+    flat = torch.cat([moments.count, moments.total.reshape(-1), moments.total_sq.reshape(-1)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    T, D = moments.total.shape
+    return BatchMoments(flat[:T], flat[T:T + T * D].view(T, D), flat[T + T * D:].view(T, D))
 
 
 def parameter_checksum(module: torch.nn.Module) -> float:

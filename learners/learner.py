@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from learners import losses
 from learners.config import CriticTarget, LearnerConfig, TargetUpdate
+from policies.normalization import BatchMoments, batch_moments
 from policies.perceiver import (PerceiverActorCritic, PerceiverConfig, count_parameters,
                                 init_temperature_param)
 from replay.spec import Batch, EnvSpec
@@ -37,11 +38,15 @@ class PACLearner:
 
     def __init__(self, spec: EnvSpec, model_config: PerceiverConfig, config: LearnerConfig,
                  iterator: Iterator[Batch], seed: int = 0,
-                 gradient_hook: Callable[[Iterable[torch.Tensor]], None] | None = None):
+                 gradient_hook: Callable[[Iterable[torch.Tensor]], None] | None = None,
+                 moments_hook: Callable[[BatchMoments], BatchMoments] | None = None):
         """`gradient_hook(parameters)` runs between backward and the optimizer step, e.g.
-        `learners.distributed.allreduce_gradients` for data-parallel replicas."""
+        `learners.distributed.allreduce_gradients` for data-parallel replicas;
+        `moments_hook(moments)` sums each batch's observation moments over the replicas
+        (`learners.distributed.allreduce_moments`), so their normalisers stay identical."""
         torch.manual_seed(seed)
         self.config, self.iterator, self.gradient_hook = config, iterator, gradient_hook
+        self.moments_hook = moments_hook
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
@@ -51,14 +56,17 @@ class PACLearner:
                                             device=self.device, requires_grad=True)
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
-                                          fused=cuda)
+                                          fused=True)  # fused kernels on CUDA and on CPU
         self._autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                               enabled=cuda and config.bf16_autocast)
         if config.compile:
             for m in (self.model, self.target):
                 m.encode = torch.compile(m.encode)
                 m.q_logits = torch.compile(m.q_logits)
-        self.dual_optimizer = torch.optim.Adam([self.log_temperature],
+        self.log_entropy_multiplier = torch.tensor(init_temperature_param(1.0),
+                                                   device=self.device, requires_grad=True)
+        self.dual_optimizer = torch.optim.Adam([self.log_temperature,
+                                                self.log_entropy_multiplier],
                                                lr=config.dual_learning_rate)
         self.num_steps = 0
         log.info("PAC model: %d parameters on %s", count_parameters(self.model), self.device)
@@ -75,6 +83,7 @@ class PACLearner:
         t_data = time.perf_counter() - t0
         n = batch.reward.shape[1] - 1
         s, task = batch.observation[:, 0], batch.task_id  # (B, O), (B,)
+        B, A, K = s.shape[0], self.model.spec.action_dim, self.model.config.num_action_bins
         a_data = model.action_to_bins(batch.action[:, 0])  # (B, A)
         a_mask = model.action_mask(task)  # (B, A) for mixed-size tasks, else None
         ret = losses.n_step_return(batch.reward[:, :n], batch.discount[:, :n],
@@ -85,18 +94,27 @@ class PACLearner:
         if batch.pixels is not None:  # (B, n+1, H, W, 3) uint8
             img, img_boot = batch.pixels[:, 0], batch.pixels[rows, ret.bootstrap_index]
 
+        self._update_normalizer(s, task)
+
         with torch.autocast(**self._autocast):  # bf16 forward on CUDA; a no-op on CPU
             z = model.encode(s, task, img)  # (B, L, W)
             logits_pi = model.policy_logits(z).float()  # (B, A, K)
             with torch.no_grad():
-                z_tgt = target.encode(s, task, img)
-                z_boot = target.encode(s_boot, task, img_boot)
-                # N actions from π_θ', scored by the online critic (stop-gradient).
-                pi_tgt = torch.distributions.Categorical(logits=target.policy_logits(z_tgt))
-                a_samp = pi_tgt.sample((cfg.num_action_samples,)).transpose(0, 1)  # (B, N, A)
-                q_samp = model.q_value(model.q_logits(z, a_samp, a_mask).float())  # (B, N)
+                # One target encode for s_t and s_{t+n} together.
+                both = None if img is None else torch.cat([img, img_boot])
+                z_tgt, z_boot = target.encode(torch.cat([s, s_boot]), torch.cat([task, task]),
+                                              both).chunk(2)
+                # E-step: every bin of every dimension scored by the online critic
+                # (stop-gradient), the other dimensions from N samples of π_θ'.
+                prior_logits = target.policy_logits(z_tgt).float()  # (B, A, K)
+                context = torch.distributions.Categorical(logits=prior_logits).sample(
+                    (cfg.num_context_samples,)).transpose(0, 1)  # (B, N, A)
+                candidates = losses.per_dimension_candidates(context, K)  # (B, N, A, K, A)
+                q_cand = model.q_value(model.q_logits(
+                    z, candidates.reshape(B, -1, A), a_mask).float())  # (B, N*A*K)
+                q_cand = q_cand.view(B, -1, A, K).mean(1)  # (B, A, K)
                 temperature = self.temperature.detach()
-                weights = losses.improvement_weights(q_samp, temperature)  # (B, N)
+                log_improved = losses.improved_log_probs(prior_logits, q_cand, temperature)
                 # Γ_θ': bootstrap with a' ~ π_θ'(s_{t+n}) under the target critic, C51-projected.
                 a_next = torch.distributions.Categorical(
                     logits=target.policy_logits(z_boot)).sample()  # (B, A)
@@ -104,18 +122,23 @@ class PACLearner:
                 p_next = p_next.softmax(-1)  # (B, M)
                 target_probs = self._target_distribution(ret, p_next)  # (B, M)
 
-            l_imp = losses.policy_improvement_loss(logits_pi, a_samp, weights, a_mask)
+            l_imp = losses.policy_improvement_loss(logits_pi, log_improved, a_mask)
             l_bc = losses.behaviour_cloning_loss(logits_pi, a_data, a_mask)
             q_logits_data = model.q_logits(z, a_data.unsqueeze(1), a_mask)[:, 0].float()
         l_q = losses.critic_loss(q_logits_data, target_probs)
-        l_eta = losses.temperature_dual_loss(q_samp, self.temperature, cfg.epsilon)
+        l_eta = losses.temperature_dual_loss(prior_logits, q_cand, self.temperature,
+                                             cfg.epsilon, a_mask)
         loss = losses.pac_loss(l_imp, l_bc, l_q, l_eta, cfg.alpha, cfg.beta)
+        if cfg.min_entropy > 0:
+            multiplier = F.softplus(self.log_entropy_multiplier)
+            loss = loss + losses.entropy_floor_loss(logits_pi, multiplier, cfg.min_entropy, a_mask)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.dual_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.gradient_hook is not None:
-            self.gradient_hook([*model.parameters(), self.log_temperature])
+            self.gradient_hook([*model.parameters(), self.log_temperature,
+                                self.log_entropy_multiplier])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.dual_optimizer.step()
@@ -127,9 +150,21 @@ class PACLearner:
         return {
             "loss": loss.item(), "l_imp": l_imp.item(), "l_bc": l_bc.item(), "l_q": l_q.item(),
             "temperature": temperature.item(), "grad_norm": grad_norm.item(),
-            "q_mean": q_samp.mean().item(), "data_wait_s": t_data,
+            "entropy_multiplier": F.softplus(self.log_entropy_multiplier).item(),
+            "q_mean": q_cand.mean().item(), "data_wait_s": t_data,
+            "kl_improved": losses.categorical_kl(log_improved, prior_logits, a_mask).item(),
+            "entropy": losses.categorical_entropy(logits_pi.detach(), a_mask).item(),
             "step_s": time.perf_counter() - t0,
         }
+
+    def _update_normalizer(self, observation: torch.Tensor, task_id: torch.Tensor) -> None:
+        """Merges this batch into the observation statistics, the same on every replica; the
+        target network always normalises with the online network's statistics."""
+        moments = batch_moments(observation, task_id, self.model.normalizer.count.shape[0])
+        if self.moments_hook is not None:
+            moments = self.moments_hook(moments)
+        self.model.normalizer.update(moments)
+        self.target.normalizer.load_state_dict(self.model.normalizer.state_dict())
 
     def _target_distribution(self, ret: losses.NStepReturn, p_next: torch.Tensor) -> torch.Tensor:
         """Γ_θ' on the critic's support from the n-step return and the next-state distribution."""
@@ -160,6 +195,7 @@ class PACLearner:
             "target": {k: v.detach().cpu().contiguous()
                        for k, v in self.target.state_dict().items()},
             "log_temperature": self.log_temperature.detach().cpu().reshape(1),
+            "log_entropy_multiplier": self.log_entropy_multiplier.detach().cpu().reshape(1),
             "optimizer": self.optimizer.state_dict(),
             "dual_optimizer": self.dual_optimizer.state_dict(),
             "num_steps": self.num_steps,
@@ -172,6 +208,7 @@ class PACLearner:
         self.target.load_state_dict(state["target"])
         with torch.no_grad():
             self.log_temperature.copy_(state["log_temperature"].reshape(()))
+            self.log_entropy_multiplier.copy_(state["log_entropy_multiplier"].reshape(()))
         self.optimizer.load_state_dict(state["optimizer"])
         self.dual_optimizer.load_state_dict(state["dual_optimizer"])
         self.num_steps = int(state["num_steps"])

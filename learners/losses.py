@@ -2,15 +2,19 @@
 
     L(θ) = (1-α)·L_imp + α·L_bc + β·L_Q + L_eta
 
-L_imp: weighted NLL of N actions sampled from the target policy π_θ', weights softmax(Q/η).
+L_imp: cross-entropy from the improved policy π_imp ∝ π_θ'·exp(Q/η) to π_θ. The policy is a
+       factorised categorical, so π_imp is computed exactly over each dimension's K bins (the
+       other dimensions taken from π_θ'), not from N samples: a sampled E-step never scores the
+       bins π_θ' rarely draws, and their probability can then only fall (support collapse).
 L_bc:  NLL of the dataset action (KL to the behaviour policy up to a constant).
 L_Q:   cross-entropy from the target return distribution Γ_θ' to the critic p_θ.
-L_eta: the MPO temperature dual g(η) = η·ε + η·E_s[log E_a[exp(Q/η)]], gradient to η only.
+L_H:   optional entropy floor on π_θ (a Lagrangian, `entropy_floor_loss`): keeps the policy
+       stochastic enough to explore in online cycles; off (H_min = 0) by default.
+L_eta: the MPO temperature dual g(η) = η·ε + η·E_{s,d}[log E_{k~π_θ',d}[exp(Q/η)]], grad to η.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -100,26 +104,95 @@ def hl_gauss_projection(target: torch.Tensor, support: torch.Tensor,
     return mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def improvement_weights(q_sampled: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Self-normalised exp(Q/η) over the N samples: (B, N) -> (B, N), rows sum to 1."""
-    return torch.softmax(q_sampled / temperature, dim=1)
+def per_dimension_candidates(context_bins: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Every bin of every dimension, each with the other dimensions from a context action.
+
+    Args:
+        context_bins: (B, N, A) int64 actions, e.g. N samples from π_θ'.
+        num_bins: K.
+    Returns:
+        (B, N, A, K, A): entry [b, n, d, k] is context n with dimension d set to bin k.
+    """
+    B, N, A = context_bins.shape
+    out = context_bins[:, :, None, None, :].expand(B, N, A, num_bins, A).clone()
+    dims = torch.arange(A, device=context_bins.device)
+    bins = torch.arange(num_bins, device=context_bins.device)
+    out[:, :, dims, :, dims] = bins.expand(B, N, A, num_bins).permute(2, 0, 1, 3)
+    return out
 
 
-def temperature_dual_loss(q_sampled: torch.Tensor, temperature: torch.Tensor,
-                          epsilon: float) -> torch.Tensor:
-    """MPO dual g(η) = η·ε + η·E_s[log mean_a exp(Q/η)]; Q is detached, the gradient goes to η."""
-    q = q_sampled.detach()  # (B, N)
-    log_mean_exp = torch.logsumexp(q / temperature, dim=1) - math.log(q.shape[1])  # (B,)
-    return temperature * epsilon + temperature * log_mean_exp.mean()
+def improved_log_probs(prior_logits: torch.Tensor, q: torch.Tensor,
+                       temperature: torch.Tensor) -> torch.Tensor:
+    """E-step, exact over each dimension's bins: log π_imp,d(k|s) ∝ log π_θ',d(k|s) + Q_d(s,k)/η.
+
+    Args:
+        prior_logits: (B, A, K) logits of the target policy π_θ'.
+        q: (B, A, K) Q of each bin of each dimension (other dimensions from π_θ').
+        temperature: η > 0.
+    Returns:
+        (B, A, K) normalised log-probabilities. Every bin is scored, so a bin that π_θ' rarely
+        draws still gains probability when its Q is high (a sampled E-step never sees it).
+    """
+    return (prior_logits.log_softmax(-1) + q / temperature).log_softmax(-1)
 
 
-def policy_improvement_loss(logits: torch.Tensor, sampled_bins: torch.Tensor,
-                            weights: torch.Tensor,
+def temperature_dual_loss(prior_logits: torch.Tensor, q: torch.Tensor, temperature: torch.Tensor,
+                          epsilon: float, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MPO dual per dimension: g(η) = η·ε + η·E_{s,d}[log Σ_k π_θ',d(k|s) exp(Q_d(s,k)/η)].
+
+    Minimising g over η keeps KL(π_imp,d || π_θ',d) near ε for each dimension. prior_logits and
+    q (B, A, K) are detached; the gradient goes to η only. action_mask (B, A) leaves out padding.
+    """
+    log_prior, q = prior_logits.detach().log_softmax(-1), q.detach()
+    log_mean_exp = torch.logsumexp(log_prior + q / temperature, dim=-1)  # (B, A)
+    return temperature * epsilon + temperature * _masked_mean_over_dims(log_mean_exp, action_mask)
+
+
+def policy_improvement_loss(logits: torch.Tensor, improved_log_probs: torch.Tensor,
                             action_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """L_imp = -E_s Σ_i w_i log π_θ(a_i|s); logits (B, A, K), bins (B, N, A), weights (B, N)."""
-    mask = None if action_mask is None else action_mask.unsqueeze(1)  # (B, 1, A)
-    logp = categorical_log_prob(logits.unsqueeze(1), sampled_bins, mask)  # (B, N)
-    return -(weights.detach() * logp).sum(1).mean()
+    """M-step: L_imp = -E_s Σ_d Σ_k π_imp,d(k|s) log π_θ,d(k|s), i.e. KL(π_imp || π_θ) + const.
+
+    logits (B, A, K); improved_log_probs (B, A, K), without gradient; action_mask (B, A).
+    """
+    cross_entropy = -(improved_log_probs.detach().exp() * logits.log_softmax(-1)).sum(-1)
+    if action_mask is not None:
+        cross_entropy = cross_entropy * action_mask
+    return cross_entropy.sum(-1).mean()
+
+
+def _masked_mean_over_dims(x: torch.Tensor, action_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, A) -> scalar: the mean over states and the task's own dimensions."""
+    if action_mask is None:
+        return x.mean()
+    return (x * action_mask).sum() / action_mask.sum().clamp_min(1.0)
+
+
+def categorical_kl(log_p: torch.Tensor, logits_q: torch.Tensor,
+                   action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-dimension KL(p || q); log_p (B, A, K) normalised, logits_q (B, A, K)."""
+    kl = (log_p.exp() * (log_p - logits_q.log_softmax(-1))).sum(-1)  # (B, A)
+    return _masked_mean_over_dims(kl, action_mask)
+
+
+def categorical_entropy(logits: torch.Tensor,
+                        action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-dimension entropy of the policy, in nats; logits (B, A, K)."""
+    log_p = logits.log_softmax(-1)
+    return _masked_mean_over_dims(-(log_p.exp() * log_p).sum(-1), action_mask)
+
+
+def entropy_floor_loss(logits: torch.Tensor, multiplier: torch.Tensor, min_entropy: float,
+                       action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A lower bound H(π_θ,d) >= H_min per dimension, as a Lagrangian (the M-step analogue of
+    SAC's entropy target): λ·(H_min − H(π_θ)) with λ >= 0 learned by dual descent.
+
+    The first term's gradient (λ fixed) raises the policy's entropy; the second's (H fixed)
+    raises λ while the entropy is below H_min and lowers it above. Their values cancel, so the
+    loss adds nothing to the reported total. logits (B, A, K); multiplier λ > 0.
+    """
+    entropy = categorical_entropy(logits, action_mask)
+    return multiplier.detach() * (min_entropy - entropy) + \
+        multiplier * (entropy.detach() - min_entropy)
 
 
 def behaviour_cloning_loss(logits: torch.Tensor, data_bins: torch.Tensor,

@@ -1,10 +1,13 @@
 """Perceiver-IO actor-critic (PAC, Springenberg et al. 2024), in one file.
 
-    tokens: one per observation scalar, one per camera-image patch (if the spec has a camera),
-            one per instruction byte (if the tasks have instructions), and one task token
+    tokens: one per observation scalar (normalised per task and dimension, then Fourier features
+            through a per-dimension projection), one per camera-image patch (if the spec has a
+            camera), one per instruction byte (if the tasks have instructions), one task token
         └─ cross-attention from L learned latents ──▶ depth × self-attention blocks ──▶ z_M
     policy decoder: one learned query per action dimension cross-attends z_M ──▶ K bin logits
-    Q decoder: a query built from the action (late fusion) cross-attends z_M ──▶ M value logits
+    Q decoder: a query built from the action (late fusion) cross-attends z_M ──▶ M value logits;
+               each dimension adds a learned embedding of its bin plus a projection of the bin
+               centre's Fourier features, so neighbouring bins start out alike (ordinal)
 
 The Q decoder's queries never attend to each other, so N candidate actions are scored in one call
 as N queries against a single state encoding (the encoder runs once per state).
@@ -19,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policies.normalization import (ObservationNormalizer, fourier_features,
+                                    geometric_frequencies)
 from replay.spec import EnvSpec
 
 
@@ -36,6 +41,8 @@ class PerceiverConfig:
     v_min: float = 0.0  # lowest return the critic can represent
     v_max: float = 100.0  # highest return the critic can represent
     patch_size: int = 8  # camera images are cut into patch_size² patches, one token each
+    num_obs_frequencies: int = 8  # F, Fourier frequencies per normalised observation scalar
+    num_action_frequencies: int = 4  # Fourier frequencies of each action bin's centre (Q query)
 
     def __post_init__(self) -> None:
         if self.width % self.num_heads:
@@ -47,6 +54,9 @@ class PerceiverConfig:
             raise ValueError(f"model.v_min={self.v_min} must be < model.v_max={self.v_max}")
         if self.patch_size < 1:
             raise ValueError(f"model.patch_size={self.patch_size} must be >= 1")
+        if self.num_obs_frequencies < 1 or self.num_action_frequencies < 1:
+            raise ValueError("model.num_obs_frequencies and model.num_action_frequencies must "
+                             "be >= 1")
 
 
 PAD_BYTE = 256  # instruction token id of padding (byte values are 0..255)
@@ -118,9 +128,17 @@ class PerceiverActorCritic(nn.Module):
         self.spec, self.config = spec, config
         W, A, K = config.width, spec.action_dim, config.num_action_bins
         block = lambda: Block(W, config.num_heads, config.mlp_ratio)  # noqa: E731
-        # Tokenizers: scalar value embedding + learned per-dimension embedding; a task token.
-        self.obs_value = nn.Linear(1, W)
-        self.obs_position = nn.Parameter(torch.randn(spec.obs_dim, W) * 0.02)
+        # Tokenizers: normalised scalar -> Fourier features -> a projection of its own per
+        # dimension (its bias is the dimension's learned embedding); a task token.
+        D = spec.obs_dim
+        self.normalizer = ObservationNormalizer(max(spec.num_tasks, 1), D)
+        self.register_buffer("obs_frequencies",
+                             geometric_frequencies(config.num_obs_frequencies, 0.125, 4.0),
+                             persistent=False)
+        num_features = 1 + 2 * config.num_obs_frequencies
+        self.obs_projection = nn.Parameter(
+            torch.randn(D, num_features, W) / math.sqrt(num_features))
+        self.obs_position = nn.Parameter(torch.randn(D, W) * 0.02)
         self.task_embedding = nn.Embedding(max(spec.num_tasks, 1), W)
         self.image_stem = self._image_stem(spec, config)
         self.language = any(t.instruction for t in spec.tasks)
@@ -137,9 +155,17 @@ class PerceiverActorCritic(nn.Module):
         self.policy_queries = nn.Parameter(torch.randn(A, W) * 0.02)
         self.policy_decoder = block()
         self.policy_head = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, K))
-        # Q decoder: query = base + sum over dimensions of an embedding of each dimension's bin.
+        # Q decoder: query = base + Σ_d [embedding of d's bin + projection of the bin centre's
+        # Fourier features]; the second part makes neighbouring bins share their features.
         self.q_base = nn.Parameter(torch.randn(W) * 0.02)
         self.action_embedding = nn.Embedding(A * K, W)
+        centres = torch.linspace(spec.action_min, spec.action_max, K)
+        unit = (centres - centres.mean()) / (centres.max() - centres.mean())  # [-1, 1]
+        freqs = math.pi * torch.arange(1, config.num_action_frequencies + 1) / 2
+        self.register_buffer("bin_features", fourier_features(unit, freqs), persistent=False)
+        num_action_features = self.bin_features.shape[1]
+        self.action_projection = nn.Parameter(
+            torch.randn(A, num_action_features, W) / math.sqrt(num_action_features))
         self.q_decoder = block()
         self.q_head = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, config.num_value_bins))
         self.register_buffer("action_offsets", torch.arange(A) * K, persistent=False)
@@ -187,7 +213,7 @@ class PerceiverActorCritic(nn.Module):
         """(B, obs_dim) float, (B,) int, (B, H, W, 3) uint8 when the spec has a camera ->
         latent state encoding z_M (B, L, W)."""
         B, num_obs = observation.shape
-        tokens = [self.obs_value(observation.unsqueeze(-1)) + self.obs_position]  # (B, O, W)
+        tokens = [self.observation_tokens(self.normalizer(observation, task_id))]  # (B, O, W)
         masks: list[torch.Tensor | None] = [None]  # True where a token may be attended
         if self.padded:  # only the task's own observation tokens
             positions = torch.arange(num_obs, device=observation.device)  # (O,)
@@ -212,6 +238,17 @@ class PerceiverActorCritic(nn.Module):
             z = blk(z)
         return z
 
+    def observation_tokens(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Normalised observations (B, O) -> one token per scalar (B, O, W)."""
+        features = fourier_features(normalised, self.obs_frequencies)  # (B, O, 1+2F)
+        return torch.einsum("bof,ofw->bow", features, self.obs_projection) + self.obs_position
+
+    def action_table(self) -> torch.Tensor:
+        """The query contribution of every (dimension, bin): (A*K, W)."""
+        A, K = self.spec.action_dim, self.config.num_action_bins
+        ordinal = torch.einsum("kf,afw->akw", self.bin_features, self.action_projection)
+        return (self.action_embedding.weight.view(A, K, -1) + ordinal).reshape(A * K, -1)
+
     def policy_logits(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, L, W) -> per-dimension bin logits (B, A, K)."""
         queries = self.policy_queries.expand(z.shape[0], -1, -1)  # (B, A, W)
@@ -220,7 +257,7 @@ class PerceiverActorCritic(nn.Module):
     def q_logits(self, z: torch.Tensor, action_bins: torch.Tensor,
                  action_mask: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, L, W), action bins (B, N, A) int, action_mask (B, A) -> value logits (B, N, M)."""
-        emb = self.action_embedding(action_bins + self.action_offsets)  # (B, N, A, W)
+        emb = F.embedding(action_bins + self.action_offsets, self.action_table())  # (B,N,A,W)
         if action_mask is not None:  # padded dimensions do not enter the query
             emb = emb * action_mask[:, None, :, None]
         queries = self.q_base + emb.sum(dim=2)  # (B, N, W)

@@ -12,10 +12,13 @@ pytestmark = pytest.mark.slow
 def test_bench_learner_json(tmp_path, capsys):
     out = tmp_path / "learner.json"
     assert main(["bench", "learner", "--preset", "tiny", "--steps", "3", "--batch-size", "16",
-                 "--device", "cpu", "--json", str(out)]) == 0
+                 "--device", "cpu", "--threads", "1", "--threads", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["benchmark"] == "learner" and "cores" in report["machine"]
-    by_metric = {r["metric"]: r for r in report["results"]}
+    cases = sorted({r["case"] for r in report["results"]})
+    assert cases == ["preset=tiny,batch=16,device=cpu,threads=1",
+                     "preset=tiny,batch=16,device=cpu,threads=2"]  # thread counts measured
+    by_metric = {r["metric"]: r for r in report["results"] if r["case"] == cases[0]}
     assert set(by_metric) == {"updates_per_s", "samples_per_s", "data_wait_fraction",
                               "parameters"}  # no MFU without CUDA
     ups = by_metric["updates_per_s"]

@@ -21,7 +21,7 @@ def _batches(rank: int):
 def test_replicas_stay_identical_and_rank0_checkpoints(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        config = LearnerConfig(batch_size=8, num_action_samples=4, device="cpu", num_threads=1)
+        config = LearnerConfig(batch_size=8, device="cpu", num_threads=1)
         job = DataParallelJob(SPEC, TINY_MODEL, config, functools.partial(_batches),
                               num_steps=4, checkpoint_dir=str(tmp_path / "ckpt"), seed=3)
         first = train_data_parallel(job, num_workers=2, use_gpu=False,

@@ -16,7 +16,7 @@ from tests.fakes import SPEC, TINY_MODEL, random_batches
 
 
 def _learner(**overrides) -> PACLearner:
-    config = LearnerConfig(batch_size=16, num_action_samples=4, device="cpu", num_threads=1,
+    config = LearnerConfig(batch_size=16, device="cpu", num_threads=1,
                            **overrides)
     return PACLearner(SPEC, TINY_MODEL, config, random_batches(16), seed=0)
 
@@ -143,8 +143,62 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_step_is_finite():
-    config = LearnerConfig(batch_size=16, num_action_samples=4, device="cuda")
+    config = LearnerConfig(batch_size=16, device="cuda")
     learner = PACLearner(SPEC, TINY_MODEL, config, random_batches(16), seed=0)
     assert learner.model.value_support.is_cuda
     metrics = learner.run(3)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_normalisation_statistics_in_a_snapshot_give_identical_actions_elsewhere(tmp_path):
+    """The learner's observation statistics travel in the snapshot: a separate process that
+    loads it from disk chooses exactly the actions this one does."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from policies.policy import PACPolicy
+    from policies.snapshot import Snapshot, save_snapshot, snapshot_metadata
+
+    scale = torch.tensor([1.0, 10.0, 50.0, 0.1, 200.0])  # far from unit scale
+    batches = (dataclasses.replace(b, observation=b.observation * scale + 3.0)
+               for b in random_batches(16, seed=5))
+    learner = PACLearner(SPEC, TINY_MODEL, LearnerConfig(batch_size=16, device="cpu",
+                                                         num_threads=1), batches, seed=0)
+    learner.run(5)
+    stats = learner.model.normalizer
+    assert stats.count[0] == 5 * 16
+    torch.testing.assert_close(stats.var[0].sqrt(), scale.double(), rtol=0.35, atol=0)
+    snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
+        SPEC.to_dict(), TINY_MODEL, 0, learner.num_steps, 0))
+    meta = save_snapshot(snapshot, tmp_path)
+    obs = (np.random.default_rng(0).normal(size=(64, SPEC.obs_dim)) * scale.numpy() + 3.0)
+    np.save(tmp_path / "obs.npy", obs.astype(np.float32))
+    here = PACPolicy.from_snapshot(snapshot, seed=0).act(
+        obs.astype(np.float32), np.zeros(64, np.int64), greedy=True)
+    code = (
+        "import sys, numpy as np\n"
+        "from policies.policy import PACPolicy\n"
+        "from policies.snapshot import load_snapshot\n"
+        f"p = PACPolicy.from_snapshot(load_snapshot({str(meta)!r}), seed=0)\n"
+        f"obs = np.load({str(tmp_path / 'obs.npy')!r})\n"
+        f"np.save({str(tmp_path / 'there.npy')!r}, p.act(obs, np.zeros(64, np.int64), True))\n")
+    from pathlib import Path
+
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   cwd=Path(__file__).resolve().parents[2])
+    there = np.load(tmp_path / "there.npy")
+    np.testing.assert_array_equal(here, there)
+    # Without the statistics the same weights act differently: they matter.
+    blank = PACPolicy.from_snapshot(snapshot, seed=0)
+    blank.model.normalizer.count.zero_()
+    blank.model.normalizer.mean.zero_()
+    blank.model.normalizer.var.fill_(1.0)
+    assert not np.array_equal(blank.act(obs.astype(np.float32), np.zeros(64, np.int64), True),
+                              here)
+
+
+def test_cpu_optimizer_is_fused():
+    learner = _learner()
+    assert learner.optimizer.defaults["fused"] is True

@@ -66,7 +66,7 @@ def test_two_tasks_train_together_and_both_losses_fall():
     rng = np.random.default_rng(0)
     mixed = (stack_batch([items[t][i] for t in (0, 1)
                           for i in rng.integers(0, len(items[t]), 16)]) for _ in itertools.count())
-    config = LearnerConfig(batch_size=32, num_action_samples=4, alpha=1.0, beta=1.0,
+    config = LearnerConfig(batch_size=32, alpha=1.0, beta=1.0,
                            learning_rate=3e-3, device="cpu", num_threads=1)
     learner = PACLearner(spec, TINY_MODEL, config, mixed, seed=0)
     held_out = {t: stack_batch(items[t][:64]) for t in range(2)}

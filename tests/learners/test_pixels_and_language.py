@@ -61,7 +61,7 @@ def test_language_tokens_condition_the_encoding_and_padding_is_invisible():
 
 
 def test_learner_trains_the_image_stem_from_pixel_batches():
-    config = LearnerConfig(batch_size=8, num_action_samples=4, device="cpu", num_threads=1)
+    config = LearnerConfig(batch_size=8, device="cpu", num_threads=1)
     learner = PACLearner(PIXEL_SPEC, PIXEL_MODEL, config, random_batches(8, spec=PIXEL_SPEC),
                          seed=0)
     before = learner.model.image_stem.patches.weight.detach().clone()
@@ -71,7 +71,7 @@ def test_learner_trains_the_image_stem_from_pixel_batches():
 
 
 def test_learner_without_pixels_in_the_batch_fails_clearly():
-    config = LearnerConfig(batch_size=8, num_action_samples=4, device="cpu", num_threads=1)
+    config = LearnerConfig(batch_size=8, device="cpu", num_threads=1)
     batches = (b for b in itertools.islice(random_batches(8), 1))  # no pixels
     learner = PACLearner(PIXEL_SPEC, PIXEL_MODEL, config, batches, seed=0)
     with pytest.raises(ValueError, match="pass pixels"):

@@ -46,3 +46,48 @@ def test_presets_have_their_advertised_sizes():
             model = PerceiverActorCritic(SPEC, PerceiverConfig(**sizes))
         lo, hi = expected_millions[name]
         assert lo <= count_parameters(model) / 1e6 <= hi, name
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_distinct_magnitudes_give_distinct_tokens():
+    """The tokens of 5, 10 and 20 (after the encoder's LayerNorm) point different ways; with one
+    shared Linear(1, W) of the raw value, their cosine similarity was above 0.99."""
+    model = _model()
+    values = torch.tensor([5.0, 10.0, 20.0])
+    obs = torch.zeros(3, SPEC.obs_dim)
+    obs[:, 4] = values  # one dimension takes the three magnitudes
+    tokens = model.observation_tokens(obs)[:, 4]  # (3, W)
+    normed = torch.nn.functional.layer_norm(tokens, tokens.shape[-1:])
+    for i, j in ((0, 1), (1, 2), (0, 2)):
+        assert _cosine(normed[i], normed[j]) < 0.9, (values[i].item(), values[j].item())
+
+
+def test_neighbouring_action_bins_have_closer_q_queries_than_distant_ones():
+    model = _model()
+    table = model.action_table().view(SPEC.action_dim, TINY_MODEL.num_action_bins, -1)
+    with torch.no_grad():  # the learned per-bin part alone is unordered: remove it
+        model.action_embedding.weight.zero_()
+    ordinal = model.action_table().view_as(table)[0]  # (K, W) for dimension 0
+    near = torch.dist(ordinal[0], ordinal[1]).item()
+    far = torch.dist(ordinal[0], ordinal[-1]).item()
+    assert near < far
+    assert table.shape == (SPEC.action_dim, TINY_MODEL.num_action_bins, TINY_MODEL.width)
+
+
+def test_normalisation_statistics_travel_in_the_state_dict():
+    from policies.normalization import batch_moments
+
+    model = _model()
+    obs = torch.randn(64, SPEC.obs_dim) * 30 + 100
+    task = torch.zeros(64, dtype=torch.long)
+    model.normalizer.update(batch_moments(obs, task, 1))
+    copy = PerceiverActorCritic(SPEC, TINY_MODEL).eval()
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy.normalizer(obs, task), model.normalizer(obs, task))
+    z1, z2 = model.encode(obs, task), copy.encode(obs, task)
+    torch.testing.assert_close(z1, z2)
+    normed = model.normalizer(obs, task)
+    assert normed.mean(0).abs().max() < 1e-4 and (normed.std(0) - 1).abs().max() < 0.02
