@@ -59,11 +59,15 @@ def _cmd_train_offline(args: argparse.Namespace) -> int:
 
     config = load_config_args(args)
     steps = args.steps or config.loop.learner_steps_per_cycle * config.loop.num_cycles
+    if steps < 1 or args.log_every < 1 or args.eval_every < 0:
+        raise UsageError("train-offline: --steps and --log-every must be >= 1, --eval-every >= 0")
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S-offline"))
     print(f"run directory: {run_dir.absolute()}", flush=True)
     try:
         result = train_offline(config, args.archive, run_dir.absolute(), steps, args.where,
-                               config.loop.seed, stream=args.stream)
+                               config.loop.seed, stream=args.stream, log_every=args.log_every,
+                               eval_every=args.eval_every,
+                               out=lambda line: print(line, flush=True))
     except (FilterError, ArchiveSchemaError) as e:
         raise UsageError(str(e)) from None
     data = result["data"]
@@ -148,6 +152,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         print(format_report(run_replay_bench(args.json)))
         return 0
+    if args.target == "learning":
+        return _bench_learning(args)
     if args.target == "policy-push":
         from cluster.bench_push import run_push_bench
 
@@ -160,7 +166,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for preset in args.preset:
         if preset not in PRESETS:
             raise UsageError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    report = run_learner_bench(args.preset, args.steps, args.batch_size, args.device, args.json)
+    if args.threads and min(args.threads) < 1:
+        raise UsageError("--threads must be >= 1")
+    report = run_learner_bench(args.preset, args.steps, args.batch_size, args.device, args.json,
+                               args.threads)
+    print(format_report(report))
+    return 0
+
+
+def _bench_learning(args: argparse.Namespace) -> int:
+    from actors.envs import UnknownTaskError, parse_task_name
+    from cluster.bench import format_report
+    from cluster.bench_learning import run_learning_bench
+    from cluster.config import ConfigError
+
+    if not args.task:
+        raise UsageError("bench learning needs --task, e.g. dm_control:cartpole-swingup")
+    if args.budget_minutes <= 0 or args.seeds < 1:
+        raise UsageError("bench learning: --budget-minutes must be > 0 and --seeds >= 1")
+    try:
+        parse_task_name(args.task)
+        out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S-bench-learning"))
+        report = run_learning_bench(args.task, args.budget_minutes, args.seeds, out, args.json,
+                                    args.config, log=lambda line: print(line, flush=True))
+    except UnknownTaskError as e:
+        raise UsageError(f"--task: {e}") from None
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     print(format_report(report))
     return 0
 
@@ -189,6 +221,12 @@ def make_parser() -> argparse.ArgumentParser:
                          help="stream the archive through Ray Data while training (archives "
                               "larger than memory; replay.max_size bounds the table)")
     offline.add_argument("--run-dir", help="output directory (default: runs/<time>-offline)")
+    offline.add_argument("--log-every", type=int, default=500, metavar="UPDATES",
+                         help="print updates, rate, ETA and losses this often (default 500)")
+    offline.add_argument("--eval-every", type=int, default=0, metavar="UPDATES",
+                         help="also evaluate greedily this often (loop.eval_episodes episodes "
+                              "per task); the curve goes to result.json (default: only at the "
+                              "end)")
     offline.set_defaults(func=_cmd_train_offline)
     replay = sub.add_parser("replay", help="run the Reverb replay server on its own")
     replay.add_argument("action", choices=["serve"])
@@ -205,13 +243,23 @@ def make_parser() -> argparse.ArgumentParser:
     archive.add_argument("destination", nargs="?", help="export: where to write the dataset")
     archive.set_defaults(func=_cmd_archive)
     bench = sub.add_parser("bench", help="measure throughput against a same-run baseline")
-    bench.add_argument("target", choices=["learner", "replay", "policy-push"])
+    bench.add_argument("target", choices=["learner", "replay", "policy-push", "learning"])
     bench.add_argument("--preset", action="append", default=None,
                        help="model preset: tiny, small, base, large (repeatable; default tiny)")
     bench.add_argument("--steps", type=int, default=30, help="timed updates per case")
     bench.add_argument("--batch-size", type=int, default=128)
+    bench.add_argument("--threads", type=int, action="append", default=None,
+                       help="learner: torch CPU threads to measure (repeatable; default the "
+                            "config's, 2)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--json", help="write the results here")
+    bench.add_argument("--task", help="learning: the task, e.g. dm_control:cartpole-swingup")
+    bench.add_argument("--budget-minutes", type=float, default=10.0,
+                       help="learning: wall-clock budget of each seed's run (default 10)")
+    bench.add_argument("--seeds", type=int, default=3, help="learning: seeds 0..S-1 (default 3)")
+    bench.add_argument("--config", help="learning: base config (default: the task's tuned one "
+                                        "in deploy/configs, else cartpole.yaml)")
+    bench.add_argument("--out", help="learning: where the runs go (default runs/<time>-bench-...)")
     bench.set_defaults(func=_cmd_bench)
     from cluster.fleet import add_fleet_commands
 

@@ -78,15 +78,34 @@ class LoopConfig:
     num_cycles: int  # collect -> train -> evaluate -> publish rounds (required)
     episodes_per_cycle: int  # collected episodes per cycle, split over the actors (required)
     learner_steps_per_cycle: int  # PAC updates per cycle on all data so far (required)
-    eval_episodes: int = 4  # greedy evaluation episodes per cycle
+    eval_episodes: int = 4  # greedy evaluation episodes per evaluated cycle
+    eval_every: int = 1  # evaluate every this many cycles (and always the last cycle)
+    random_episodes: int = 0  # cycle 0's episodes (uniformly random); 0 = episodes_per_cycle
     seed: int = 0  # base seed for environments, policies and the learner
+    # Wall-clock budget of one `pacflow run` invocation: a cycle that would end past it (judged
+    # by the previous cycle's time) is not started, and the last cycle run is evaluated. 0 = none.
+    budget_seconds: float = 0.0
     version_timeout_seconds: float = 120.0  # max wait for actors to receive a published version
 
     def __post_init__(self) -> None:
         for name in ("num_cycles", "episodes_per_cycle", "learner_steps_per_cycle",
-                     "eval_episodes"):
+                     "eval_episodes", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 1")
+        if self.budget_seconds < 0:
+            raise ValueError(f"loop.budget_seconds={self.budget_seconds} must be >= 0")
+        if self.random_episodes < 0:
+            raise ValueError(f"loop.random_episodes={self.random_episodes} must be >= 0")
+
+    def episodes(self, cycle: int) -> int:
+        """Episodes collected in `cycle`."""
+        if cycle == 0 and self.random_episodes:
+            return self.random_episodes
+        return self.episodes_per_cycle
+
+    def evaluates(self, cycle: int) -> bool:
+        """Whether `cycle` ends with a greedy evaluation."""
+        return (cycle + 1) % self.eval_every == 0 or cycle == self.num_cycles - 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import yaml
 
 from cluster.config import ExperimentConfig, config_from_dict, config_to_dict
 from cluster.report import (CycleRow, format_header, format_row, plot_returns, read_rows,
-                            write_state)
+                            read_state, write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,17 @@ class Topology:
             for i in range(c.num_actors)]
 
 
-def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int) -> dict:
-    """One collect -> train -> evaluate -> publish round; returns what the row needs."""
+def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
+              evaluate: bool = True) -> dict:
+    """One collect -> train -> [evaluate] -> publish round; returns what the row needs."""
     n = len(top.actors)
     collected = ray.get([a.collect.remote(e, cycle, version, config.loop.version_timeout_seconds)
-                         for a, e in zip(top.actors, split(config.loop.episodes_per_cycle, n))])
+                         for a, e in zip(top.actors, split(config.loop.episodes(cycle), n)) if e])
     train = ray.get(top.learner.train.remote(config.loop.learner_steps_per_cycle, cycle))
     candidate = top.learner.make_snapshot.remote(version + 1, cycle)  # an ObjectRef, put once
     evaluated = ray.get([a.evaluate.remote(candidate, m, cycle)
-                         for a, m in zip(top.actors, split(config.loop.eval_episodes, n)) if m])
+                         for a, m in zip(top.actors, split(config.loop.eval_episodes, n))
+                         if m and evaluate])
     new_version = ray.get(top.learner.publish.remote(top.addresses["policy"]))
     ray.get([top.learner.checkpoint.remote(cycle), top.replay.checkpoint.remote()])
     episodes = [e for r in collected for e in r["episodes"]]
@@ -104,6 +106,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None 
     With `resume`, cycles continue after the last row of `cycle.json`; replay, the policy server
     and the learner restore what they stored in the run directory.
     """
+    started = time.time()
     rows = prepare_run_dir(config, run_dir, resume)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
@@ -115,15 +118,21 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None 
         version = ray.get(top.policy.latest_version.remote())
         env_steps = rows[-1].env_steps if rows else 0
         episodes = rows[-1].episodes if rows else 0
+        last_eval: dict[str, float] = read_state(run_dir).get("eval_by_task", {}) if rows else {}
+        budget = config.loop.budget_seconds
         for cycle in range(len(rows), config.loop.num_cycles):
             t0 = time.time()
-            result = run_cycle(top, config, cycle, version)
+            previous = rows[-1].seconds if rows else 0.0
+            last = cycle == config.loop.num_cycles - 1 or (
+                budget > 0 and t0 - started + 2 * previous > budget)  # the next would not fit
+            result = run_cycle(top, config, cycle, version, config.loop.evaluates(cycle) or last)
             version = result["version"]
             env_steps += result["env_steps"]
             episodes += len(result["episodes"])
             row = CycleRow(cycle=cycle, env_steps=env_steps, episodes=episodes,
                            collect_return=float(np.mean([e["return"] for e in result["episodes"]])),
-                           eval_return=float(np.mean([e["return"] for e in result["eval"]])),
+                           eval_return=float(np.mean([e["return"] for e in result["eval"]]))
+                           if result["eval"] else None,
                            learner_steps=int(result["train"]["learner_steps"]),
                            policy_version=version, seconds=time.time() - t0)
             rows.append(row)
@@ -131,10 +140,14 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None 
             eval_by_task = {t: float(np.mean([e["return"] for e in result["eval"]
                                               if e["task"] == t]))
                             for t in sorted({e["task"] for e in result["eval"]})}
-            write_state(run_dir, rows, {"policy_version": version, "eval_by_task": eval_by_task,
+            if eval_by_task:
+                last_eval = eval_by_task
+            write_state(run_dir, rows, {"policy_version": version, "eval_by_task": last_eval,
                                         "addresses": top.addresses,
                                         "last_train_metrics": result["train"]})
             plot_returns(rows, run_dir / "report" / "returns.png", ", ".join(config.env.tasks))
+            if last:
+                break
     finally:
         ray.shutdown()
     return rows

@@ -17,11 +17,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import operator
 import re
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -143,10 +145,57 @@ def evaluate(policy: PACPolicy, spec: EnvSpec, task: str, env: EnvConfig,
     return [e.episode_return for e in EnvironmentLoop(envs, spec).run(policy, seeds, ctx, True)]
 
 
+class Progress:
+    """Prints a progress line every `every` updates: updates, rate, ETA and the mean losses."""
+
+    KEYS = ("loss", "l_imp", "l_bc", "l_q", "temperature", "entropy")
+
+    def __init__(self, total: int, every: int, out: Callable[[str], None] = print):
+        self.total, self.every, self.out = total, max(every, 1), out
+        self.t0 = time.perf_counter()
+
+    def line(self, done: int, metrics: dict[str, float]) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = done / max(elapsed, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        terms = " ".join(f"{k} {metrics[k]:.3f}" for k in self.KEYS if k in metrics)
+        return (f"updates {done}/{self.total}  {rate:.1f}/s  elapsed {elapsed:.0f}s  "
+                f"ETA {eta:.0f}s  {terms}")
+
+
+def train_in_chunks(learner: PACLearner, steps: int, chunk: int,
+                    after_chunk: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
+    """Runs `steps` updates, calling `after_chunk(updates_so_far, chunk_metrics)` every `chunk`
+    updates and at the end; returns the metrics averaged over the last chunk."""
+    done, metrics = 0, {}
+    while done < steps:
+        n = min(chunk, steps - done)
+        metrics = learner.run(n)
+        done += n
+        after_chunk(done, metrics)
+    return metrics
+
+
+def _evaluate_learner(learner: PACLearner, spec: EnvSpec, config: ExperimentConfig,
+                      seed: int) -> list[float]:
+    """Greedy returns of the learner's current weights on every task (loop.eval_episodes each)."""
+    snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
+        spec.to_dict(), config.model, 0, learner.num_steps, 0))
+    policy = PACPolicy.from_snapshot(snapshot, seed)
+    return [r for task in config.env.tasks
+            for r in evaluate(policy, spec, task, config.env, config.loop.eval_episodes, seed)]
+
+
 def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, steps: int,
-                  where: str | None = None, seed: int = 0, stream: bool = False) -> dict:
+                  where: str | None = None, seed: int = 0, stream: bool = False,
+                  log_every: int = 500, eval_every: int = 0,
+                  out: Callable[[str], None] = print) -> dict:
     """Loads (or streams), trains, evaluates, snapshots; returns the summary also written to
-    result.json."""
+    result.json.
+
+    Every `log_every` updates a progress line goes to `out`; with `eval_every` > 0 the policy is
+    also evaluated greedily every `eval_every` updates, and `result["curve"]` holds the points.
+    """
     t0 = time.time()
     for sub in ("checkpoints", "policies", "replay_checkpoints", "report"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -166,7 +215,21 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
                 adder.add_episode(archive.read(archive.path_of(episode_id)))
         batches = ReverbBatchIterator(server.address, config.replay, config.learner.batch_size)
         learner = PACLearner(spec, config.model, config.learner, batches, seed=seed)
-        metrics = learner.run(steps)
+        progress, curve = Progress(steps, log_every, out), []
+
+        def after_chunk(done: int, chunk_metrics: dict[str, float]) -> None:
+            line = progress.line(done, chunk_metrics)
+            evaluated = eval_every and (done % eval_every == 0 or done == steps)
+            if evaluated:
+                returns = _evaluate_learner(learner, spec, config, seed)
+                curve.append({"updates": done, "seconds": time.time() - t0,
+                              "eval_mean": float(np.mean(returns))})
+                line += f"  eval {curve[-1]['eval_mean']:.1f}"
+            if evaluated or done % log_every == 0 or done == steps:
+                out(line)
+
+        chunk = math.gcd(log_every, eval_every) if eval_every else log_every
+        metrics = train_in_chunks(learner, steps, chunk, after_chunk)
         batches.close()
         table_items = server.num_items()
     finally:
@@ -192,6 +255,7 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
               "seed": seed, "alpha": config.learner.alpha, "beta": config.learner.beta,
               "eval_returns": eval_returns, "eval_mean": float(np.mean(eval_returns)),
               "eval_by_task": {t: float(np.mean(r)) for t, r in eval_by_task.items()},
+              "curve": curve,
               "seconds": time.time() - t0, "config": config_to_dict(config)}
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result

@@ -17,7 +17,7 @@ class CycleRow:
     env_steps: int  # environment steps collected so far (action repeats counted)
     episodes: int  # collected (not eval) episodes so far
     collect_return: float  # mean return of this cycle's collected episodes
-    eval_return: float  # mean return of this cycle's greedy evaluation episodes
+    eval_return: float | None  # mean return of the cycle's greedy evaluation; None = not evaluated
     learner_steps: int  # learner updates so far
     policy_version: int  # version published at the end of the cycle
     seconds: float  # wall time of the cycle
@@ -33,7 +33,11 @@ def format_header() -> str:
 
 
 def format_row(row: CycleRow) -> str:
-    return "  ".join(f"{getattr(row, name):>{width}{fmt}}" for name, width, fmt in COLUMNS)
+    def cell(name: str, width: int, fmt: str) -> str:
+        value = getattr(row, name)
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
+
+    return "  ".join(cell(*column) for column in COLUMNS)
 
 
 def write_state(run_dir: Path, rows: Sequence[CycleRow], extra: dict) -> None:
@@ -45,9 +49,13 @@ def write_state(run_dir: Path, rows: Sequence[CycleRow], extra: dict) -> None:
     os.replace(tmp, run_dir / "cycle.json")
 
 
+def read_state(run_dir: Path) -> dict:
+    """The whole `cycle.json`: rows and what the driver stored beside them."""
+    return json.loads((Path(run_dir) / "cycle.json").read_text())
+
+
 def read_rows(run_dir: Path) -> list[CycleRow]:
-    state = json.loads((Path(run_dir) / "cycle.json").read_text())
-    return [CycleRow(**r) for r in state["rows"]]
+    return [CycleRow(**r) for r in read_state(run_dir)["rows"]]
 
 
 def plot_returns(rows: Sequence[CycleRow], path: Path, title: str) -> None:
@@ -59,7 +67,9 @@ def plot_returns(rows: Sequence[CycleRow], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     cycles = [r.cycle for r in rows]
     ax.plot(cycles, [r.collect_return for r in rows], "o-", label="collect (sampled policy)")
-    ax.plot(cycles, [r.eval_return for r in rows], "s-", label="eval (greedy policy)")
+    evaluated = [r for r in rows if r.eval_return is not None]
+    ax.plot([r.cycle for r in evaluated], [r.eval_return for r in evaluated], "s-",
+            label="eval (greedy policy)")
     ax.set_xlabel("cycle")
     ax.set_ylabel("mean episode return")
     ax.set_title(title)

@@ -1,5 +1,7 @@
 """Strict config parsing: every problem names its field."""
 
+import pathlib
+
 import pytest
 
 from cluster.config import ConfigError, apply_overrides, config_from_dict, load_config
@@ -99,3 +101,33 @@ def test_config_round_trips_through_plain_yaml():
     data = yaml.safe_load(yaml.safe_dump(config_to_dict(config)))
     assert data == config_to_dict(config)
     assert config_from_dict(data) == config
+
+
+def test_loop_schedule_random_episodes_and_evaluation():
+    loop = config_from_dict(_with(loop={"num_cycles": 10, "random_episodes": 3,
+                                        "eval_every": 4})).loop
+    assert [loop.episodes(c) for c in (0, 1, 9)] == [3, 4, 4]
+    assert [c for c in range(10) if loop.evaluates(c)] == [3, 7, 9]  # every 4th and the last
+    default = config_from_dict(BASE).loop
+    assert default.episodes(0) == 4 and all(default.evaluates(c) for c in range(2))
+
+
+@pytest.mark.parametrize("loop,message", [
+    ({"eval_every": 0}, "loop.eval_every=0 must be >= 1"),
+    ({"random_episodes": -1}, "loop.random_episodes=-1 must be >= 0"),
+    ({"budget_seconds": -5}, "loop.budget_seconds=-5.0 must be >= 0"),
+])
+def test_bad_loop_schedule_names_the_field(loop, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_with(loop=loop))
+
+
+@pytest.mark.parametrize("path", sorted(
+    str(p) for p in (pathlib.Path(__file__).resolve().parents[2]
+                     / "deploy" / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses_and_names_real_tasks(path):
+    from actors.envs import parse_task_name
+
+    config = load_config(path)
+    for task in config.env.tasks:
+        parse_task_name(task)

@@ -26,12 +26,13 @@ def _train_offline(run_dir, archive, *args):
          "--set", "loop.eval_episodes=1", *args],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "result.json").read_text())
+    return {**json.loads((run_dir / "result.json").read_text()), "stdout": result.stdout}
 
 
 def test_retrain_from_the_archive_and_act_with_the_snapshot(smoke_run, tmp_path):
     archive = smoke_run[0] / "archive"
-    result = _train_offline(tmp_path / "offline", archive, "--where", "cycle <= 0")
+    result = _train_offline(tmp_path / "offline", archive, "--where", "cycle <= 0",
+                            "--log-every", "5", "--eval-every", "10")
     cycle0 = [e for e in EpisodeArchive(archive).episodes()
               if e.lineage.mode == "collect" and e.lineage.cycle == 0]
     meta_path = next((tmp_path / "offline" / "policies").glob("*.json"))
@@ -41,6 +42,13 @@ def test_retrain_from_the_archive_and_act_with_the_snapshot(smoke_run, tmp_path)
     assert trained_on["filter"] == "cycle <= 0" and trained_on["archive"] == str(archive)
     assert trained_on["manifest_sha256"] == result["data"]["manifest_sha256"]
     assert result["steps"] == 15 and np.isfinite(result["learner"]["loss"])
+    # Progress every 5 updates (rate, ETA, losses); a greedy evaluation at 10 and at the end.
+    progress = [line for line in result["stdout"].splitlines() if line.startswith("updates ")]
+    assert [line.split()[1] for line in progress] == ["5/15", "10/15", "15/15"]
+    assert all("/s" in line and "ETA" in line and "l_q" in line for line in progress)
+    assert ["eval" in line for line in progress] == [False, True, True]
+    assert [p["updates"] for p in result["curve"]] == [10, 15]
+    assert all(np.isfinite(p["eval_mean"]) for p in result["curve"])
 
     config = load_config(ROOT / "deploy/configs/smoke.yaml")
     task = config.env.tasks[0]
