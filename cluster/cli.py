@@ -179,6 +179,7 @@ def _bench_learning(args: argparse.Namespace) -> int:
     from cluster.bench import format_report
     from cluster.bench_learning import run_learning_bench
     from cluster.config import ConfigError
+    from cluster.driver import RunDirError
 
     if not args.task:
         raise UsageError("bench learning needs --task, e.g. dm_control:cartpole-swingup")
@@ -191,7 +192,7 @@ def _bench_learning(args: argparse.Namespace) -> int:
                                     args.config, log=lambda line: print(line, flush=True))
     except UnknownTaskError as e:
         raise UsageError(f"--task: {e}") from None
-    except ConfigError as e:
+    except (ConfigError, RunDirError) as e:
         raise UsageError(str(e)) from None
     print(format_report(report))
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import yaml
 
-from cluster.config import ExperimentConfig, config_from_dict, config_to_dict
+from cluster.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 from cluster.report import (CycleRow, format_header, format_row, plot_returns, read_rows,
                             read_state, write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
@@ -44,14 +44,18 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> li
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it")
     rows = read_rows(run_dir) if resume and (run_dir / "cycle.json").exists() else []
     if resume and stored.exists():
-        def without_num_cycles(d: dict) -> dict:  # the one field a resume may change
-            return {**d, "loop": {k: v for k, v in d["loop"].items() if k != "num_cycles"}}
+        def without_num_cycles(d: dict) -> dict:  # the fields a resume may change
+            return {**d, "loop": {k: v for k, v in d["loop"].items()
+                                  if k not in ("num_cycles", "budget_seconds")}}
 
         # Through the parser, so fields added since the run started compare as their defaults.
-        before = config_to_dict(config_from_dict(yaml.safe_load(stored.read_text())))
+        try:
+            before = config_to_dict(config_from_dict(yaml.safe_load(stored.read_text())))
+        except ConfigError as e:  # e.g. a field that this pacflow no longer has
+            raise RunDirError(f"--resume: {stored} no longer parses: {e}") from None
         if without_num_cycles(config_to_dict(config)) != without_num_cycles(before):
             raise RunDirError(f"--resume: the config differs from {stored} in more than "
-                              "loop.num_cycles")
+                              "loop.num_cycles and loop.budget_seconds")
     for sub in RUN_SUBDIRS:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     stored.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

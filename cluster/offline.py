@@ -166,14 +166,16 @@ class Progress:
 def train_in_chunks(learner: PACLearner, steps: int, chunk: int,
                     after_chunk: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
     """Runs `steps` updates, calling `after_chunk(updates_so_far, chunk_metrics)` every `chunk`
-    updates and at the end; returns the metrics averaged over the last chunk."""
-    done, metrics = 0, {}
+    updates and at the end; returns the metrics averaged over all `steps` updates."""
+    done, totals = 0, {}
     while done < steps:
         n = min(chunk, steps - done)
         metrics = learner.run(n)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * n
         done += n
         after_chunk(done, metrics)
-    return metrics
+    return {k: v / max(steps, 1) for k, v in totals.items()}
 
 
 def _evaluate_learner(learner: PACLearner, spec: EnvSpec, config: ExperimentConfig,

@@ -30,10 +30,11 @@ class LearnerConfig:
     max_grad_norm: float = 40.0  # global gradient-norm clip
     alpha: float = 0.0  # BC weight: 1 = behaviour cloning, 0 = full RL
     beta: float = 1.0  # critic loss weight
-    epsilon: float = 0.1  # KL bound of the improved policy to the target policy
+    epsilon: float = 0.1  # KL bound of the improved to the target policy, per action dimension
     init_temperature: float = 1.0  # initial eta
     # E-step: each action dimension's K bins are scored exactly, the other dimensions taken
-    # from this many samples of π_θ' per state (Q averaged over them; 1 dimension: exact).
+    # from this many samples of π_θ' per state; Q is averaged over them (the bin's expected Q
+    # under the other dimensions' policy). One action dimension: exact.
     num_context_samples: int = 1
     # Entropy floor per action dimension, in nats (0 = off): a learned multiplier keeps the
     # policy at least this random, for exploration in online cycles (ln K = uniform).

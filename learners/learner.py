@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from learners import losses
+from learners.checkpoints import CheckpointError
 from learners.config import CriticTarget, LearnerConfig, TargetUpdate
 from policies.normalization import BatchMoments, batch_moments
 from policies.perceiver import (PerceiverActorCritic, PerceiverConfig, count_parameters,
@@ -203,7 +204,17 @@ class PACLearner:
         }
 
     def restore(self, state: dict[str, object]) -> None:
-        """Continues from `state()` output: the next step equals the uninterrupted run's on CPU."""
+        """Continues from `state()` output: the next step equals the uninterrupted run's on CPU.
+        A checkpoint of another network or learner layout (an older pacflow, another model
+        config) raises CheckpointError naming it."""
+        try:
+            self._restore(state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise CheckpointError(f"checkpoint {state.get('path', '')} does not fit this learner "
+                                  f"(another pacflow version or model config?): {first}") from e
+
+    def _restore(self, state: dict[str, object]) -> None:
         self.model.load_state_dict(state["model"])
         self.target.load_state_dict(state["target"])
         with torch.no_grad():

@@ -140,7 +140,8 @@ def temperature_dual_loss(prior_logits: torch.Tensor, q: torch.Tensor, temperatu
                           epsilon: float, action_mask: torch.Tensor | None = None) -> torch.Tensor:
     """MPO dual per dimension: g(η) = η·ε + η·E_{s,d}[log Σ_k π_θ',d(k|s) exp(Q_d(s,k)/η)].
 
-    Minimising g over η keeps KL(π_imp,d || π_θ',d) near ε for each dimension. prior_logits and
+    Minimising g over η keeps the mean per-dimension KL(π_imp,d || π_θ',d) near ε, so the joint
+    KL over A dimensions is about A·ε. prior_logits and
     q (B, A, K) are detached; the gradient goes to η only. action_mask (B, A) leaves out padding.
     """
     log_prior, q = prior_logits.detach().log_softmax(-1), q.detach()
@@ -183,8 +184,9 @@ def categorical_entropy(logits: torch.Tensor,
 
 def entropy_floor_loss(logits: torch.Tensor, multiplier: torch.Tensor, min_entropy: float,
                        action_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A lower bound H(π_θ,d) >= H_min per dimension, as a Lagrangian (the M-step analogue of
-    SAC's entropy target): λ·(H_min − H(π_θ)) with λ >= 0 learned by dual descent.
+    """A lower bound on the policy's entropy, H̄ >= H_min, as a Lagrangian (the M-step analogue
+    of SAC's entropy target): λ·(H_min − H̄) with λ >= 0 learned by dual descent. H̄ is the mean
+    over states and action dimensions (one multiplier for all dimensions).
 
     The first term's gradient (λ fixed) raises the policy's entropy; the second's (H fixed)
     raises λ while the entropy is below H_min and lowers it above. Their values cancel, so the

@@ -7,7 +7,7 @@
     policy decoder: one learned query per action dimension cross-attends z_M ──▶ K bin logits
     Q decoder: a query built from the action (late fusion) cross-attends z_M ──▶ M value logits;
                each dimension adds a learned embedding of its bin plus a projection of the bin
-               centre's Fourier features, so neighbouring bins start out alike (ordinal)
+               centre's Fourier features (ordinal: smooth across neighbouring bins)
 
 The Q decoder's queries never attend to each other, so N candidate actions are scored in one call
 as N queries against a single state encoding (the encoder runs once per state).
@@ -156,7 +156,8 @@ class PerceiverActorCritic(nn.Module):
         self.policy_decoder = block()
         self.policy_head = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, K))
         # Q decoder: query = base + Σ_d [embedding of d's bin + projection of the bin centre's
-        # Fourier features]; the second part makes neighbouring bins share their features.
+        # Fourier features]; the second part is smooth in the bin centre, so neighbouring bins
+        # share a component (the first is learned per bin and unordered).
         self.q_base = nn.Parameter(torch.randn(W) * 0.02)
         self.action_embedding = nn.Embedding(A * K, W)
         centres = torch.linspace(spec.action_min, spec.action_max, K)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from policies.perceiver import PerceiverActorCritic, PerceiverConfig
-from policies.snapshot import Snapshot
+from policies.snapshot import Snapshot, SnapshotError
 from replay.spec import EnvSpec, PolicyVersion
 
 
@@ -57,7 +57,12 @@ class PACPolicy:
     def from_snapshot(cls, snapshot: Snapshot, seed: int) -> "PACPolicy":
         spec = EnvSpec.from_dict(snapshot.metadata["env_spec"])
         model = PerceiverActorCritic(spec, PerceiverConfig(**snapshot.metadata["model_config"]))
-        model.load_state_dict(snapshot.state_dict())
+        try:
+            model.load_state_dict(snapshot.state_dict())
+        except RuntimeError as e:  # missing or unexpected weights: another network layout
+            raise SnapshotError(f"snapshot v{snapshot.version} does not fit this network "
+                                f"(made by another pacflow version?): "
+                                f"{str(e).splitlines()[0]}") from e
         return cls(model, snapshot.version, seed)
 
     @torch.inference_mode()

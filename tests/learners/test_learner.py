@@ -202,3 +202,27 @@ def test_normalisation_statistics_in_a_snapshot_give_identical_actions_elsewhere
 def test_cpu_optimizer_is_fused():
     learner = _learner()
     assert learner.optimizer.defaults["fused"] is True
+
+
+def test_a_checkpoint_or_snapshot_of_another_layout_is_refused_by_name(tmp_path):
+    from policies.policy import PACPolicy
+    from policies.snapshot import Snapshot, SnapshotError, snapshot_metadata
+
+    learner = _learner()
+    learner.run(1)
+    path = save_checkpoint(learner.state(), tmp_path, step=1, cycle=0)
+    state = load_checkpoint(path)
+    other = PACLearner(SPEC, dataclasses.replace(TINY_MODEL, num_action_bins=7),
+                       LearnerConfig(batch_size=16, device="cpu", num_threads=1),
+                       random_batches(16), seed=0)
+    with pytest.raises(CheckpointError, match="does not fit this learner"):
+        other.restore(state)
+    del state["log_entropy_multiplier"]  # as written by an older pacflow
+    with pytest.raises(CheckpointError, match="log_entropy_multiplier"):
+        learner.restore(state)
+    weights = {k: v for k, v in learner.get_variables().items()
+               if not k.startswith("normalizer.")}  # an older network had no statistics
+    old = Snapshot.from_state_dict(3, weights, snapshot_metadata(SPEC.to_dict(), TINY_MODEL, 0,
+                                                                 1, 2))
+    with pytest.raises(SnapshotError, match="v3 does not fit this network"):
+        PACPolicy.from_snapshot(old, seed=0)
