@@ -146,13 +146,12 @@ def evaluate(policy: PACPolicy, spec: EnvSpec, task: str, env: EnvConfig,
 
 
 class Progress:
-    """Prints a progress line every `every` updates: updates, rate, ETA and the mean losses."""
+    """Progress lines: updates, rate, elapsed time, ETA and the mean losses."""
 
     KEYS = ("loss", "l_imp", "l_bc", "l_q", "temperature", "entropy")
 
-    def __init__(self, total: int, every: int, out: Callable[[str], None] = print):
-        self.total, self.every, self.out = total, max(every, 1), out
-        self.t0 = time.perf_counter()
+    def __init__(self, total: int):
+        self.total, self.t0 = total, time.perf_counter()
 
     def line(self, done: int, metrics: dict[str, float]) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -178,14 +177,18 @@ def train_in_chunks(learner: PACLearner, steps: int, chunk: int,
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
 
-def _evaluate_learner(learner: PACLearner, spec: EnvSpec, config: ExperimentConfig,
-                      seed: int) -> list[float]:
-    """Greedy returns of the learner's current weights on every task (loop.eval_episodes each)."""
+def _evaluate_by_task(policy: PACPolicy, spec: EnvSpec, config: ExperimentConfig,
+                      seed: int) -> dict[str, list[float]]:
+    """Greedy returns of `policy` on every task (loop.eval_episodes each, fixed seeds)."""
+    return {task: evaluate(policy, spec, task, config.env, config.loop.eval_episodes, seed)
+            for task in config.env.tasks}
+
+
+def _learner_policy(learner: PACLearner, spec: EnvSpec, config: ExperimentConfig,
+                    seed: int) -> PACPolicy:
     snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
         spec.to_dict(), config.model, 0, learner.num_steps, 0))
-    policy = PACPolicy.from_snapshot(snapshot, seed)
-    return [r for task in config.env.tasks
-            for r in evaluate(policy, spec, task, config.env, config.loop.eval_episodes, seed)]
+    return PACPolicy.from_snapshot(snapshot, seed)
 
 
 def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, steps: int,
@@ -217,13 +220,16 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
                 adder.add_episode(archive.read(archive.path_of(episode_id)))
         batches = ReverbBatchIterator(server.address, config.replay, config.learner.batch_size)
         learner = PACLearner(spec, config.model, config.learner, batches, seed=seed)
-        progress, curve = Progress(steps, log_every, out), []
+        progress, curve, last_eval = Progress(steps), [], {}
 
         def after_chunk(done: int, chunk_metrics: dict[str, float]) -> None:
             line = progress.line(done, chunk_metrics)
             evaluated = eval_every and (done % eval_every == 0 or done == steps)
             if evaluated:
-                returns = _evaluate_learner(learner, spec, config, seed)
+                by_task = _evaluate_by_task(_learner_policy(learner, spec, config, seed), spec,
+                                            config, seed)
+                last_eval[done] = by_task
+                returns = [r for task_returns in by_task.values() for r in task_returns]
                 curve.append({"updates": done, "seconds": time.time() - t0,
                               "eval_mean": float(np.mean(returns))})
                 line += f"  eval {curve[-1]['eval_mean']:.1f}"
@@ -247,9 +253,9 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
     snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
         spec.to_dict(), config.model, 0, learner.num_steps, 0, trained_on=data))
     save_snapshot(snapshot, run_dir / "policies")
-    policy = PACPolicy.from_snapshot(snapshot, seed)
-    eval_by_task = {task: evaluate(policy, spec, task, config.env,
-                                   config.loop.eval_episodes, seed) for task in config.env.tasks}
+    # The curve's last point evaluated these very weights with the same seeds: reuse it.
+    eval_by_task = last_eval.get(steps) or _evaluate_by_task(
+        PACPolicy.from_snapshot(snapshot, seed), spec, config, seed)
     eval_returns = [r for returns in eval_by_task.values() for r in returns]
     result = {"data": {**data, "mean_return": float(returns.mean()),
                        "best_return": float(returns.max())},
