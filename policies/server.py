@@ -32,6 +32,7 @@ from policies.wire import MAX_SNAPSHOT_BYTES, WireError, data_chunks, read_episo
     read_snapshots, snapshot_header
 from replay.ingest import Ingested
 from replay.spec import Episode
+from replay.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ SERVER_OPTIONS = [
 EpisodeHandler = Callable[[Episode], Ingested]
 PLAINTEXT_LOOPBACK = ServerSecurity(allow_plaintext=True)  # in-process and single-node runs
 
+PINS = "pins.json"  # fleet and per-client pins, next to the versions
+
 
 class PolicyStore:
     """Versions and pins, behind one condition variable.
@@ -58,25 +61,22 @@ class PolicyStore:
     """
 
     def __init__(self, directory: str | Path, cached_versions: int = 3):
-        self.directory = Path(directory)
+        self.store = Storage(directory)
         self.cond = threading.Condition()
         self.infos: dict[int, pb.VersionInfo] = {}
         self._cache: collections.OrderedDict[int, tuple[Snapshot, list]] = \
             collections.OrderedDict()
         self._cached_versions = cached_versions
         self._load_lock, self._publish_lock = threading.Lock(), threading.Lock()
-        for meta_path in snapshot_paths(self.directory):
+        for meta_path in snapshot_paths(self.store.uri):
             meta = read_snapshot_metadata(meta_path)
-            size = meta_path.with_suffix(".safetensors").stat().st_size
+            size = self.store.fs.get_file_info(
+                self.store.path(f"v{int(meta['version']):06d}.safetensors")).size
             self.infos[int(meta["version"])] = _info(int(meta["version"]), meta["sha256"],
                                                      meta["metadata"], size)
-        pins = self._pins_path()
-        data = json.loads(pins.read_text()) if pins.exists() else {}
+        data = json.loads(self.store.get_bytes(PINS)) if self.store.exists(PINS) else {}
         self.fleet_pin: int = int(data.get("fleet", 0))
         self.client_pins: dict[str, int] = {k: int(v) for k, v in data.get("clients", {}).items()}
-
-    def _pins_path(self) -> Path:
-        return self.directory / "pins.json"
 
     @property
     def latest(self) -> int:
@@ -99,7 +99,7 @@ class PolicyStore:
             with self.cond:
                 if version in self._cache:
                     return self._cache[version]
-            snapshot = load_snapshot(self.directory / f"v{version:06d}.json")  # hash-checked
+            snapshot = load_snapshot(join(self.store.uri, f"v{version:06d}.json"))  # hash-checked
             return self._remember(snapshot)
 
     def _remember(self, snapshot: Snapshot) -> tuple[Snapshot, list[pb.SnapshotChunk]]:
@@ -117,7 +117,7 @@ class PolicyStore:
             if snapshot.version <= self.latest:
                 raise ValueError(f"version {snapshot.version} does not advance latest "
                                  f"{self.latest}")
-            save_snapshot(snapshot, self.directory)
+            save_snapshot(snapshot, self.store.uri)
             self._remember(snapshot)
             with self.cond:
                 self.infos[snapshot.version] = _info(snapshot.version, snapshot.sha256,
@@ -143,10 +143,8 @@ class PolicyStore:
             self._save_pins()
 
     def _save_pins(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self._pins_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fleet": self.fleet_pin, "clients": self.client_pins}))
-        tmp.replace(self._pins_path())
+        self.store.put_bytes(PINS, json.dumps({"fleet": self.fleet_pin,
+                                               "clients": self.client_pins}).encode())
         self.cond.notify_all()
 
     def pins_reply(self) -> pb.PinReply:

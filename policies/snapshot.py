@@ -1,8 +1,8 @@
 """Versioned policy snapshots: safetensors weights + JSON metadata + sha256.
 
 A snapshot is encoded once per version and the same bytes go to every subscriber.
-On disk: `<dir>/v<version:06d>.safetensors` and `<dir>/v<version:06d>.json` (metadata + sha256),
-each written to a temp file and renamed into place.
+Stored (a local folder or a run storage URI): `<dir>/v<version:06d>.safetensors` and
+`<dir>/v<version:06d>.json` (metadata + sha256), each written atomically, the metadata last.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from replay.storage import Storage, join
 
 
 class SnapshotError(ValueError):
@@ -69,42 +71,43 @@ def snapshot_metadata(env_spec: Mapping[str, Any], model_config: Any, cycle: int
             **extra}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _split(path: str | os.PathLike) -> tuple[Storage, str]:
+    """`<dir>/v000003.json` -> (storage of <dir>, "v000003")."""
+    uri = str(path)
+    head, _, name = uri.rstrip("/").rpartition("/") if "://" in uri else \
+        (str(Path(uri).absolute().parent), "/", Path(uri).name)
+    return Storage(head), name.removesuffix(".json")
 
 
-def save_snapshot(snapshot: Snapshot, directory: str | os.PathLike) -> Path:
-    """Writes weights then metadata (the metadata file marks the snapshot complete)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    stem = d / f"v{snapshot.version:06d}"
-    _atomic_write(stem.with_suffix(".safetensors"), snapshot.weights)
+def save_snapshot(snapshot: Snapshot, directory: str | os.PathLike) -> str:
+    """Writes weights then metadata (the metadata file marks the snapshot complete) into a local
+    folder or run storage URI; returns the metadata file's path or URI."""
+    store = Storage(directory)
+    stem = f"v{snapshot.version:06d}"
+    store.put_bytes(f"{stem}.safetensors", snapshot.weights)
     meta = {"version": snapshot.version, "sha256": snapshot.sha256,
             "metadata": dict(snapshot.metadata)}
-    _atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1).encode())
-    return stem.with_suffix(".json")
+    store.put_bytes(f"{stem}.json", json.dumps(meta, indent=1).encode())
+    return join(store.uri, f"{stem}.json")
 
 
-def snapshot_paths(directory: str | os.PathLike) -> list[Path]:
+def snapshot_paths(directory: str | os.PathLike) -> list[str]:
     """The metadata files of the complete snapshots in `directory`, oldest first."""
-    return sorted(Path(directory).glob("v*.json"))
+    store = Storage(directory)
+    return [join(store.uri, n) for n in store.list_files()
+            if n.startswith("v") and n.endswith(".json")]
 
 
 def read_snapshot_metadata(metadata_path: str | os.PathLike) -> dict[str, Any]:
     """{version, sha256, metadata} of a stored snapshot, without reading its weights."""
-    return json.loads(Path(metadata_path).read_text())
+    store, stem = _split(metadata_path)
+    return json.loads(store.get_bytes(f"{stem}.json"))
 
 
 def load_snapshot(metadata_path: str | os.PathLike) -> Snapshot:
     """Reads a snapshot written by `save_snapshot` and checks its sha256."""
-    meta_path = Path(metadata_path)
-    meta = json.loads(meta_path.read_text())
-    snap = Snapshot(int(meta["version"]), meta["metadata"],
-                    meta_path.with_suffix(".safetensors").read_bytes())
+    store, stem = _split(metadata_path)
+    meta = json.loads(store.get_bytes(f"{stem}.json"))
+    snap = Snapshot(int(meta["version"]), meta["metadata"], store.get_bytes(f"{stem}.safetensors"))
     snap.verify(meta["sha256"])
     return snap

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from replay.spec import Episode, Lineage
+from replay.storage import resolve
 
 SCHEMA_VERSION = 2  # 2 added the nullable `pixels` column
 LINEAGE_FIELDS = [
@@ -73,14 +73,6 @@ def conform(table: pa.Table) -> pa.Table:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table.select(SCHEMA.names).cast(SCHEMA)
-
-
-def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """A local path, file:// URI or object-store URI -> (filesystem, path)."""
-    uri = str(uri)
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), str(Path(uri).absolute())
-    return pafs.FileSystem.from_uri(uri)
 
 
 def episode_table(episode: Episode) -> pa.Table:

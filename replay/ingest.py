@@ -36,7 +36,7 @@ class EpisodeSink:
     def __init__(self, spec: EnvSpec, archive: EpisodeArchive, adder: Adder | None,
                  quarantine_dir: str | Path):
         self._spec, self._archive, self._adder = spec, archive, adder
-        self._quarantine_dir = Path(quarantine_dir)
+        self._quarantine_dir = str(quarantine_dir)
         self.rejected: collections.Counter[str] = collections.Counter()  # by first reason
         self.num_items = 0
 

@@ -1,5 +1,9 @@
 """A Reverb server with the run's one table, checkpointing to a fixed directory.
 
+Reverb checkpoints to local disk. Given a run storage URI, each checkpoint is then uploaded
+there with its sha256 manifest, and a server starting on a node without it downloads the stored
+one (and the one before it) first, so replay survives the loss of its node.
+
 Reverb listens on all interfaces and has no authentication (reliability.md §1.7): keep it on the
 cluster's private network; robots reach replay only through the policy server's gateway.
 """
@@ -16,6 +20,7 @@ import numpy as np
 
 from replay.config import RateLimiter, ReplayConfig, Sampler
 from replay.spec import EnvSpec
+from replay.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ def episode_key(episode_id: str) -> int:
 
 
 MANIFEST = "pacflow_manifest.json"  # sha256 of each checkpoint file, written next to them
+LATEST = "LATEST.json"  # in run storage: {"current": name, "previous": name or null}
 
 
 def _file_hashes(directory: Path) -> dict[str, str]:
@@ -98,12 +104,15 @@ class ReplayServer:
     """
 
     def __init__(self, spec: EnvSpec, config: ReplayConfig, checkpoint_dir: str | Path,
-                 host: str = "127.0.0.1", port: int | None = None):
+                 host: str = "127.0.0.1", port: int | None = None, storage: str | None = None):
         import reverb
 
         self._root = Path(checkpoint_dir)
         self._previous = self._root.with_name(self._root.name + ".previous")
         self._root.mkdir(parents=True, exist_ok=True)
+        self._storage = Storage(storage) if storage else None
+        if self._storage is not None:
+            self._download()
         self._config = config
         self._server = self._start(spec, port)
         self.address = f"{host}:{self._server.port}"
@@ -170,7 +179,41 @@ class ReplayServer:
             tmp.rename(self._previous)
         path = Path(self._client.checkpoint())
         (path / MANIFEST).write_text(json.dumps(_file_hashes(path)))
+        if self._storage is not None:
+            return self._upload(path)
         return str(path)
+
+    def _upload(self, path: Path) -> str:
+        """Copies checkpoint `path` to storage, then points LATEST at it (with the one before
+        as `previous`) and deletes older copies there; returns its storage URI."""
+        store = self._storage
+        old = json.loads(store.get_bytes(LATEST)) if store.exists(LATEST) else {}
+        for p in sorted(path.iterdir()):  # the manifest and DONE last: they mark it complete
+            if p.name not in (MANIFEST, "DONE"):
+                store.put_file(p, f"{path.name}/{p.name}")
+        for name in (MANIFEST, "DONE"):
+            if (path / name).exists():
+                store.put_file(path / name, f"{path.name}/{name}")
+        previous = old.get("current") if old.get("current") != path.name else old.get("previous")
+        store.put_bytes(LATEST, json.dumps({"current": path.name, "previous": previous}).encode())
+        for name in store.list_dirs():
+            if name not in (path.name, previous):
+                store.delete_dir(name)
+        return join(store.uri, path.name)
+
+    def _download(self) -> None:
+        """Brings the stored newest checkpoint (and the one before it) to the local folder when
+        this node does not hold it, e.g. after a restart on another node."""
+        store = self._storage
+        if not store.exists(LATEST):
+            return
+        latest = json.loads(store.get_bytes(LATEST))
+        for name, local in ((latest["current"], self._root), (latest.get("previous"),
+                                                                self._previous)):
+            if name and not (local / name / "DONE").exists():
+                shutil.rmtree(local, ignore_errors=True)
+                store.download_dir(name, local / name)
+                log.info("replay checkpoint %s downloaded from %s", name, store.uri)
 
     def stop(self) -> None:
         self._server.stop()

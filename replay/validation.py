@@ -13,6 +13,7 @@ import numpy as np
 
 from replay.archive import EpisodeArchive
 from replay.spec import EnvSpec, Episode
+from replay.storage import Storage
 
 MAX_EPISODE_LENGTH = 1_000_000
 
@@ -49,16 +50,16 @@ def episode_problems(episode: Episode, spec: EnvSpec) -> list[str]:
     return problems
 
 
-def quarantine(episode: Episode, reasons: list[str], directory: str | Path) -> Path:
-    """Keeps a rejected episode (when Parquet can hold it) and a reason file next to it."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    reason_path = d / f"{episode.lineage.episode_id}.reason.json"
+def quarantine(episode: Episode, reasons: list[str], directory: str | Path) -> str:
+    """Keeps a rejected episode (when Parquet can hold it) and a reason file next to it, in a
+    local folder or run storage URI; returns the reason file's path."""
+    store = Storage(directory)
+    name = f"{episode.lineage.episode_id}.reason.json"
     record = {"episode_id": episode.lineage.episode_id, "actor_id": episode.lineage.actor_id,
               "reasons": reasons}
-    reason_path.write_text(json.dumps(record))
+    store.put_bytes(name, json.dumps(record).encode())
     try:
-        EpisodeArchive(d).write(episode)
+        EpisodeArchive(store.uri).write(episode)
     except Exception as e:  # a malformed episode may not fit the schema; the reason file stays
-        reason_path.write_text(json.dumps({**record, "unstorable": str(e)}))
-    return reason_path
+        store.put_bytes(name, json.dumps({**record, "unstorable": str(e)}).encode())
+    return store.path(name)

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_target_network_is_copied_every_period():
 def test_checkpoint_round_trip_and_corruption_is_refused(tmp_path):
     learner = _learner()
     learner.run(2)
-    path = save_checkpoint(learner.state(), tmp_path, step=learner.num_steps, cycle=0)
+    path = Path(save_checkpoint(learner.state(), tmp_path, step=learner.num_steps, cycle=0))
     state = load_checkpoint(path)
     assert state["num_steps"] == 2 and state["cycle"] == 0
     for k, v in learner.get_variables().items():
@@ -120,7 +121,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     learner.run(1)
     good = save_checkpoint(learner.state(), tmp_path, step=1, cycle=0)
     learner.run(1)
-    newest = save_checkpoint(learner.state(), tmp_path, step=2, cycle=1)
+    newest = Path(save_checkpoint(learner.state(), tmp_path, step=2, cycle=1))
     with open(newest / "model.safetensors", "r+b") as f:  # truncate
         f.truncate(100)
     assert load_latest_good(tmp_path)["path"] == str(good)
@@ -130,7 +131,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
             return (print, ("pwned",))
 
     # A pickle-bearing optim.pt with a matching manifest is still refused.
-    newest = save_checkpoint(learner.state(), tmp_path, step=3, cycle=2)
+    newest = Path(save_checkpoint(learner.state(), tmp_path, step=3, cycle=2))
     (newest / "optim.pt").write_bytes(pickle.dumps(Payload()))
     manifest = json.loads((newest / "manifest.json").read_text())
     manifest["files"]["optim.pt"] = hashlib.sha256((newest / "optim.pt").read_bytes()).hexdigest()

@@ -3,16 +3,13 @@ through pyarrow's S3FileSystem with the endpoint and credentials taken from the 
 (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...), as docs/operations.md tells operators to do."""
 
 import json
-import logging
 import pickle
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
-from moto.server import ThreadedMotoServer
 
 from cluster.cli import main
 from cluster.offline import select_episodes
@@ -20,37 +17,11 @@ from replay.archive import MANIFEST_NAME, SCHEMA, ArchiveSchemaError, EpisodeArc
     episodes_from_blocks
 from tests.fakes import PIXEL_SPEC, make_episode
 
-BUCKET = "pacflow-test"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    """host:port of a moto S3 server on 127.0.0.1 (a free port) holding an empty bucket."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    address = f"{host}:{port}"
-    admin = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
-                              endpoint_override=address, scheme="http",
-                              allow_bucket_creation=True)
-    admin.create_dir(BUCKET)
-    yield address
-    server.stop()
-
-
 @pytest.fixture
-def s3(endpoint, monkeypatch):
+def s3(s3_prefix):
     """(archive URI under a fresh prefix, a filesystem for looking at the bucket directly)."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://{endpoint}",
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
-    return f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/archive", fs
+    prefix, fs = s3_prefix
+    return f"{prefix}/archive", fs
 
 
 def _objects(fs: pafs.FileSystem, uri: str) -> list[str]:

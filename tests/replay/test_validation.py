@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -67,6 +68,6 @@ def test_unstorable_episode_still_gets_its_reason_file(tmp_path):
     bad = dataclasses.replace(ep, observation=np.zeros((3, 2, 3), np.float32))  # not a table row
     problems = episode_problems(bad, SPEC)
     path = quarantine(bad, problems, tmp_path)
-    record = json.loads(path.read_text())
+    record = json.loads(Path(path).read_text())
     assert record["reasons"] == problems and record["actor_id"] == "actor-0"
     assert "unstorable" in record
