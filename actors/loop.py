@@ -31,6 +31,13 @@ class EpisodeContext:
     mode: str  # "collect" or "eval"
 
 
+def episode_identity(run_id: str, mode: str, cycle: int, actor_id: str, index: int) -> str:
+    """The id of the `index`-th `mode` episode of `actor_id` in `cycle`: a uuid5 (hex) of those
+    fields, so a restarted actor that redoes the episode gives it the same id and the archive
+    keeps it once."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"pacflow:{run_id}/{mode}/{cycle}/{actor_id}/{index}").hex
+
+
 class EpisodeBuffer:
     """One episode's steps as they happen; `episode()` turns them into an Episode.
     Shared by the sim acting loop and the robot client."""
@@ -86,16 +93,21 @@ class EnvironmentLoop:
         self._envs, self._spec = list(envs), spec
 
     def run(self, policy: Policy, seeds: Sequence[int], context: EpisodeContext,
-            greedy: bool) -> list[Episode]:
-        """One episode per seed, in waves of len(envs); returns them in seed order."""
+            greedy: bool, episode_ids: Sequence[str] | None = None) -> list[Episode]:
+        """One episode per seed, in waves of len(envs); returns them in seed order. Episode ids
+        are `episode_ids` when given (one per seed), else random."""
+        ids = list(episode_ids) if episode_ids is not None else \
+            [uuid.uuid4().hex for _ in seeds]
+        assert len(ids) == len(seeds), "one episode id per seed"
         episodes: list[Episode] = []
         k = len(self._envs)
         for start in range(0, len(seeds), k):
-            episodes.extend(self._wave(policy, seeds[start:start + k], context, greedy))
+            episodes.extend(self._wave(policy, seeds[start:start + k], ids[start:start + k],
+                                       context, greedy))
         return episodes
 
-    def _wave(self, policy: Policy, seeds: Sequence[int], ctx: EpisodeContext,
-              greedy: bool) -> list[Episode]:
+    def _wave(self, policy: Policy, seeds: Sequence[int], ids: Sequence[str],
+              ctx: EpisodeContext, greedy: bool) -> list[Episode]:
         envs = self._envs[:len(seeds)]
         start_time = time.time()
         for env, seed in zip(envs, seeds):
@@ -126,12 +138,12 @@ class EnvironmentLoop:
                 else:
                     still.append(i)
             active = still
-        return [self._episode(buf, seed, start_time, policy.policy_version, ctx)
-                for buf, seed in zip(buffers, seeds)]
+        return [self._episode(buf, seed, episode_id, start_time, policy.policy_version, ctx)
+                for buf, seed, episode_id in zip(buffers, seeds, ids)]
 
-    def _episode(self, buf: EpisodeBuffer, seed: int, start_time: float, version: int,
-                 ctx: EpisodeContext) -> Episode:
+    def _episode(self, buf: EpisodeBuffer, seed: int, episode_id: str, start_time: float,
+                 version: int, ctx: EpisodeContext) -> Episode:
         lineage = Lineage(run_id=ctx.run_id, cycle=ctx.cycle, policy_version=version,
-                          actor_id=ctx.actor_id, task=ctx.task, episode_id=uuid.uuid4().hex,
+                          actor_id=ctx.actor_id, task=ctx.task, episode_id=episode_id,
                           seed=seed, mode=ctx.mode, start_time=start_time, end_time=time.time())
         return buf.episode(self._spec, ctx.task_id, lineage)

@@ -21,20 +21,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from replay.storage import join
+
     config = load_config_args(args)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs --run-dir")
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
-        time.strftime("%Y%m%d-%H%M%S-") + config.env.tasks[0].split(":")[-1])
-    run_dir = run_dir.absolute()
-    from cluster.driver import RunDirError, run_experiment
+    run = args.run_dir or join(config.cluster.storage, time.strftime("%Y%m%d-%H%M%S-") +
+                               config.env.tasks[0].split(":")[-1])
+    if "://" not in run:
+        run = str(Path(run).absolute())
+        if "runtime_resources" in Path(run).parts or "working_dir_files" in run:
+            print(f"warning: run directory {run} is inside Ray's job working dir, which is "
+                  "deleted when the cluster stops; pass --run-dir (an absolute path or s3:// "
+                  "URI) to keep the run", file=sys.stderr, flush=True)
+    from cluster.driver import RunDirError, RunFailed, run_experiment
 
-    print(f"run directory: {run_dir}", flush=True)
+    print(f"run directory: {run}", flush=True)
     try:
-        run_experiment(config, run_dir, address=args.address, resume=args.resume)
+        run_experiment(config, run, address=args.address, resume=args.resume)
     except RunDirError as e:
         raise UsageError(str(e)) from None
-    print(f"report: {run_dir / 'report' / 'returns.png'}", flush=True)
+    except RunFailed as e:
+        print(f"pacflow run: {e}; continue with --resume --run-dir {run}", file=sys.stderr)
+        return 1
+    print(f"report: {join(run, 'report', 'returns.png')}", flush=True)
     return 0
 
 
@@ -132,15 +142,20 @@ def _archive_stats(archive) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from cluster.report import format_header, format_row, plot_returns, read_rows
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "cycle.json").exists():
-        raise UsageError(f"{run_dir}: no cycle.json (is this a run directory?)")
-    rows = read_rows(run_dir)
+    from replay.storage import Storage, StorageError
+
+    try:
+        run = Storage(args.run_dir)
+        found = run.exists("cycle.json")
+    except (StorageError, OSError, ValueError) as e:
+        raise UsageError(f"{args.run_dir}: {str(e).splitlines()[0]}") from None
+    if not found:
+        raise UsageError(f"{args.run_dir}: no cycle.json (is this a run directory?)")
+    rows = read_rows(run.uri)
     print(format_header())
     for row in rows:
         print(format_row(row))
-    plot_returns(rows, run_dir / "report" / "returns.png", run_dir.name)
-    print(f"report: {run_dir / 'report' / 'returns.png'}")
+    print(f"report: {plot_returns(rows, run.uri, run.uri.rstrip('/').rsplit('/', 1)[-1])}")
     return 0
 
 
@@ -206,7 +221,8 @@ def make_parser() -> argparse.ArgumentParser:
                      help="YAML config, e.g. deploy/configs/cartpole.yaml")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config field, e.g. learner.batch_size=512 (repeatable)")
-    run.add_argument("--run-dir", help="run directory (default: runs/<time>-<task>)")
+    run.add_argument("--run-dir", help="run storage: a folder or an object-store URI (s3://, "
+                     "gs://); default <cluster.storage>/<time>-<task>")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --run-dir (loop.num_cycles may grow)")
     run.add_argument("--address", default=None,

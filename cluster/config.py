@@ -86,6 +86,9 @@ class LoopConfig:
     # by the previous cycle's time) is not started, and the last cycle run is evaluated. 0 = none.
     budget_seconds: float = 0.0
     version_timeout_seconds: float = 120.0  # max wait for actors to receive a published version
+    # Longest the driver waits for any one call (a collect, a train, a checkpoint) before it
+    # stops the run with a line naming the process that hung.
+    call_timeout_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         for name in ("num_cycles", "episodes_per_cycle", "learner_steps_per_cycle",
@@ -118,7 +121,24 @@ class ClusterConfig:
     learner_cpus: float = 1.0  # Ray CPUs reserved by the learner
     learner_gpus: float = 0.0  # Ray GPUs per learner process (set 1 on GPU nodes)
     learner_workers: int = 1  # >1: data-parallel learner through Ray Train, batch split evenly
-    host: str = "127.0.0.1"  # address the replay and policy servers advertise
+    # Address the replay and policy servers advertise: an IP or name, or "auto" for the IP of
+    # the node they run on (multi-node runs; the policy server then needs policy_credentials
+    # unless that IP is loopback).
+    host: str = "127.0.0.1"
+    # Custom Ray resource of the node that hosts replay and the policy server (e.g. "head", as
+    # in `ray start --resources '{"head": 1}'`); "" = the driver's node.
+    server_resource: str = ""
+    actor_resource: str = ""  # custom resource each collector needs a sliver of; "" = any node
+    learner_resource: str = ""  # custom resource the learner needs a sliver of; "" = any node
+    # Restarts Ray grants each collector and the learner (and Ray Train's max_failures for a
+    # data-parallel learner) before the run stops; restarted processes continue from storage.
+    max_restarts: int = 3
+    replay_port: int = 0  # fixed Reverb port; 0 = a free one
+    policy_port: int = 0  # fixed policy server (gRPC) port; 0 = a free one
+    # Where runs go when --run-dir is not given: a folder or an object-store URI (s3://, gs://)
+    # under which each run gets its own `<time>-<task>` folder. On a multi-node cluster it must
+    # be a URI (file:// for a folder every node mounts): node-local folders would scatter a run.
+    storage: str = "runs"
     # `pacflow policy gen-certs` directory (or one with the same file names): the policy server
     # runs mTLS + tokens, the learner and actors use its "learner" and "actor" credentials.
     # "" = plaintext, allowed only while `host` is a loopback address.
@@ -128,7 +148,7 @@ class ClusterConfig:
         if self.num_actors < 1 or self.envs_per_actor < 1 or self.learner_workers < 1:
             raise ValueError("cluster.num_actors, cluster.envs_per_actor and "
                              "cluster.learner_workers must be >= 1")
-        if not self.policy_credentials and not is_loopback(self.host):
+        if not self.policy_credentials and self.host != "auto" and not is_loopback(self.host):
             raise ValueError(f"cluster.policy_credentials: required when cluster.host "
                              f"({self.host}) is not loopback; make them with `pacflow policy "
                              f"gen-certs DIR --host {self.host}`")

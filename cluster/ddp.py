@@ -27,6 +27,7 @@ from policies.client import publish
 from policies.security import ClientSecurity
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.spec import Batch, EnvSpec
+from replay.storage import Storage, join
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,25 +70,32 @@ def _train_loop(config: dict) -> None:
                     Snapshot.from_state_dict(job.publish_version, learner.get_variables(), meta),
                     security=job.policy_security)
     result = {**metrics, "learner_steps": learner.num_steps, "replica_checksums": checksums}
-    if rank == 0:  # Ray Train keeps only checkpointed reports; ours live in the run dir
-        Path(job.metrics_path).write_text(json.dumps(result))
+    if rank == 0:  # Ray Train keeps only checkpointed reports; ours live in run storage
+        Storage(job.metrics_path).put_bytes("", json.dumps(result).encode())
     ray.train.report(result)
 
 
 def train_data_parallel(job: DataParallelJob, num_workers: int, use_gpu: bool,
-                        storage_dir: str | Path, cpus_per_worker: float = 1.0) -> dict:
-    """Runs the job on `num_workers` Ray Train workers; returns rank 0's metrics."""
-    storage = Path(storage_dir).absolute()
-    storage.mkdir(parents=True, exist_ok=True)
-    job = dataclasses.replace(job, metrics_path=str(storage / f"learner-cycle-{job.cycle}.json"))
+                        storage_dir: str | Path, cpus_per_worker: float = 1.0,
+                        max_failures: int = 0) -> dict:
+    """Runs the job on `num_workers` Ray Train workers; returns rank 0's metrics.
+
+    `storage_dir` (a local path or an object-store URI) is Ray Train's own storage_path, so the
+    workers need no shared filesystem. A failed worker restarts the job from the newest good
+    checkpoint up to `max_failures` times (Ray Train's FailureConfig)."""
+    storage = Storage(storage_dir)
+    metrics = join(storage.uri, f"learner-cycle-{job.cycle}.json")
+    job = dataclasses.replace(job, metrics_path=metrics)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(storage_path=str(storage),
-                                       name=f"learner-cycle-{job.cycle}"),
+        run_config=ray.train.RunConfig(storage_path=storage.uri,
+                                       name=f"learner-cycle-{job.cycle}",
+                                       failure_config=ray.train.FailureConfig(
+                                           max_failures=max_failures)),
     )
     trainer.fit()
-    return json.loads(Path(job.metrics_path).read_text())
+    return json.loads(Storage(job.metrics_path).get_bytes(""))

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,14 +20,17 @@ import numpy as np
 import ray
 import yaml
 
-from cluster.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
+from cluster.config import (ClusterConfig, ConfigError, ExperimentConfig, config_from_dict,
+                            config_to_dict)
 from cluster.report import (CycleRow, format_header, format_row, plot_returns, read_rows,
                             read_state, write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
+from replay.storage import Storage, StorageError, join
 
 log = logging.getLogger(__name__)
 RUN_SUBDIRS = ("archive", "quarantine", "checkpoints", "policies", "replay_checkpoints",
                "metrics/targets", "report", "logs")
+CONFIG = "config.yaml"  # the resolved config, in run storage
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -34,102 +39,223 @@ def split(total: int, parts: int) -> list[int]:
 
 
 class RunDirError(ValueError):
-    """The run directory cannot be used as asked (exists without --resume, or differs)."""
+    """The run cannot start as asked: its storage (unreachable, exists without --resume, or
+    differs) or its placement (a resource no node has). One line, exit code 2."""
 
 
-def prepare_run_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> list[CycleRow]:
-    """Creates the run directory, or checks a resumed one; returns the cycles already done."""
-    stored = run_dir / "config.yaml"
-    if not resume and (run_dir / "cycle.json").exists():
-        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it")
-    rows = read_rows(run_dir) if resume and (run_dir / "cycle.json").exists() else []
-    if resume and stored.exists():
+def check_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[CycleRow]:
+    """Checks that an object store can be written, that a new run does not overwrite one, and
+    that a resumed one has the same config; writes nothing; returns the cycles already done."""
+    store = Storage(run)
+    if not store.local:
+        try:
+            store.check_writable()
+        except StorageError as e:
+            raise RunDirError(f"--run-dir: {e}") from None
+    if not resume and store.exists("cycle.json"):
+        raise RunDirError(f"{run} already holds a run; pass --resume to continue it")
+    rows = read_rows(run) if resume and store.exists("cycle.json") else []
+    if resume and store.exists(CONFIG):
         def without_num_cycles(d: dict) -> dict:  # the fields a resume may change
             return {**d, "loop": {k: v for k, v in d["loop"].items()
                                   if k not in ("num_cycles", "budget_seconds")}}
 
+        stored = join(store.uri, CONFIG)
         # Through the parser, so fields added since the run started compare as their defaults.
         try:
-            before = config_to_dict(config_from_dict(yaml.safe_load(stored.read_text())))
+            before = config_to_dict(config_from_dict(yaml.safe_load(store.get_bytes(CONFIG))))
         except ConfigError as e:  # e.g. a field that this pacflow no longer has
             raise RunDirError(f"--resume: {stored} no longer parses: {e}") from None
         if without_num_cycles(config_to_dict(config)) != without_num_cycles(before):
             raise RunDirError(f"--resume: the config differs from {stored} in more than "
                               "loop.num_cycles and loop.budget_seconds")
-    for sub in RUN_SUBDIRS:
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    stored.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return rows
 
 
-class Topology:
-    """The run's Ray actors: one replay server, one policy server, one learner, N collectors."""
+def prepare_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[CycleRow]:
+    """Checks the run (check_run_dir), then creates it or updates a resumed one's config;
+    returns the cycles already done."""
+    rows = check_run_dir(config, run, resume)
+    store = Storage(run)
+    if store.local:  # an object store has no empty folders
+        for sub in RUN_SUBDIRS:
+            (Path(store.root) / sub).mkdir(parents=True, exist_ok=True)
+    store.put_bytes(CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
+    return rows
 
-    def __init__(self, config: ExperimentConfig, run_dir: Path):
-        c, run = config.cluster, str(run_dir)
+
+def check_storage_reaches_every_node(run: str) -> None:
+    """A plain local path on a multi-node cluster would scatter the run over node disks."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) > 1 and "://" not in run:
+        raise RunDirError(
+            f"--run-dir: {run} is a local path but the Ray cluster has {len(nodes)} nodes, so "
+            "each would write its own part of the run; use an object-store URI (s3://, gs://) "
+            "or, for a filesystem mounted on every node, file://" + run)
+
+
+SLIVER = 0.001  # of a custom resource: enough to pin an actor to the nodes that carry it
+
+
+def check_placement(config: ClusterConfig) -> None:
+    """Refuses custom resources that no node of the cluster has (Ray would wait forever)."""
+    have = ray.cluster_resources()
+    for field in ("server_resource", "actor_resource", "learner_resource"):
+        name = getattr(config, field)
+        if name and name not in have:
+            raise RunDirError(f"cluster.{field}: no node of the Ray cluster has resource "
+                              f"{name!r} (it has: {', '.join(sorted(have))})")
+
+
+def placement(resource: str, driver_node: bool = False) -> dict:
+    """Ray actor options pinning to the nodes with `resource`; else to the driver's node when
+    asked; else anywhere."""
+    if resource:
+        return {"resources": {resource: SLIVER}}
+    if driver_node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)}
+    return {}
+
+
+class RunFailed(RuntimeError):
+    """A process of the run died past its restarts, or hung; the message names it."""
+
+
+def wait(calls: list[tuple[str, "ray.ObjectRef"]], what: str, timeout: float) -> list:
+    """ray.get on (process name, ref) pairs with a timeout; a dead or hung process becomes one
+    RunFailed line naming it."""
+    try:
+        return ray.get([ref for _, ref in calls], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        ready, _ = ray.wait([ref for _, ref in calls], num_returns=len(calls), timeout=0)
+        hung = [name for name, ref in calls if ref not in ready]
+        raise RunFailed(f"{', '.join(hung)}: {what} did not finish within {timeout:.0f} s "
+                        "(loop.call_timeout_seconds)") from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        names = [name for name, ref in calls if _failed(ref)] or [n for n, _ in calls]
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFailed(f"{', '.join(names)}: died during {what} and could not be restarted "
+                        f"(cluster.max_restarts): {cause}") from None
+
+
+def restart_counts(run: str) -> dict[str, int]:
+    """{process name: restarts} of the processes Ray has restarted in this run."""
+    store = Storage(run)
+    return {name.removesuffix(".json"): json.loads(store.get_bytes(f"restarts/{name}"))["restarts"]
+            for name in store.list_files("restarts")}
+
+
+def _failed(ref) -> bool:
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:
+        return True
+
+
+class Topology:
+    """The run's Ray actors: one replay server, one policy server, one learner, N collectors.
+
+    Collectors and the learner restart (cluster.max_restarts) and Ray retries the call they
+    died in: their calls are safe to repeat (episode ids and seeds fixed per cycle, training up
+    to a target step count from the newest checkpoint)."""
+
+    def __init__(self, config: ExperimentConfig, run: str):
+        c = config.cluster
         spec = config.env.spec()
-        self.replay = ray.remote(num_cpus=0)(ReplayWorker).remote(spec, config.replay, run, c.host)
-        self.policy = ray.remote(num_cpus=0)(PolicyServerWorker).remote(run, c)
-        self.addresses = {"replay": ray.get(self.replay.address.remote()),
-                          "policy": ray.get(self.policy.address.remote())}
+        servers = placement(c.server_resource, driver_node=True)
+        restarts = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
+        self.replay = ray.remote(num_cpus=0, **servers)(ReplayWorker).remote(
+            spec, config.replay, run, c)
+        self.policy = ray.remote(num_cpus=0, **servers)(PolicyServerWorker).remote(run, c)
+        self.addresses = dict(zip(("replay", "policy"), wait(
+            [("replay", self.replay.address.remote()), ("policyserver",
+                                                         self.policy.address.remote())],
+            "start-up", config.loop.call_timeout_seconds)))
         local = c.learner_workers == 1  # else the Ray Train workers hold the devices
         self.learner = ray.remote(num_cpus=c.learner_cpus if local else 0,
-                                  num_gpus=c.learner_gpus if local else 0)(
+                                  num_gpus=c.learner_gpus if local else 0,
+                                  **placement(c.learner_resource), **restarts)(
             LearnerWorker).remote(spec, config.model, config.learner, config.replay,
                                   self.addresses["replay"], run, config.loop.seed, c)
         self.actors = [
-            ray.remote(num_cpus=c.actor_cpus)(CollectorWorker).remote(
+            ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource), **restarts)(
+                CollectorWorker).remote(
                 i, spec, config.env, c, config.model, config.replay, self.addresses, run,
                 config.loop.seed * 1000 + i * 100)
             for i in range(c.num_actors)]
 
+    def named(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
+        return [("replay", self.replay), ("policyserver", self.policy), ("learner", self.learner),
+                *((f"actor-{i}", a) for i, a in enumerate(self.actors))]
+
 
 def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
-              evaluate: bool = True) -> dict:
-    """One collect -> train -> [evaluate] -> publish round; returns what the row needs."""
-    n = len(top.actors)
-    collected = ray.get([a.collect.remote(e, cycle, version, config.loop.version_timeout_seconds)
-                         for a, e in zip(top.actors, split(config.loop.episodes(cycle), n)) if e])
-    train = ray.get(top.learner.train.remote(config.loop.learner_steps_per_cycle, cycle))
+              learner_steps: int, evaluate: bool = True) -> dict:
+    """One collect -> train -> [evaluate] -> publish round; returns what the row needs.
+    `learner_steps` is the learner's total before the cycle."""
+    n, timeout = len(top.actors), config.loop.call_timeout_seconds
+    collected = wait([(f"actor-{i}", a.collect.remote(e, cycle, version,
+                                                      config.loop.version_timeout_seconds))
+                      for i, (a, e) in enumerate(zip(top.actors,
+                                                     split(config.loop.episodes(cycle), n))) if e],
+                     "collect", timeout)
+    target = learner_steps + config.loop.learner_steps_per_cycle
+    (train,) = wait([("learner", top.learner.train.remote(target, cycle))], "train", timeout)
     candidate = top.learner.make_snapshot.remote(version + 1, cycle)  # an ObjectRef, put once
-    evaluated = ray.get([a.evaluate.remote(candidate, m, cycle)
-                         for a, m in zip(top.actors, split(config.loop.eval_episodes, n))
-                         if m and evaluate])
-    new_version = ray.get(top.learner.publish.remote(top.addresses["policy"]))
-    ray.get([top.learner.checkpoint.remote(cycle), top.replay.checkpoint.remote()])
+    evaluated = wait([(f"actor-{i}", a.evaluate.remote(candidate, m, cycle))
+                      for i, (a, m) in enumerate(zip(top.actors,
+                                                     split(config.loop.eval_episodes, n)))
+                      if m and evaluate], "evaluate", timeout)
+    (new_version,) = wait([("learner", top.learner.publish.remote(
+        top.addresses["policy"], version + 1, cycle))], "publish", timeout)
+    wait([("replay", top.replay.checkpoint.remote())], "checkpoint", timeout)
     episodes = [e for r in collected for e in r["episodes"]]
     return {"episodes": episodes, "env_steps": sum(r["env_steps"] for r in collected),
             "eval": [e for r in evaluated for e in r["episodes"]], "train": train,
             "version": new_version}
 
 
-def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None = None,
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str | None = None,
                    out: TextIO = sys.stdout, resume: bool = False) -> list[CycleRow]:
-    """Runs every cycle not yet done; prints a row per cycle; writes the run directory.
+    """Runs every cycle not yet done; prints a row per cycle; writes the run's storage (a local
+    path or an object-store URI).
 
     With `resume`, cycles continue after the last row of `cycle.json`; replay, the policy server
-    and the learner restore what they stored in the run directory.
+    and the learner restore what they stored in the run's storage.
     """
     started = time.time()
-    rows = prepare_run_dir(config, run_dir, resume)
+    run = Storage(run_dir).uri
+    check_run_dir(config, run, resume)
+    if address is None:  # a new local cluster: Ray's default (token auth), without its warning
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     try:
-        top = Topology(config, run_dir)
+        check_storage_reaches_every_node(run)
+        check_placement(config.cluster)
+        rows = prepare_run_dir(config, run, resume)
+        top = Topology(config, run)
         print(format_header(), file=out, flush=True)
         for row in rows:
             print(format_row(row), file=out, flush=True)
-        version = ray.get(top.policy.latest_version.remote())
+        (version,) = wait([("policyserver", top.policy.latest_version.remote())], "start-up",
+                          config.loop.call_timeout_seconds)
         env_steps = rows[-1].env_steps if rows else 0
         episodes = rows[-1].episodes if rows else 0
-        last_eval: dict[str, float] = read_state(run_dir).get("eval_by_task", {}) if rows else {}
+        last_eval: dict[str, float] = read_state(run).get("eval_by_task", {}) if rows else {}
         budget = config.loop.budget_seconds
         for cycle in range(len(rows), config.loop.num_cycles):
             t0 = time.time()
             previous = rows[-1].seconds if rows else 0.0
             last = cycle == config.loop.num_cycles - 1 or (
                 budget > 0 and t0 - started + 2 * previous > budget)  # the next would not fit
-            result = run_cycle(top, config, cycle, version, config.loop.evaluates(cycle) or last)
+            result = run_cycle(top, config, cycle, version,
+                               rows[-1].learner_steps if rows else 0,
+                               config.loop.evaluates(cycle) or last)
             version = result["version"]
             env_steps += result["env_steps"]
             episodes += len(result["episodes"])
@@ -146,10 +272,12 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, address: str | None 
                             for t in sorted({e["task"] for e in result["eval"]})}
             if eval_by_task:
                 last_eval = eval_by_task
-            write_state(run_dir, rows, {"policy_version": version, "eval_by_task": last_eval,
-                                        "addresses": top.addresses,
-                                        "last_train_metrics": result["train"]})
-            plot_returns(rows, run_dir / "report" / "returns.png", ", ".join(config.env.tasks))
+            write_state(run, rows, {"policy_version": version, "eval_by_task": last_eval,
+                                    "addresses": top.addresses, "restarts": restart_counts(run),
+                                    "last_train_metrics": result["train"]})
+            plot_returns(rows, run, ", ".join(config.env.tasks))
+            wait([(name, w.ship_logs.remote()) for name, w in top.named()], "ship_logs",
+                 config.loop.call_timeout_seconds)
             if last:
                 break
     finally:

@@ -1,12 +1,17 @@
-"""The per-cycle table, `cycle.json` and `report/returns.png`."""
+"""The per-cycle table, `cycle.json` and `report/returns.png`, in run storage."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 from pathlib import Path
 from typing import Sequence
+
+from replay.storage import Storage, join
+
+STATE = "cycle.json"  # rows and driver state, rewritten atomically after every cycle
+REPORT_PNG = "report/returns.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,25 +45,25 @@ def format_row(row: CycleRow) -> str:
     return "  ".join(cell(*column) for column in COLUMNS)
 
 
-def write_state(run_dir: Path, rows: Sequence[CycleRow], extra: dict) -> None:
-    """Atomically rewrites `cycle.json` with every finished cycle."""
+def write_state(run_dir: str | Path, rows: Sequence[CycleRow], extra: dict) -> None:
+    """Atomically rewrites `cycle.json` (in a run folder or storage URI) with every finished
+    cycle."""
     state = {"completed_cycles": len(rows), "rows": [dataclasses.asdict(r) for r in rows],
              **extra}
-    tmp = run_dir / ".cycle.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, run_dir / "cycle.json")
+    Storage(run_dir).put_bytes(STATE, json.dumps(state, indent=1).encode())
 
 
-def read_state(run_dir: Path) -> dict:
+def read_state(run_dir: str | Path) -> dict:
     """The whole `cycle.json`: rows and what the driver stored beside them."""
-    return json.loads((Path(run_dir) / "cycle.json").read_text())
+    return json.loads(Storage(run_dir).get_bytes(STATE))
 
 
-def read_rows(run_dir: Path) -> list[CycleRow]:
+def read_rows(run_dir: str | Path) -> list[CycleRow]:
     return [CycleRow(**r) for r in read_state(run_dir)["rows"]]
 
 
-def plot_returns(rows: Sequence[CycleRow], path: Path, title: str) -> None:
+def plot_returns(rows: Sequence[CycleRow], run_dir: str | Path, title: str) -> str:
+    """Draws `report/returns.png` into the run folder or storage URI; returns where it went."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +80,10 @@ def plot_returns(rows: Sequence[CycleRow], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    store = Storage(run_dir)
+    store.put_bytes(REPORT_PNG, png.getvalue())
+    return store.path(REPORT_PNG) if store.local else join(store.uri, REPORT_PNG)

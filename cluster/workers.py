@@ -1,30 +1,31 @@
 """The long-lived processes of a run, as plain classes; `cluster/driver.py` wraps them with Ray.
 
-Each takes only its own config. Each logs to `<run_dir>/logs/<name>.log` and serves Prometheus
-metrics on a free loopback port, announced as a file_sd target in `<run_dir>/metrics/targets/`.
+Each takes only its own config and the run's storage URI (`<run>`: a local path or s3://...).
+Each logs to node-local scratch, shipped to `<run>/logs/<name>.log` after every cycle, and serves
+Prometheus metrics on a free loopback port, announced as a file_sd target in
+`<run>/metrics/targets/`. Durable artifacts go to `<run>` directly (replay/storage.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
-from actors.loop import EnvironmentLoop, EpisodeContext
+from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from cluster.config import ClusterConfig, EnvConfig
+from cluster.process import RunProcess, advertised_host, run_id
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
 from learners.learner import PACLearner
 from policies.perceiver import PerceiverConfig
 from policies.policy import PACPolicy, Policy, RandomPolicy
-from policies.client import PolicySubscriber, publish
+from policies.client import PolicyClient, PolicySubscriber
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.adders import ReverbSequenceAdder
@@ -34,26 +35,10 @@ from replay.dataset import ReverbBatchIterator
 from replay.ingest import EpisodeSink
 from replay.server import ReplayServer
 from replay.spec import EnvSpec, Episode
+from replay.storage import Storage, is_remote, join, scratch_dir
 
 
-def setup_process(run_dir: Path, name: str) -> CollectorRegistry:
-    """Logging to the run's logs folder and a metrics endpoint announced for Prometheus."""
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "logs" / f"{name}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
-    registry = CollectorRegistry()
-    server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
-    targets = run_dir / "metrics" / "targets"
-    targets.mkdir(parents=True, exist_ok=True)
-    entry = [{"targets": [f"127.0.0.1:{server.server_port}"],
-              "labels": {"component": name.split("-")[0], "instance_name": name,
-                         "run_id": run_dir.name}}]
-    tmp = targets / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, targets / f"{name}.json")
-    return registry
+MODES = ("collect", "eval")  # episode modes; the index goes into each episode's seed
 
 
 def actor_tasks(tasks: tuple[str, ...], index: int, num_actors: int) -> list[str]:
@@ -71,12 +56,20 @@ def summarize(episode: Episode, accepted: bool) -> dict:
             "mode": lin.mode, "accepted": accepted}
 
 
-class ReplayWorker:
-    """The Reverb server of the run."""
+class ReplayWorker(RunProcess):
+    """The Reverb server of the run. With object-store run storage, Reverb checkpoints to this
+    node's scratch and each checkpoint is uploaded to `<run>/replay_checkpoints/`."""
 
-    def __init__(self, spec: EnvSpec, config: ReplayConfig, run_dir: str, host: str):
-        setup_process(Path(run_dir), "replay")
-        self._server = ReplayServer(spec, config, Path(run_dir) / "replay_checkpoints", host)
+    def __init__(self, spec: EnvSpec, config: ReplayConfig, run: str,
+                 cluster_config: ClusterConfig):
+        super().__init__(run, "replay")
+        if is_remote(run):
+            local, stored = scratch_dir(run, "replay") / "replay_checkpoints", \
+                join(run, "replay_checkpoints")
+        else:  # a local or shared folder is durable itself
+            local, stored = Path(Storage(run).root) / "replay_checkpoints", None
+        self._server = ReplayServer(spec, config, local, advertised_host(cluster_config),
+                                    port=cluster_config.replay_port or None, storage=stored)
 
     def address(self) -> str:
         return self._server.address
@@ -88,12 +81,13 @@ class ReplayWorker:
         return self._server.checkpoint()
 
 
-class PolicyServerWorker:
-    """The gRPC policy server of the run, storing versions under `<run_dir>/policies/`."""
+class PolicyServerWorker(RunProcess):
+    """The gRPC policy server of the run, storing versions under `<run>/policies/`."""
 
-    def __init__(self, run_dir: str, cluster_config: ClusterConfig):
-        setup_process(Path(run_dir), "policyserver")
-        self._server = PolicyServer(Path(run_dir) / "policies", host=cluster_config.host, port=0,
+    def __init__(self, run: str, cluster_config: ClusterConfig):
+        super().__init__(run, "policyserver")
+        self._server = PolicyServer(join(run, "policies"), host=advertised_host(cluster_config),
+                                    port=cluster_config.policy_port,
                                     security=cluster_config.policy_server_security())
         self._address = self._server.start()
 
@@ -104,16 +98,17 @@ class PolicyServerWorker:
         return self._server.latest_version
 
 
-class CollectorWorker:
+class CollectorWorker(RunProcess):
     """A sim actor: steps its environments with the newest pushed policy and writes episodes."""
 
     def __init__(self, index: int, spec: EnvSpec, env_config: EnvConfig,
                  cluster_config: ClusterConfig, model_config: PerceiverConfig,
-                 replay_config: ReplayConfig, addresses: dict[str, str], run_dir: str,
+                 replay_config: ReplayConfig, addresses: dict[str, str], run: str,
                  seed: int):
         torch.set_num_threads(1)
-        self.actor_id, self._run_dir, self._seed = f"actor-{index}", Path(run_dir), seed
-        registry = setup_process(self._run_dir, self.actor_id)
+        self.actor_id, self._seed = f"actor-{index}", seed
+        super().__init__(run, self.actor_id)
+        registry = self.registry
         self._episodes = Counter("pacflow_actor_episodes", "Episodes finished", ["mode"],
                                  registry=registry)
         self._env_steps = Counter("pacflow_actor_env_steps", "Environment steps",
@@ -126,15 +121,13 @@ class CollectorWorker:
         self._envs = {t: [env_config.make(t, seed + i)
                           for i in range(cluster_config.envs_per_actor)] for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
-        self._num_waves = 0
-        self._sink = EpisodeSink(spec, EpisodeArchive(self._run_dir / "archive"),
+        self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                  ReverbSequenceAdder(addresses["replay"], replay_config),
-                                 self._run_dir / "quarantine")
+                                 join(run, "quarantine"))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         self._subscriber = PolicySubscriber(
             addresses["policy"], self.actor_id,
             cluster_config.policy_client_security("actor")).start()
-        self._num_episodes = 0
 
     def _switch_policy(self) -> None:
         """Takes the newest pushed version; called only between waves (episode boundaries)."""
@@ -143,26 +136,29 @@ class CollectorWorker:
             self._policy = PACPolicy.from_snapshot(snapshot, self._seed + snapshot.version)
             self._version.set(snapshot.version)
 
-    def _seeds(self, n: int) -> list[int]:
-        seeds = [int(s) for s in np.random.SeedSequence(
-            [self._seed, self._num_episodes]).generate_state(n)]
-        self._num_episodes += n
-        return seeds
-
     def _env_steps_so_far(self) -> int:
         return sum(e.num_env_steps for envs in self._envs.values() for e in envs)
 
     def _run_waves(self, policy_fn, num_episodes: int, cycle: int, mode: str) -> list[Episode]:
-        """Episodes in waves of envs_per_actor, one task per wave, tasks in turn."""
+        """Episodes in waves of envs_per_actor, one task per wave, tasks in turn.
+
+        The k-th episode of (cycle, mode) has a seed and an id that depend only on those, so a
+        restarted actor redoing a call repeats its seeds and ids (the archive keeps each id
+        once), and a resumed run continues the seed sequence instead of restarting it."""
         episodes: list[Episode] = []
+        tasks, wave = list(self._loops), 0
         while len(episodes) < num_episodes:
-            task = list(self._loops)[self._num_waves % len(self._loops)]
-            self._num_waves += 1
+            task = tasks[(cycle + wave) % len(tasks)]
+            wave += 1
             loop, k = self._loops[task], len(self._envs[task])
-            ctx = EpisodeContext(self._run_dir.name, cycle, self.actor_id, task,
+            ctx = EpisodeContext(run_id(self._run), cycle, self.actor_id, task,
                                  self._spec.task_names.index(task), mode)
-            seeds = self._seeds(min(k, num_episodes - len(episodes)))
-            episodes += loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"))
+            index = range(len(episodes), min(len(episodes) + k, num_episodes))
+            seeds = [int(np.random.SeedSequence([self._seed, cycle, MODES.index(mode), i])
+                         .generate_state(1)[0]) for i in index]
+            ids = [episode_identity(ctx.run_id, mode, cycle, self.actor_id, i) for i in index]
+            episodes += loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
+                                 episode_ids=ids)
         return episodes
 
     def _write(self, episodes: list[Episode], to_replay: bool) -> list[dict]:
@@ -206,7 +202,7 @@ def reverb_batches(address: str, config: ReplayConfig, batch_size: int, pin_memo
     return ReverbBatchIterator(address, config, batch_size, pin_memory)
 
 
-class LearnerWorker:
+class LearnerWorker(RunProcess):
     """The PAC learner: trains on replay, makes snapshots, publishes, checkpoints.
 
     With `cluster.learner_workers > 1` each `train` call runs a Ray Train data-parallel job
@@ -215,11 +211,13 @@ class LearnerWorker:
     """
 
     def __init__(self, spec: EnvSpec, model_config: PerceiverConfig, config: LearnerConfig,
-                 replay_config: ReplayConfig, replay_address: str, run_dir: str, seed: int,
+                 replay_config: ReplayConfig, replay_address: str, run: str, seed: int,
                  cluster_config: ClusterConfig = ClusterConfig()):
-        self._run_dir, self._cluster, self._seed = Path(run_dir), cluster_config, seed
+        super().__init__(run, "learner")
+        self._cluster, self._seed = cluster_config, seed
+        self._checkpoints = join(run, "checkpoints")
         self._replay = (replay_address, replay_config)
-        registry = setup_process(self._run_dir, "learner")
+        registry = self.registry
         self._steps = Counter("pacflow_learner_steps", "Learner updates", registry=registry)
         self._loss = Gauge("pacflow_learner_loss", "Mean loss of the last train call",
                            ["term"], registry=registry)
@@ -231,20 +229,29 @@ class LearnerWorker:
             if cluster_config.learner_workers == 1 else None
         self._learner = PACLearner(spec, model_config, config, self._iterator or iter(()), seed)
         self._spec, self._model_config = spec, model_config
-        state = load_latest_good(self._run_dir / "checkpoints")
+        state = load_latest_good(self._checkpoints)
         if state is not None:  # a resumed run continues the learner it had
             self._learner.restore(state)
             logging.getLogger(__name__).info("restored learner from %s", state["path"])
         self._candidate: Snapshot | None = None
+        self._last_metrics: dict = {}
 
-    def train(self, num_steps: int, cycle: int = 0) -> dict:
+    def train(self, target_steps: int, cycle: int = 0) -> dict:
+        """Trains until `target_steps` updates in all, then checkpoints. Safe to retry after a
+        restart: the restarted learner restores its newest checkpoint and trains only what is
+        missing, so snapshot and publish calls that follow see this cycle's weights."""
+        num_steps = max(target_steps - self._learner.num_steps, 0)
         if self._cluster.learner_workers > 1:
-            metrics = self._train_data_parallel(num_steps, cycle)
+            metrics = self._train_data_parallel(num_steps, cycle) if num_steps else {}
         else:
-            metrics = self._learner.run(num_steps)
+            metrics = self._learner.run(num_steps) if num_steps else {}
+        if num_steps:
+            self.checkpoint(cycle)
+        self._last_metrics = metrics = metrics or self._last_metrics
         self._steps.inc(num_steps)
         for term in ("loss", "l_imp", "l_bc", "l_q"):
-            self._loss.labels(term).set(metrics[term])
+            if term in metrics:
+                self._loss.labels(term).set(metrics[term])
         if self._iterator is not None:
             self._stalls.set(self._iterator.num_stalls)
         return {**metrics, "learner_steps": self._learner.num_steps}
@@ -259,10 +266,10 @@ class LearnerWorker:
         job = DataParallelJob(self._spec, self._model_config, config,
                               functools.partial(reverb_batches, address, replay_config,
                                                 config.batch_size, use_gpu),
-                              num_steps, str(self._run_dir / "checkpoints"), self._seed, cycle)
-        metrics = train_data_parallel(job, n, use_gpu, self._run_dir / "learner_train",
-                                      self._cluster.learner_cpus)
-        self._learner.restore(load_latest_good(self._run_dir / "checkpoints"))
+                              num_steps, self._checkpoints, self._seed, cycle)
+        metrics = train_data_parallel(job, n, use_gpu, join(self._run, "learner_train"),
+                                      self._cluster.learner_cpus, self._cluster.max_restarts)
+        self._learner.restore(load_latest_good(self._checkpoints))
         return metrics
 
     def num_steps(self) -> int:
@@ -275,13 +282,19 @@ class LearnerWorker:
                                                    metadata)
         return self._candidate
 
-    def publish(self, policy_address: str) -> int:
-        assert self._candidate is not None, "make_snapshot before publish"
-        return publish(policy_address, self._candidate,
-                       security=self._cluster.policy_client_security("learner"))
+    def publish(self, policy_address: str, version: int, cycle: int) -> int:
+        """Publishes `version` (the candidate, or made again after a restart); a version the
+        server already holds (published before a restart) is not sent twice."""
+        security = self._cluster.policy_client_security("learner")
+        with PolicyClient(policy_address, security=security) as client:
+            if any(v.version >= version for v in client.list().versions):
+                return version
+            if self._candidate is None or self._candidate.version != version:
+                self.make_snapshot(version, cycle)
+            return client.publish(self._candidate)
 
     def checkpoint(self, cycle: int) -> str:
         if self._cluster.learner_workers > 1:  # rank 0 of the train job wrote it
-            return str(load_latest_good(self._run_dir / "checkpoints")["path"])
-        return str(save_checkpoint(self._learner.state(), self._run_dir / "checkpoints",
+            return str(load_latest_good(self._checkpoints)["path"])
+        return str(save_checkpoint(self._learner.state(), self._checkpoints,
                                    step=self._learner.num_steps, cycle=cycle))

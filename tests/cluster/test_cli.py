@@ -47,3 +47,29 @@ def test_bad_arguments_are_one_line():
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "--config" in result.stderr
+
+
+def test_unreachable_run_storage_fails_before_anything_starts(tmp_path, s3_prefix):
+    """An S3 bucket that does not exist: one line naming the URI, before Ray or any actor."""
+    import os
+
+    (tmp_path / "c.yaml").write_text(GOOD)
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "run", "--config", str(tmp_path / "c.yaml"),
+         "--run-dir", "s3://no-such-bucket-9/run"], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # Ray would fail loudly
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3://no-such-bucket-9/run is not writable" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_a_resource_no_node_has_is_refused_instead_of_waiting_forever(tmp_path):
+    (tmp_path / "c.yaml").write_text(GOOD)
+    result = _pacflow("run", "--config", str(tmp_path / "c.yaml"), "--run-dir",
+                      str(tmp_path / "run"), "--set", "cluster.actor_resource=gpu-rack-7")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cluster.actor_resource: no node" in lines[0] and \
+        "'gpu-rack-7'" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()

@@ -25,8 +25,11 @@ def test_prints_a_row_per_cycle_and_versions_advance(smoke_run):
     table = [line for line in stdout.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert len(table) == config.loop.num_cycles
     for sub in ("archive", "quarantine", "checkpoints", "policies", "replay_checkpoints",
-                "metrics/targets", "report/returns.png", "logs", "config.yaml"):
+                "metrics/targets", "report/returns.png", "config.yaml", "logs/learner.log",
+                "logs/replay.log", "logs/policyserver.log", "logs/actor-0.log",
+                "logs/actor-1.log"):
         assert (run_dir / sub).exists(), sub
+    assert json.loads((run_dir / "cycle.json").read_text())["restarts"] == {}
     assert sorted(p.name for p in (run_dir / "policies").glob("*.json")) == \
         [f"v{v:06d}.json" for v in range(1, config.loop.num_cycles + 1)]
 

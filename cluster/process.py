@@ -1,0 +1,92 @@
+"""What every long-lived process of a run shares: logging to node scratch shipped to run
+storage, a Prometheus endpoint announced as a file_sd target, and a restart count."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from cluster.config import ClusterConfig
+from replay.storage import Storage, scratch_dir
+
+
+def setup_process(run: str, name: str) -> tuple[CollectorRegistry, Path]:
+    """Logging to node-local scratch and a metrics endpoint announced in run storage; returns
+    the registry and the local log file (shipped to `<run>/logs/` by `RunProcess.ship_logs`)."""
+    log_path = scratch_dir(run, name) / f"{name}.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    registry = CollectorRegistry()
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+    entry = [{"targets": [f"127.0.0.1:{server.server_port}"],
+              "labels": {"component": name.split("-")[0], "instance_name": name,
+                         "run_id": run_id(run), "node_id": node_id()}}]
+    Storage(run).put_bytes(f"metrics/targets/{name}.json", json.dumps(entry).encode())
+    return registry, log_path
+
+
+def advertised_host(config: ClusterConfig) -> str:
+    """cluster.host, with "auto" resolved to the IP of the node this process runs on."""
+    if config.host != "auto":
+        return config.host
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def count_restart(run: str, name: str) -> int:
+    """Restarts of process `name` so far, this one included when Ray is restarting it."""
+    import ray
+
+    store, key = Storage(run), f"restarts/{name}.json"
+    count = json.loads(store.get_bytes(key))["restarts"] if store.exists(key) else 0
+    if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
+        count += 1
+        store.put_bytes(key, json.dumps({"restarts": count}).encode())
+    return count
+
+
+def run_id(run: str) -> str:
+    """The run's id: the last component of its storage URI or path."""
+    return str(run).rstrip("/").rsplit("/", 1)[-1]
+
+
+class RunProcess:
+    """What every long-lived process of a run shares: its log, shipped to run storage, and its
+    restart count, kept in `<run>/restarts/<name>.json` (Ray restarts an actor by running its
+    constructor again, in a fresh process that remembers nothing)."""
+
+    def __init__(self, run: str, name: str):
+        self._run, self._name = str(run), name
+        self.registry, self._log_path = setup_process(self._run, name)
+        self.restarts = count_restart(self._run, name)
+        atexit.register(self._ship_logs_at_exit)
+        Gauge("pacflow_process_restarts", "Times Ray restarted this process",
+              registry=self.registry).set(self.restarts)
+        if self.restarts:
+            logging.getLogger(__name__).warning("%s restarted (%d so far)", name, self.restarts)
+
+    def _ship_logs_at_exit(self) -> None:
+        try:
+            self.ship_logs()
+        except Exception:  # storage gone at shutdown: the log stays on the node's scratch
+            pass
+
+    def ship_logs(self) -> None:
+        """Copies this process's log to `<run>/logs/<name>.log` (called after every cycle)."""
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        Storage(self._run).put_file(self._log_path, f"logs/{self._name}.log")

@@ -1,0 +1,242 @@
+"""A real two-node Ray cluster on loopback, driven the way the README tells users to:
+
+    ray get-auth-token --generate; export RAY_AUTH_MODE=token
+    ray start --head ... --resources '{"head": 1}'
+    ray start --address ... --resources '{"worker": 1}'
+    ray job submit --working-dir . -- pacflow run ... --run-dir s3://...
+
+with run storage on moto's S3 server. During the run a collector's and the learner's worker
+processes are SIGKILLed (the cycles drawn from a seeded RNG). The run must still finish with
+every collected episode archived exactly once, versions advancing, and everything a user needs
+in S3; then the nodes' scratch is deleted and the run resumes from S3 alone."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.loop import episode_identity
+from cluster.config import load_config
+from cluster.driver import split
+from replay.archive import EpisodeArchive
+from replay.storage import Storage
+from tests.conftest import s3_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+SETS = ["--set", "cluster.server_resource=head", "--set", "cluster.actor_resource=worker",
+        "--set", "cluster.host=auto", "--set", "loop.num_cycles=3",
+        "--set", "loop.learner_steps_per_cycle=200"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _until(condition, what: str, timeout: float = 300.0, poll: float = 0.1):
+    """Polls `condition` (returning a truthy value) until it holds; fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(endpoint):
+    """(environment of the user's shell, dashboard address, GCS address) of a head node and a
+    worker node started with `ray start` on 127.0.0.1, token authentication on."""
+    home = Path(tempfile.mkdtemp(prefix="pfh"))  # a fresh ~/.ray/auth_token
+    temp = Path(tempfile.mkdtemp(prefix="pfr"))  # short: Ray's socket paths must fit
+    env = {**os.environ, **s3_environment(endpoint), "HOME": str(home),
+           "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        env.pop(name, None)
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    port, dashboard = _free_port(), _free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--block"]
+    agent = ["--dashboard-agent-listen-port"]  # default 52365: one per node, so one per machine
+    nodes = [subprocess.Popen(
+        ["ray", "start", "--head", "--port", str(port), "--dashboard-port", str(dashboard),
+         "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp),
+         "--resources", '{"head": 1}', *agent, str(_free_port()), *common],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+    try:
+        _until(lambda: subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
+                                      env=env, capture_output=True).returncode == 0,
+               "the head node", timeout=120, poll=1.0)
+        nodes.append(subprocess.Popen(
+            ["ray", "start", "--address", f"127.0.0.1:{port}", "--resources", '{"worker": 1}',
+             *agent, str(_free_port()), *common], env=env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        _until(lambda: _active_nodes(env, port) == 2, "2 active nodes in `ray status`",
+               timeout=120, poll=1.0)
+        # The head's job agent comes up after the node; until then a submit gets "No available
+        # agent to submit job, please try again later".
+        _until(lambda: subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "true"],
+            env=env, capture_output=True).returncode == 0, "the job agent", timeout=180,
+            poll=2.0)
+        # The servers advertise their node's IP (cluster.host=auto), which is not loopback
+        # (Ray resolves 127.0.0.1 to the machine's address), so the policy server runs mTLS.
+        import ray.util
+
+        creds = temp / "creds"
+        subprocess.run(["pacflow", "policy", "gen-certs", str(creds), "--host",
+                        ray.util.get_node_ip_address()], env=env, check=True,
+                       capture_output=True, timeout=120)
+        yield env, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", creds
+    finally:
+        for node in reversed(nodes):  # --block: ending `ray start` stops that node
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in reversed(nodes):
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _active_nodes(env: dict, port: int) -> int:
+    """Nodes listed under "Active:" by `ray status`."""
+    out = subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"], env=env,
+                         capture_output=True, text=True).stdout
+    active = out.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return len(re.findall(r"node_[0-9a-f]+", active))
+
+
+def _pids(title: str, home: str) -> list[int]:
+    """This cluster's Ray worker processes (their HOME is the cluster's) whose title
+    (`ray::Class.method` while busy) starts with `title`. Other Ray clusters on the machine are
+    left alone."""
+    out = subprocess.run(["pgrep", "-f", f"^{re.escape(title)}"], capture_output=True,
+                         text=True).stdout
+    mine = []
+    for pid in map(int, out.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone already
+            continue
+        if f"HOME={home}".encode() in environ:
+            mine.append(pid)
+    return mine
+
+
+def _completed(run: str) -> int:
+    store = Storage(run)
+    return json.loads(store.get_bytes("cycle.json"))["completed_cycles"] \
+        if store.exists("cycle.json") else 0
+
+
+def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
+        cluster, s3_prefix, tmp_path):
+    env, dashboard, gcs, creds = cluster
+    sets = [*SETS, "--set", f"cluster.policy_credentials={creds}"]
+    run = f"{s3_prefix[0]}/run"  # this process reaches the bucket the way the cluster does
+    rng = random.Random(20261202)
+    kill_collector_in, kill_learner_in = rng.randrange(0, 3), rng.randrange(1, 3)
+
+    # A plain local path on a 2-node cluster is refused before anything starts.
+    local = subprocess.run(["pacflow", "run", "--config", "deploy/configs/smoke.yaml",
+                            "--address", gcs, "--run-dir", "/tmp/pacflow-not-shared", *sets],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 2 and "2 nodes" in local.stderr, local.stderr[-2000:]
+    assert len(local.stderr.strip().splitlines()) == 1
+
+    log_path = tmp_path / "submit.log"
+    log = open(log_path, "w")
+    submit = subprocess.Popen(
+        ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+         "pacflow", "run", "--config", "deploy/configs/smoke.yaml", "--address", "auto",
+         "--run-dir", run, *sets], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    killed = {}
+    try:
+        for target, cycle, title in sorted(
+                [("collector", kill_collector_in, "ray::CollectorWorker.collect"),
+                 ("learner", kill_learner_in, "ray::LearnerWorker.train")],
+                key=lambda t: t[1]):
+            def running(condition):
+                if submit.poll() is not None:  # the job ended before the kill: say why
+                    pytest.fail(f"job ended early: {log_path.read_text()[-4000:]}")
+                return condition()
+
+            _until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle} to start")
+            pids = _until(lambda: running(lambda: _pids(title, env["HOME"])),
+                          f"{title} in cycle {cycle}")
+            victim = rng.choice(sorted(pids))
+            os.kill(victim, signal.SIGKILL)
+            killed[target] = (cycle, victim)
+        submit.wait(timeout=900)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+        log.close()
+    out = log_path.read_text()
+    assert submit.returncode == 0, out[-4000:]
+    assert "Job 'raysubmit_" in out and "succeeded" in out
+
+    config = load_config(ROOT / "deploy/configs/smoke.yaml", sets[1::2])
+    store = Storage(run)
+    state = json.loads(store.get_bytes("cycle.json"))
+    rows = state["rows"]
+    steps = config.loop.learner_steps_per_cycle
+    assert [(r["cycle"], r["policy_version"], r["learner_steps"]) for r in rows] == \
+        [(c, c + 1, steps * (c + 1)) for c in range(3)]
+    # Both kills were restarts, counted in cycle.json.
+    assert state["restarts"].get("learner", 0) >= 1, (killed, state["restarts"])
+    assert sum(v for k, v in state["restarts"].items() if k.startswith("actor-")) >= 1
+
+    # Every collected episode exactly once: the ids are fixed per (cycle, actor, index).
+    run_id = run.rstrip("/").rsplit("/", 1)[-1]
+    expected = {episode_identity(run_id, "collect", c, f"actor-{i}", k)
+                for c in range(3)
+                for i, n in enumerate(split(config.loop.episodes(c), config.cluster.num_actors))
+                for k in range(n)}
+    archive = EpisodeArchive(f"{run}/archive")
+    collected = [e for e in archive.episodes() if e.lineage.mode == "collect"]
+    assert {e.lineage.episode_id for e in collected} == expected
+    assert len(collected) == len(expected) == 3 * config.loop.episodes_per_cycle
+    assert archive.verify()[1] == []
+
+    # Collectors ran on the worker node, the servers on the head node.
+    targets = {n.removesuffix(".json"): json.loads(store.get_bytes(f"metrics/targets/{n}"))[0]
+               ["labels"]["node_id"] for n in store.list_files("metrics/targets")}
+    assert targets["replay"] == targets["policyserver"] != targets["actor-0"] == targets["actor-1"]
+
+    for name in ("config.yaml", "report/returns.png", "replay_checkpoints/LATEST.json",
+                 "policies/v000003.json", "logs/learner.log", "logs/actor-0.log"):
+        assert store.exists(name), name
+    assert len(store.list_dirs("checkpoints")) == 3
+
+    # The nodes' scratch can go: a resumed run restores the learner and replay from S3 alone.
+    shutil.rmtree(Path(tempfile.gettempdir()) / "pacflow", ignore_errors=True)
+    resumed = subprocess.run(
+        ["pacflow", "run", "--config", "deploy/configs/smoke.yaml", "--address", gcs,
+         "--run-dir", run, "--resume", *sets, "--set", "loop.num_cycles=4"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = json.loads(store.get_bytes("cycle.json"))["rows"]
+    assert [(r["cycle"], r["policy_version"], r["learner_steps"]) for r in rows][-1] == \
+        (3, 4, 4 * steps)
+    replay_log = store.get_bytes("logs/replay.log").decode()
+    restored = int(re.findall(r"(\d+) items restored", replay_log)[-1])
+    assert restored == sum(e.length for e in collected)
