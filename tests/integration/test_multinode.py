@@ -128,16 +128,17 @@ def _pids(title: str, home: str) -> list[int]:
     """This cluster's Ray worker processes (their HOME is the cluster's) whose title
     (`ray::Class.method` while busy) starts with `title`. Other Ray clusters on the machine are
     left alone."""
-    out = subprocess.run(["pgrep", "-f", f"^{re.escape(title)}"], capture_output=True,
-                         text=True).stdout
     mine = []
-    for pid in map(int, out.split()):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:  # gone already
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
             continue
-        if f"HOME={home}".encode() in environ:
-            mine.append(pid)
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone already, or not ours to read
+            continue
+        if cmdline.startswith(title.encode()) and f"HOME={home}".encode() in environ:
+            mine.append(int(proc.name))
     return mine
 
 
