@@ -31,3 +31,30 @@ def test_resume_may_change_cycles_and_budget_but_nothing_else(tmp_path):
     other = {**BASE, "learner": {"alpha": 0.5}}
     with pytest.raises(RunDirError, match="differs"):
         prepare_run_dir(config_from_dict(other), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("run,refused", [("/data/run", True), ("file:///mnt/shared/run", False),
+                                         ("s3://bucket/run", False)])
+def test_a_plain_local_path_is_refused_on_more_than_one_node(monkeypatch, run, refused):
+    import ray
+
+    from cluster.driver import check_storage_reaches_every_node
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True},
+                                               {"Alive": False}])
+    if refused:
+        with pytest.raises(RunDirError, match="has 2 nodes.*file:///data/run"):
+            check_storage_reaches_every_node(run)
+    else:
+        check_storage_reaches_every_node(run)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    check_storage_reaches_every_node(run)  # one node: any path
+
+
+def test_file_uri_is_a_local_folder(tmp_path):
+    from replay.storage import Storage, is_remote
+
+    store = Storage(f"file://{tmp_path}/run")
+    store.put_bytes("cycle.json", b"{}")
+    assert store.local and not is_remote(store.uri)
+    assert (tmp_path / "run" / "cycle.json").read_bytes() == b"{}"
