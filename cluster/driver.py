@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -214,9 +213,92 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
         top.addresses["policy"], version + 1, cycle))], "publish", timeout)
     wait([("replay", top.replay.checkpoint.remote())], "checkpoint", timeout)
     episodes = [e for r in collected for e in r["episodes"]]
-    return {"episodes": episodes, "env_steps": sum(r["env_steps"] for r in collected),
+    return {"episodes": episodes, "collected": collected,
             "eval": [e for r in evaluated for e in r["episodes"]], "train": train,
             "version": new_version}
+
+
+class RunRecord:
+    """What a run records: a CycleRow per published version, the last eval per task, the busy
+    fraction of actors and learner, the staleness of collected episodes -> cycle.json and the
+    report after every row."""
+
+    def __init__(self, top: Topology, config: ExperimentConfig, run: str, rows: list[CycleRow],
+                 out: TextIO):
+        self.top, self.config, self.run, self.rows, self.out = top, config, run, rows, out
+        state = read_state(run) if rows else {}
+        self.last_eval: dict[str, float] = state.get("eval_by_task", {})
+        self.env_steps = rows[-1].env_steps if rows else 0
+        self.episodes = rows[-1].episodes if rows else 0
+        self.busy = {"actors": 0.0, "learner": 0.0}  # seconds inside collect / train calls
+        self.staleness: list[int] = []  # of every collected episode (versions behind)
+        self.started = time.time()
+
+    @property
+    def learner_steps(self) -> int:
+        return self.rows[-1].learner_steps if self.rows else 0
+
+    def collected(self, result: dict) -> None:
+        """A collect call's result: counts its steps, episodes, busy time and staleness."""
+        self.env_steps += result["env_steps"]
+        self.episodes += len(result["episodes"])
+        self.busy["actors"] += result["seconds"]
+        self.staleness += [e["staleness"] for e in result["episodes"]]
+
+    def evaluated(self, episodes: list[dict]) -> float | None:
+        by_task = {t: float(np.mean([e["return"] for e in episodes if e["task"] == t]))
+                   for t in sorted({e["task"] for e in episodes})}
+        if by_task:
+            self.last_eval = by_task
+        return float(np.mean([e["return"] for e in episodes])) if episodes else None
+
+    def add_row(self, row: CycleRow, train: dict) -> None:
+        self.rows.append(row)
+        print(format_row(row), file=self.out, flush=True)
+        self.save(train)
+
+    def save(self, train: dict) -> None:
+        """cycle.json, the report, and every process's log, into run storage."""
+        wall = max(time.time() - self.started, 1e-9)
+        n = len(self.top.actors)
+        version = self.rows[-1].policy_version if self.rows else 0
+        write_state(self.run, self.rows, {
+            "policy_version": version, "eval_by_task": self.last_eval,
+            "addresses": self.top.addresses, "restarts": restart_counts(self.run),
+            "busy_fraction": {"actors": self.busy["actors"] / (wall * n),
+                              "learner": self.busy["learner"] / wall},
+            "staleness": {"mean": float(np.mean(self.staleness)) if self.staleness else 0.0,
+                          "max": int(max(self.staleness, default=0))},
+            "last_train_metrics": train})
+        plot_returns(self.rows, self.run, ", ".join(self.config.env.tasks))
+        wait([(name, w.ship_logs.remote()) for name, w in self.top.named()], "ship_logs",
+             self.config.loop.call_timeout_seconds)
+
+
+def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, version: int,
+               started: float) -> None:
+    """collect -> train -> [evaluate] -> publish, one row per cycle, until num_cycles or the
+    budget."""
+    budget = config.loop.budget_seconds
+    for cycle in range(len(record.rows), config.loop.num_cycles):
+        t0 = time.time()
+        previous = record.rows[-1].seconds if record.rows else 0.0
+        last = cycle == config.loop.num_cycles - 1 or (
+            budget > 0 and t0 - started + 2 * previous > budget)  # the next would not fit
+        result = run_cycle(top, config, cycle, version, record.learner_steps,
+                           config.loop.evaluates(cycle) or last)
+        version = result["version"]
+        for collected in result["collected"]:
+            record.collected(collected)
+        record.busy["learner"] += result["train"]["seconds"]
+        row = CycleRow(cycle=cycle, env_steps=record.env_steps, episodes=record.episodes,
+                       collect_return=float(np.mean([e["return"] for e in result["episodes"]])),
+                       eval_return=record.evaluated(result["eval"]),
+                       learner_steps=int(result["train"]["learner_steps"]),
+                       policy_version=version, seconds=time.time() - t0)
+        record.add_row(row, result["train"])
+        if last:
+            break
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str | None = None,
@@ -230,8 +312,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
     started = time.time()
     run = Storage(run_dir).uri
     check_run_dir(config, run, resume)
-    if address is None:  # a new local cluster: Ray's default (token auth), without its warning
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # A new local cluster gets Ray's default, token authentication, without Ray's warning line.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     try:
@@ -244,42 +327,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
             print(format_row(row), file=out, flush=True)
         (version,) = wait([("policyserver", top.policy.latest_version.remote())], "start-up",
                           config.loop.call_timeout_seconds)
-        env_steps = rows[-1].env_steps if rows else 0
-        episodes = rows[-1].episodes if rows else 0
-        last_eval: dict[str, float] = read_state(run).get("eval_by_task", {}) if rows else {}
-        budget = config.loop.budget_seconds
-        for cycle in range(len(rows), config.loop.num_cycles):
-            t0 = time.time()
-            previous = rows[-1].seconds if rows else 0.0
-            last = cycle == config.loop.num_cycles - 1 or (
-                budget > 0 and t0 - started + 2 * previous > budget)  # the next would not fit
-            result = run_cycle(top, config, cycle, version,
-                               rows[-1].learner_steps if rows else 0,
-                               config.loop.evaluates(cycle) or last)
-            version = result["version"]
-            env_steps += result["env_steps"]
-            episodes += len(result["episodes"])
-            row = CycleRow(cycle=cycle, env_steps=env_steps, episodes=episodes,
-                           collect_return=float(np.mean([e["return"] for e in result["episodes"]])),
-                           eval_return=float(np.mean([e["return"] for e in result["eval"]]))
-                           if result["eval"] else None,
-                           learner_steps=int(result["train"]["learner_steps"]),
-                           policy_version=version, seconds=time.time() - t0)
-            rows.append(row)
-            print(format_row(row), file=out, flush=True)
-            eval_by_task = {t: float(np.mean([e["return"] for e in result["eval"]
-                                              if e["task"] == t]))
-                            for t in sorted({e["task"] for e in result["eval"]})}
-            if eval_by_task:
-                last_eval = eval_by_task
-            write_state(run, rows, {"policy_version": version, "eval_by_task": last_eval,
-                                    "addresses": top.addresses, "restarts": restart_counts(run),
-                                    "last_train_metrics": result["train"]})
-            plot_returns(rows, run, ", ".join(config.env.tasks))
-            wait([(name, w.ship_logs.remote()) for name, w in top.named()], "ship_logs",
-                 config.loop.call_timeout_seconds)
-            if last:
-                break
+        run_cycles(top, config, RunRecord(top, config, run, rows, out), version, started)
     finally:
         ray.shutdown()
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,15 +163,22 @@ class CollectorWorker(RunProcess):
         return episodes
 
     def _write(self, episodes: list[Episode], to_replay: bool) -> list[dict]:
+        """Archives (and replays) episodes; each summary carries its staleness: the newest
+        version this actor had received when the episode was written, minus the version that
+        acted (the same for every step of an episode)."""
+        newest = self._subscriber.latest()
+        newest_version = newest.version if newest is not None else 0
         out = []
         for ep in episodes:
-            out.append(summarize(ep, self._sink.write(ep, to_replay=to_replay)))
+            out.append({**summarize(ep, self._sink.write(ep, to_replay=to_replay)),
+                        "staleness": max(newest_version - ep.lineage.policy_version, 0)})
             self._episodes.labels(ep.lineage.mode).inc()
         return out
 
     def collect(self, num_episodes: int, cycle: int, min_version: int,
                 timeout_seconds: float) -> dict:
         """Collects episodes with the newest policy (at least `min_version`)."""
+        t0 = time.monotonic()
         if min_version > 0:
             self._subscriber.wait_for_version(min_version, timeout_seconds)
         steps_before = self._env_steps_so_far()
@@ -184,13 +192,15 @@ class CollectorWorker(RunProcess):
         env_steps = self._env_steps_so_far() - steps_before
         self._env_steps.inc(env_steps)
         return {"episodes": summaries, "env_steps": env_steps,
-                "quarantined": dict(self._sink.rejected)}
+                "quarantined": dict(self._sink.rejected), "seconds": time.monotonic() - t0}
 
     def evaluate(self, snapshot: Snapshot, num_episodes: int, cycle: int) -> dict:
         """Greedy episodes with a candidate snapshot; archived with mode "eval", not replayed."""
+        t0 = time.monotonic()
         policy = PACPolicy.from_snapshot(snapshot, self._seed)
         episodes = self._run_waves(lambda: policy, num_episodes, cycle, "eval")
-        return {"episodes": self._write(episodes, to_replay=False)}
+        return {"episodes": self._write(episodes, to_replay=False), "version": snapshot.version,
+                "seconds": time.monotonic() - t0}
 
     def close(self) -> None:
         self._subscriber.close()
@@ -240,6 +250,7 @@ class LearnerWorker(RunProcess):
         """Trains until `target_steps` updates in all, then checkpoints. Safe to retry after a
         restart: the restarted learner restores its newest checkpoint and trains only what is
         missing, so snapshot and publish calls that follow see this cycle's weights."""
+        t0 = time.monotonic()
         num_steps = max(target_steps - self._learner.num_steps, 0)
         if self._cluster.learner_workers > 1:
             metrics = self._train_data_parallel(num_steps, cycle) if num_steps else {}
@@ -254,7 +265,8 @@ class LearnerWorker(RunProcess):
                 self._loss.labels(term).set(metrics[term])
         if self._iterator is not None:
             self._stalls.set(self._iterator.num_stalls)
-        return {**metrics, "learner_steps": self._learner.num_steps}
+        return {**metrics, "learner_steps": self._learner.num_steps,
+                "seconds": time.monotonic() - t0}
 
     def _train_data_parallel(self, num_steps: int, cycle: int) -> dict:
         from cluster.ddp import DataParallelJob, train_data_parallel

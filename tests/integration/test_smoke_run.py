@@ -29,7 +29,12 @@ def test_prints_a_row_per_cycle_and_versions_advance(smoke_run):
                 "logs/replay.log", "logs/policyserver.log", "logs/actor-0.log",
                 "logs/actor-1.log"):
         assert (run_dir / sub).exists(), sub
-    assert json.loads((run_dir / "cycle.json").read_text())["restarts"] == {}
+    state = json.loads((run_dir / "cycle.json").read_text())
+    assert state["restarts"] == {}
+    # Cycles: every episode acts with the newest version its actor has (staleness 0), and the
+    # actors and the learner each spend part of the wall-clock time working.
+    assert state["staleness"] == {"mean": 0.0, "max": 0}
+    assert 0 < state["busy_fraction"]["actors"] < 1 and 0 < state["busy_fraction"]["learner"] < 1
     assert sorted(p.name for p in (run_dir / "policies").glob("*.json")) == \
         [f"v{v:06d}.json" for v in range(1, config.loop.num_cycles + 1)]
 
