@@ -58,3 +58,29 @@ def test_file_uri_is_a_local_folder(tmp_path):
     store.put_bytes("cycle.json", b"{}")
     assert store.local and not is_remote(store.uri)
     assert (tmp_path / "run" / "cycle.json").read_bytes() == b"{}"
+
+
+def test_a_process_exports_its_stored_restart_count_and_ships_its_log(tmp_path):
+    """Outside a restarted Ray actor the count is read, not incremented."""
+    import logging
+    from pathlib import Path
+
+    from cluster.process import RunProcess
+
+    run = tmp_path / "run"
+    (run / "restarts").mkdir(parents=True)
+    (run / "restarts" / "actor-3.json").write_text(json.dumps({"restarts": 2}))
+    process = RunProcess(str(run), "actor-3")
+    try:
+        assert process.restarts == 2
+        assert process.registry.get_sample_value("pacflow_process_restarts") == 2.0
+        logging.getLogger("test").warning("a line to ship")
+        process.ship_logs()
+        assert "a line to ship" in (run / "logs" / "actor-3.log").read_text()
+        target = json.loads((run / "metrics" / "targets" / "actor-3.json").read_text())[0]
+        assert target["labels"]["instance_name"] == "actor-3" and Path(run).name == "run"
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            if isinstance(handler, logging.FileHandler):
+                logging.getLogger().removeHandler(handler)
+                handler.close()
