@@ -1,8 +1,8 @@
 """The offline study of notes/pac.md §8.3: BC, BC+Q and PAC at several alphas on one archive, next
 to a plain MLP behaviour-cloning reference trained on the same data for the same updates.
 
-    python -m cluster.sweep --archive runs/<run>/archive --config deploy/configs/cartpole.yaml \
-        --steps 3000 --seeds 0 1 2 --out docs/pac_alpha_sweep [--below-median] \
+    python -m cluster.sweep --archive ARCHIVE --config deploy/configs/cartpole_offline.yaml \
+        --steps 4000 --seeds 0 1 2 --out /tmp/sweep [--below-median] \
         [--variants "MLP BC" BC "PAC a=0.5"]
 
 Each (variant, seed) retrains from scratch for the same number of updates and is evaluated
