@@ -142,7 +142,7 @@ def _archive_stats(archive) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from cluster.report import format_header, format_row, plot_returns, read_rows
 
-    from replay.storage import Storage, StorageError
+    from replay.storage import Storage, StorageError, run_id
 
     try:
         run = Storage(args.run_dir)
@@ -155,7 +155,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(format_header())
     for row in rows:
         print(format_row(row))
-    print(f"report: {plot_returns(rows, run.uri, run.uri.rstrip('/').rsplit('/', 1)[-1])}")
+    print(f"report: {plot_returns(rows, run.uri, run_id(run.uri))}")
     return 0
 
 

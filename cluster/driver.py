@@ -1,9 +1,9 @@
 """The collect-and-infer driver: starts the run's Ray actors and runs the cycles.
 
     cycle k:  actors collect E episodes with policy v_k (pushed by the policy server)
-              learner trains S steps on everything in replay
+              learner trains S steps on everything in replay, then checkpoints
               actors evaluate the candidate v_{k+1} greedily on M episodes
-              learner publishes v_{k+1}; learner and replay checkpoint
+              learner publishes v_{k+1}; replay checkpoints
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import yaml
 
 from cluster.config import (ClusterConfig, ConfigError, ExperimentConfig, config_from_dict,
                             config_to_dict)
-from cluster.report import (CycleRow, format_header, format_row, plot_returns, read_rows,
-                            read_state, write_state)
+from cluster.report import (STATE, CycleRow, format_header, format_row, plot_returns,
+                            read_rows, read_state, write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
 from replay.storage import Storage, StorageError, join
 
@@ -51,9 +51,9 @@ def check_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[Cycl
             store.check_writable()
         except StorageError as e:
             raise RunDirError(f"--run-dir: {e}") from None
-    if not resume and store.exists("cycle.json"):
+    if not resume and store.exists(STATE):
         raise RunDirError(f"{run} already holds a run; pass --resume to continue it")
-    rows = read_rows(run) if resume and store.exists("cycle.json") else []
+    rows = read_rows(run) if resume and store.exists(STATE) else []
     if resume and store.exists(CONFIG):
         def without_num_cycles(d: dict) -> dict:  # the fields a resume may change
             return {**d, "loop": {k: v for k, v in d["loop"].items()
@@ -134,7 +134,9 @@ def wait(calls: list[tuple[str, "ray.ObjectRef"]], what: str, timeout: float) ->
         raise RunFailed(f"{', '.join(hung)}: {what} did not finish within {timeout:.0f} s "
                         "(loop.call_timeout_seconds)") from None
     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-        names = [name for name, ref in calls if _failed(ref)] or [n for n, _ in calls]
+        ready, _ = ray.wait([ref for _, ref in calls], num_returns=len(calls), timeout=0)
+        names = [name for name, ref in calls if ref in ready and _failed(ref)] or \
+            [n for n, _ in calls]
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunFailed(f"{', '.join(names)}: died during {what} and could not be restarted "
                         f"(cluster.max_restarts): {cause}") from None
@@ -148,6 +150,7 @@ def restart_counts(run: str) -> dict[str, int]:
 
 
 def _failed(ref) -> bool:
+    """Whether a finished call raised."""
     try:
         ray.get(ref, timeout=0)
         return False

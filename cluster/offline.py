@@ -31,7 +31,7 @@ from actors.loop import EnvironmentLoop, EpisodeContext
 from cluster.config import EnvConfig, ExperimentConfig, config_to_dict
 from learners.checkpoints import save_checkpoint
 from learners.learner import PACLearner
-from policies.policy import PACPolicy
+from policies.policy import PACPolicy, Policy
 from policies.snapshot import Snapshot, save_snapshot, snapshot_metadata
 from replay.adders import ReverbSequenceAdder
 from replay.archive import EpisodeArchive, episodes_from_blocks
@@ -137,7 +137,7 @@ class StreamFeeder:
             raise RuntimeError("streaming the archive failed") from self._error
 
 
-def evaluate(policy: PACPolicy, spec: EnvSpec, task: str, env: EnvConfig,
+def evaluate(policy: Policy, spec: EnvSpec, task: str, env: EnvConfig,
              num_episodes: int, seed: int) -> list[float]:
     envs = [env.make(task, seed + i) for i in range(min(num_episodes, 4))]
     ctx = EpisodeContext("offline", 0, "eval", task, spec.task_names.index(task), "eval")
@@ -177,7 +177,7 @@ def train_in_chunks(learner: PACLearner, steps: int, chunk: int,
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
 
-def _evaluate_by_task(policy: PACPolicy, spec: EnvSpec, config: ExperimentConfig,
+def evaluate_by_task(policy: Policy, spec: EnvSpec, config: ExperimentConfig,
                       seed: int) -> dict[str, list[float]]:
     """Greedy returns of `policy` on every task (loop.eval_episodes each, fixed seeds)."""
     return {task: evaluate(policy, spec, task, config.env, config.loop.eval_episodes, seed)
@@ -226,7 +226,7 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
             line = progress.line(done, chunk_metrics)
             evaluated = eval_every and (done % eval_every == 0 or done == steps)
             if evaluated:
-                by_task = _evaluate_by_task(_learner_policy(learner, spec, config, seed), spec,
+                by_task = evaluate_by_task(_learner_policy(learner, spec, config, seed), spec,
                                             config, seed)
                 last_eval[done] = by_task
                 returns = [r for task_returns in by_task.values() for r in task_returns]
@@ -254,7 +254,7 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
         spec.to_dict(), config.model, 0, learner.num_steps, 0, trained_on=data))
     save_snapshot(snapshot, run_dir / "policies")
     # The curve's last point evaluated these very weights with the same seeds: reuse it.
-    eval_by_task = last_eval.get(steps) or _evaluate_by_task(
+    eval_by_task = last_eval.get(steps) or evaluate_by_task(
         PACPolicy.from_snapshot(snapshot, seed), spec, config, seed)
     eval_returns = [r for returns in eval_by_task.values() for r in returns]
     result = {"data": {**data, "mean_return": float(returns.mean()),

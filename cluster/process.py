@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from cluster.config import ClusterConfig
-from replay.storage import Storage, scratch_dir
+from replay.storage import Storage, run_id, scratch_dir
 
 
 def setup_process(run: str, name: str) -> tuple[CollectorRegistry, Path]:
@@ -57,11 +57,6 @@ def count_restart(run: str, name: str) -> int:
         count += 1
         store.put_bytes(key, json.dumps({"restarts": count}).encode())
     return count
-
-
-def run_id(run: str) -> str:
-    """The run's id: the last component of its storage URI or path."""
-    return str(run).rstrip("/").rsplit("/", 1)[-1]
 
 
 class RunProcess:

@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cluster.config import ExperimentConfig, load_config
-from cluster.offline import evaluate, parse_where, select_episodes, train_offline
+from cluster.offline import evaluate_by_task, parse_where, select_episodes, train_offline
+from policies.perceiver import nearest_bins
 from replay.archive import EpisodeArchive
 
 MLP_BC = "MLP BC"
@@ -61,12 +63,12 @@ def train_mlp_reference(config: ExperimentConfig, archive_uri: str, where: str |
     obs = np.concatenate([e.observation[:-1] for e in episodes])
     actions = np.concatenate([e.action[:-1] for e in episodes])
     lo, hi = spec.action_min, spec.action_max
-    bins = np.rint((np.clip(actions, lo, hi) - lo) / (hi - lo) * (K - 1)).astype(np.int64)
+    bins = nearest_bins(torch.from_numpy(actions), lo, hi, K).numpy()  # the learner's binning
     model = train_mlp_bc(obs, bins, K, steps, config.learner.batch_size,
                          config.learner.learning_rate, seed)
     policy = MLPPolicy(model, np.linspace(lo, hi, K), seed)
-    returns = [r for task in config.env.tasks
-               for r in evaluate(policy, spec, task, config.env, config.loop.eval_episodes, seed)]
+    returns = [r for task_returns in evaluate_by_task(policy, spec, config, seed).values()
+               for r in task_returns]
     return {"seed": seed, "alpha": 1.0, "beta": 0.0, "steps": steps,
             "eval_mean": float(np.mean(returns)), "eval_returns": returns,
             "data": {"archive": str(archive_uri), "episodes": len(episodes),

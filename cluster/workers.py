@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge
 
 from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from cluster.config import ClusterConfig, EnvConfig
-from cluster.process import RunProcess, advertised_host, run_id
+from cluster.process import RunProcess, advertised_host
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
 from learners.learner import PACLearner
@@ -36,7 +36,7 @@ from replay.dataset import ReverbBatchIterator
 from replay.ingest import EpisodeSink
 from replay.server import ReplayServer
 from replay.spec import EnvSpec, Episode
-from replay.storage import Storage, is_remote, join, scratch_dir
+from replay.storage import Storage, is_remote, join, run_id, scratch_dir
 
 
 MODES = ("collect", "eval")  # episode modes; the index goes into each episode's seed
@@ -199,7 +199,7 @@ class CollectorWorker(RunProcess):
         t0 = time.monotonic()
         policy = PACPolicy.from_snapshot(snapshot, self._seed)
         episodes = self._run_waves(lambda: policy, num_episodes, cycle, "eval")
-        return {"episodes": self._write(episodes, to_replay=False), "version": snapshot.version,
+        return {"episodes": self._write(episodes, to_replay=False),
                 "seconds": time.monotonic() - t0}
 
     def close(self) -> None:
@@ -252,12 +252,14 @@ class LearnerWorker(RunProcess):
         missing, so snapshot and publish calls that follow see this cycle's weights."""
         t0 = time.monotonic()
         num_steps = max(target_steps - self._learner.num_steps, 0)
-        if self._cluster.learner_workers > 1:
-            metrics = self._train_data_parallel(num_steps, cycle) if num_steps else {}
+        if not num_steps:
+            metrics = {}
+        elif self._cluster.learner_workers > 1:  # rank 0 of the train job checkpointed
+            metrics = self._train_data_parallel(num_steps, cycle)
         else:
-            metrics = self._learner.run(num_steps) if num_steps else {}
-        if num_steps:
-            self.checkpoint(cycle)
+            metrics = self._learner.run(num_steps)
+            save_checkpoint(self._learner.state(), self._checkpoints,
+                            step=self._learner.num_steps, cycle=cycle)
         self._last_metrics = metrics = metrics or self._last_metrics
         self._steps.inc(num_steps)
         for term in ("loss", "l_imp", "l_bc", "l_q"):
@@ -304,9 +306,3 @@ class LearnerWorker(RunProcess):
             if self._candidate is None or self._candidate.version != version:
                 self.make_snapshot(version, cycle)
             return client.publish(self._candidate)
-
-    def checkpoint(self, cycle: int) -> str:
-        if self._cluster.learner_workers > 1:  # rank 0 of the train job wrote it
-            return str(load_latest_good(self._checkpoints)["path"])
-        return str(save_checkpoint(self._learner.state(), self._checkpoints,
-                                   step=self._learner.num_steps, cycle=cycle))

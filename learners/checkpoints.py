@@ -63,8 +63,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         try:
             blobs[name] = store.get_bytes(name)
         except OSError:
-            blobs[name] = None
-        if blobs[name] is None or hashlib.sha256(blobs[name]).hexdigest() != digest:
+            blobs[name] = b""  # missing: fails the digest check below
+        if hashlib.sha256(blobs[name]).hexdigest() != digest:
             raise CheckpointError(f"{path}: {name} is missing or does not match its sha256")
     try:  # weights_only: a pickled payload is refused, never executed
         optim = torch.load(io.BytesIO(blobs["optim.pt"]), weights_only=True)

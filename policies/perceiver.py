@@ -120,6 +120,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+def nearest_bins(action: torch.Tensor, low: float, high: float, num_bins: int) -> torch.Tensor:
+    """Continuous actions (..., A) in [low, high] -> index of the nearest of `num_bins` evenly
+    spaced bin centres (..., A) int64; out-of-range actions are clipped first."""
+    scaled = (action.clamp(low, high) - low) / (high - low) * (num_bins - 1)
+    return scaled.round().long()
+
+
 class PerceiverActorCritic(nn.Module):
     """The PAC network: a shared Perceiver torso, a categorical policy and a categorical critic."""
 
@@ -270,9 +277,8 @@ class PerceiverActorCritic(nn.Module):
 
     def action_to_bins(self, action: torch.Tensor) -> torch.Tensor:
         """Continuous actions (..., A) -> nearest bin index (..., A) int64."""
-        lo, hi, K = self.spec.action_min, self.spec.action_max, self.config.num_action_bins
-        scaled = (action.clamp(lo, hi) - lo) / (hi - lo) * (K - 1)
-        return scaled.round().long()
+        return nearest_bins(action, self.spec.action_min, self.spec.action_max,
+                            self.config.num_action_bins)
 
     def bins_to_action(self, bins: torch.Tensor) -> torch.Tensor:
         """Bin indices (..., A) -> bin centres (..., A) float32."""

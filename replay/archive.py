@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from replay.spec import Episode, Lineage
-from replay.storage import resolve
+from replay.storage import Storage, resolve
 
 SCHEMA_VERSION = 2  # 2 added the nullable `pixels` column
 LINEAGE_FIELDS = [
@@ -107,34 +107,24 @@ class EpisodeArchive:
 
     def __init__(self, uri: str | os.PathLike):
         self.uri = str(uri)
-        self._fs, self._root = resolve(uri)
-        self._local = isinstance(self._fs, pafs.LocalFileSystem)
+        self._store = Storage(uri)
+        self._fs, self._root, self._local = self._store.fs, self._store.root, self._store.local
         self._fs.create_dir(self._root, recursive=True)
         self.schema = self._pin_schema()
 
     def _pin_schema(self) -> dict[str, str]:
         """Reads (or writes) the manifest; extends it by added columns; refuses other changes."""
-        path = f"{self._root}/{MANIFEST_NAME}"
         pinned: dict[str, str] = {}
-        if self._fs.get_file_info(path).type != pafs.FileType.NotFound:
-            with self._fs.open_input_stream(path) as f:
-                pinned = json.loads(f.read())["columns"]
+        if self._store.exists(MANIFEST_NAME):
+            pinned = json.loads(self._store.get_bytes(MANIFEST_NAME))["columns"]
         added, refused = schema_changes(pinned, SCHEMA)
         if refused:
             raise ArchiveSchemaError(f"archive {self.uri}: " + "; ".join(refused))
         if added or not pinned:
             pinned = {**pinned, **{f.name: str(f.type) for f in SCHEMA if f.name in added}}
             manifest = {"schema_version": SCHEMA_VERSION, "columns": pinned}
-            self._put(path, json.dumps(manifest, indent=1).encode())
+            self._store.put_bytes(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
         return pinned
-
-    def _put(self, path: str, data: bytes) -> None:
-        """Writes a small file atomically: temp + rename locally, a single put elsewhere."""
-        tmp = f"{path}.{os.getpid()}.tmp" if self._local else path
-        with self._fs.open_output_stream(tmp) as f:
-            f.write(data)
-        if self._local:
-            self._fs.move(tmp, path)
 
     @property
     def filesystem(self) -> pafs.FileSystem:

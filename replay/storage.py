@@ -49,11 +49,15 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
+def run_id(uri: str | os.PathLike) -> str:
+    """A run's id: the last component of its storage URI or path."""
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
 def scratch_dir(uri: str, name: str) -> Path:
     """Node-local scratch for run `uri` and process `name` (logs, Reverb's local checkpoint)."""
-    run_id = uri.rstrip("/").rsplit("/", 1)[-1] or "run"
     digest = hashlib.sha256(uri.encode()).hexdigest()[:8]  # stable across processes
-    path = Path(tempfile.gettempdir()) / "pacflow" / f"{run_id}-{digest}" / name
+    path = Path(tempfile.gettempdir()) / "pacflow" / f"{run_id(uri) or 'run'}-{digest}" / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -62,8 +66,7 @@ class Storage:
     """A folder of a run's storage. Relative names use '/', never '..'."""
 
     def __init__(self, uri: str | os.PathLike):
-        self.uri = str(uri) if is_remote(uri) or str(uri).startswith("file://") \
-            else str(Path(uri).absolute())
+        self.uri = str(uri) if "://" in str(uri) else str(Path(uri).absolute())
         try:
             self.fs, self.root = resolve(self.uri)
         except (OSError, ValueError) as e:
@@ -122,16 +125,6 @@ class Storage:
         """Base names of the folders directly under `name`. On an object store a folder exists
         while it holds an object."""
         return self._entries(name, pafs.FileType.Directory)
-
-    def upload_dir(self, local: str | Path, name: str) -> list[str]:
-        """Copies every file under `local` to `name/...`; returns their relative names."""
-        local, names = Path(local), []
-        for p in sorted(local.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(local).as_posix()
-                self.put_file(p, f"{name}/{rel}")
-                names.append(rel)
-        return names
 
     def download_dir(self, name: str, local: str | Path) -> None:
         """Copies every object under `name/` into `local` (created)."""

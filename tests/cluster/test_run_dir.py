@@ -63,7 +63,6 @@ def test_file_uri_is_a_local_folder(tmp_path):
 def test_a_process_exports_its_stored_restart_count_and_ships_its_log(tmp_path):
     """Outside a restarted Ray actor the count is read, not incremented."""
     import logging
-    from pathlib import Path
 
     from cluster.process import RunProcess
 
@@ -78,7 +77,8 @@ def test_a_process_exports_its_stored_restart_count_and_ships_its_log(tmp_path):
         process.ship_logs()
         assert "a line to ship" in (run / "logs" / "actor-3.log").read_text()
         target = json.loads((run / "metrics" / "targets" / "actor-3.json").read_text())[0]
-        assert target["labels"]["instance_name"] == "actor-3" and Path(run).name == "run"
+        assert target["labels"]["instance_name"] == "actor-3"
+        assert target["labels"]["run_id"] == "run"
     finally:
         for handler in list(logging.getLogger().handlers):
             if isinstance(handler, logging.FileHandler):

@@ -29,7 +29,7 @@ from actors.loop import episode_identity
 from cluster.config import load_config
 from cluster.driver import split
 from replay.archive import EpisodeArchive
-from replay.storage import Storage
+from replay.storage import Storage, run_id
 from tests.conftest import s3_environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,8 +207,7 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     assert sum(v for k, v in state["restarts"].items() if k.startswith("actor-")) >= 1
 
     # Every collected episode exactly once: the ids are fixed per (cycle, actor, index).
-    run_id = run.rstrip("/").rsplit("/", 1)[-1]
-    expected = {episode_identity(run_id, "collect", c, f"actor-{i}", k)
+    expected = {episode_identity(run_id(run), "collect", c, f"actor-{i}", k)
                 for c in range(3)
                 for i, n in enumerate(split(config.loop.episodes(c), config.cluster.num_actors))
                 for k in range(n)}
