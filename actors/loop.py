@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import Sequence
+from typing import Callable, Sequence
 
 import dm_env
 import numpy as np
@@ -91,11 +91,15 @@ class EnvironmentLoop:
 
     def __init__(self, envs: Sequence[SeededEnvironment], spec: EnvSpec):
         self._envs, self._spec = list(envs), spec
+        # episode id -> (mean, max) over its steps of newest_version() minus the acting version
+        self.staleness: dict[str, tuple[float, int]] = {}
 
     def run(self, policy: Policy, seeds: Sequence[int], context: EpisodeContext,
-            greedy: bool, episode_ids: Sequence[str] | None = None) -> list[Episode]:
+            greedy: bool, episode_ids: Sequence[str] | None = None,
+            newest_version: Callable[[], int] | None = None) -> list[Episode]:
         """One episode per seed, in waves of len(envs); returns them in seed order. Episode ids
-        are `episode_ids` when given (one per seed), else random."""
+        are `episode_ids` when given (one per seed), else random. With `newest_version` (the
+        newest policy version that exists), each step's staleness goes into `self.staleness`."""
         ids = list(episode_ids) if episode_ids is not None else \
             [uuid.uuid4().hex for _ in seeds]
         assert len(ids) == len(seeds), "one episode id per seed"
@@ -103,12 +107,14 @@ class EnvironmentLoop:
         k = len(self._envs)
         for start in range(0, len(seeds), k):
             episodes.extend(self._wave(policy, seeds[start:start + k], ids[start:start + k],
-                                       context, greedy))
+                                       context, greedy, newest_version))
         return episodes
 
     def _wave(self, policy: Policy, seeds: Sequence[int], ids: Sequence[str],
-              ctx: EpisodeContext, greedy: bool) -> list[Episode]:
+              ctx: EpisodeContext, greedy: bool,
+              newest_version: Callable[[], int] | None) -> list[Episode]:
         envs = self._envs[:len(seeds)]
+        lags: list[list[int]] = [[] for _ in envs]  # per env, per step
         start_time = time.time()
         for env, seed in zip(envs, seeds):
             env.seed(seed)
@@ -125,6 +131,10 @@ class EnvironmentLoop:
                 if camera else None  # (k, H, W, 3) uint8
             actions = policy.act(obs, task_ids[:len(active)], greedy, pixels)  # (k, A), padded
             actions[:, task.action_dim:] = 0.0  # dimensions this task does not have
+            if newest_version is not None:
+                lag = max(newest_version() - policy.policy_version, 0)
+                for i in active:
+                    lags[i].append(lag)
             still = []
             for j, i in enumerate(active):
                 buf = buffers[i]
@@ -138,6 +148,9 @@ class EnvironmentLoop:
                 else:
                     still.append(i)
             active = still
+        if newest_version is not None:
+            self.staleness.update({episode_id: (float(np.mean(lag)), int(max(lag)))
+                                   for episode_id, lag in zip(ids, lags) if lag})
         return [self._episode(buf, seed, episode_id, start_time, policy.policy_version, ctx)
                 for buf, seed, episode_id in zip(buffers, seeds, ids)]
 

@@ -18,7 +18,7 @@ import yaml
 from learners.config import LearnerConfig
 from policies.perceiver import PRESETS, PerceiverConfig
 from policies.security import ClientSecurity, ServerSecurity, is_loopback
-from replay.config import ReplayConfig
+from replay.config import RateLimiter, ReplayConfig
 
 if TYPE_CHECKING:
     from actors.envs import SeededEnvironment
@@ -71,9 +71,18 @@ class EnvConfig:
                                 self.camera_id)
 
 
+class LoopMode(enum.Enum):
+    """How collection and training take turns."""
+
+    CYCLES = "cycles"  # collect, train, evaluate, publish in turn (the default; robots use it)
+    ASYNC = "async"  # actors collect while the learner trains (cluster/async_loop.py)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """The collect-and-infer loop."""
+    """The collect-and-infer loop. In async mode a "cycle" is one published version:
+    `learner_steps_per_cycle` updates (or `publish_every`), `episodes_per_cycle` is each round of
+    collect calls, and `eval_every` counts versions."""
 
     num_cycles: int  # collect -> train -> evaluate -> publish rounds (required)
     episodes_per_cycle: int  # collected episodes per cycle, split over the actors (required)
@@ -89,12 +98,19 @@ class LoopConfig:
     # Longest the driver waits for any one call (a collect, a train, a checkpoint) before it
     # stops the run with a line naming the process that hung.
     call_timeout_seconds: float = 3600.0
+    mode: LoopMode = LoopMode.CYCLES  # "cycles" or "async"
+    publish_every: int = 0  # async: updates between published versions; 0 = learner_steps_per_cycle
+    max_env_steps: int = 0  # async: no collect call starts past this many env steps; 0 = none
+    max_learner_steps: int = 0  # async: no update chunk starts past this many updates; 0 = none
 
     def __post_init__(self) -> None:
         for name in ("num_cycles", "episodes_per_cycle", "learner_steps_per_cycle",
                      "eval_episodes", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 1")
+        for name in ("publish_every", "max_env_steps", "max_learner_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 0")
         if self.budget_seconds < 0:
             raise ValueError(f"loop.budget_seconds={self.budget_seconds} must be >= 0")
         if self.random_episodes < 0:
@@ -105,6 +121,10 @@ class LoopConfig:
         if cycle == 0 and self.random_episodes:
             return self.random_episodes
         return self.episodes_per_cycle
+
+    def updates_per_version(self) -> int:
+        """Updates between published versions (async: publish_every when set)."""
+        return self.publish_every or self.learner_steps_per_cycle
 
     def evaluates(self, cycle: int) -> bool:
         """Whether `cycle` ends with a greedy evaluation."""
@@ -119,6 +139,7 @@ class ClusterConfig:
     envs_per_actor: int = 2  # environments each actor steps together (batched inference)
     actor_cpus: float = 1.0  # Ray CPUs reserved per actor
     learner_cpus: float = 1.0  # Ray CPUs reserved by the learner
+    evaluator_cpus: float = 1.0  # async: Ray CPUs reserved by the evaluation actor
     learner_gpus: float = 0.0  # Ray GPUs per learner process (set 1 on GPU nodes)
     learner_workers: int = 1  # >1: data-parallel learner through Ray Train, batch split evenly
     # Address the replay and policy servers advertise: an IP or name, or "auto" for the IP of
@@ -180,6 +201,14 @@ class ExperimentConfig:
         if any(side % self.model.patch_size for side in self.env.pixels):
             raise ValueError(f"model.patch_size={self.model.patch_size} must divide the camera "
                              f"image size env.pixels={list(self.env.pixels)}")
+        if self.loop.mode is LoopMode.ASYNC:
+            # The rate limiter is what holds the update-to-data ratio when nothing takes turns.
+            if self.replay.rate_limiter is not RateLimiter.SAMPLE_TO_INSERT:
+                raise ValueError("replay.rate_limiter: loop.mode=async needs sample_to_insert "
+                                 "(it holds the learner's samples per inserted item)")
+            if self.cluster.learner_workers != 1:
+                raise ValueError("cluster.learner_workers: loop.mode=async runs one learner "
+                                 "process (use cycles for a data-parallel learner)")
 
 
 def _check_type(value: Any, hint: Any, path: str) -> Any:

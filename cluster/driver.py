@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -19,8 +20,8 @@ import numpy as np
 import ray
 import yaml
 
-from cluster.config import (ClusterConfig, ConfigError, ExperimentConfig, config_from_dict,
-                            config_to_dict)
+from cluster.config import (ClusterConfig, ConfigError, ExperimentConfig, LoopMode,
+                            config_from_dict, config_to_dict)
 from cluster.report import (STATE, CycleRow, format_header, format_row, plot_returns,
                             read_rows, read_state, write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
@@ -96,14 +97,23 @@ def check_storage_reaches_every_node(run: str) -> None:
 SLIVER = 0.001  # of a custom resource: enough to pin an actor to the nodes that carry it
 
 
-def check_placement(config: ClusterConfig) -> None:
-    """Refuses custom resources that no node of the cluster has (Ray would wait forever)."""
+def check_placement(config: ClusterConfig, mode: LoopMode = LoopMode.CYCLES) -> None:
+    """Refuses custom resources that no node of the cluster has, and more CPUs than the cluster
+    has in all (Ray would wait forever)."""
     have = ray.cluster_resources()
     for field in ("server_resource", "actor_resource", "learner_resource"):
         name = getattr(config, field)
         if name and name not in have:
             raise RunDirError(f"cluster.{field}: no node of the Ray cluster has resource "
                               f"{name!r} (it has: {', '.join(sorted(have))})")
+    asked = config.num_actors * config.actor_cpus + config.learner_cpus * (
+        config.learner_workers if config.learner_workers > 1 else 1) + (
+        config.evaluator_cpus if mode is LoopMode.ASYNC else 0.0)
+    if asked > have.get("CPU", 0.0) + 1e-9:
+        fields = "num_actors * actor_cpus + learner_cpus" + (
+            " + evaluator_cpus" if mode is LoopMode.ASYNC else "")
+        raise RunDirError(f"cluster: the run reserves {asked:g} CPUs ({fields}) but the Ray "
+                          f"cluster has {have.get('CPU', 0.0):g}")
 
 
 def placement(resource: str, driver_node: bool = False) -> dict:
@@ -178,21 +188,31 @@ class Topology:
                                                          self.policy.address.remote())],
             "start-up", config.loop.call_timeout_seconds)))
         local = c.learner_workers == 1  # else the Ray Train workers hold the devices
+        # Async: a second thread takes `stop` while `train` waits for data (cluster/async_loop.py).
+        threads = 2 if config.loop.mode is LoopMode.ASYNC else 1
         self.learner = ray.remote(num_cpus=c.learner_cpus if local else 0,
                                   num_gpus=c.learner_gpus if local else 0,
+                                  max_concurrency=threads,
                                   **placement(c.learner_resource), **restarts)(
             LearnerWorker).remote(spec, config.model, config.learner, config.replay,
                                   self.addresses["replay"], run, config.loop.seed, c)
+        collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
+                               **restarts)(CollectorWorker)
         self.actors = [
-            ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource), **restarts)(
-                CollectorWorker).remote(
-                i, spec, config.env, c, config.model, config.replay, self.addresses, run,
-                config.loop.seed * 1000 + i * 100)
+            collector.remote(i, spec, config.env, c, config.model, config.replay,
+                             self.addresses, run, config.loop.seed * 1000 + i * 100)
             for i in range(c.num_actors)]
+        # Async: evaluation has an actor of its own (every task, its own seeds).
+        self.evaluator = ray.remote(num_cpus=c.evaluator_cpus, **placement(c.actor_resource),
+                                    **restarts)(CollectorWorker).remote(
+            0, spec, config.env, dataclasses.replace(c, num_actors=1), config.model,
+            config.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator") \
+            if config.loop.mode is LoopMode.ASYNC else None
 
     def named(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
         return [("replay", self.replay), ("policyserver", self.policy), ("learner", self.learner),
-                *((f"actor-{i}", a) for i, a in enumerate(self.actors))]
+                *((f"actor-{i}", a) for i, a in enumerate(self.actors)),
+                *((("evaluator", self.evaluator),) if self.evaluator else ())]
 
 
 def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
@@ -223,7 +243,7 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
 
 class RunRecord:
     """What a run records: a CycleRow per published version, the last eval per task, the busy
-    fraction of actors and learner, the staleness of collected episodes -> cycle.json and the
+    fraction of actors and learner, the staleness of collected steps -> cycle.json and the
     report after every row."""
 
     def __init__(self, top: Topology, config: ExperimentConfig, run: str, rows: list[CycleRow],
@@ -231,10 +251,13 @@ class RunRecord:
         self.top, self.config, self.run, self.rows, self.out = top, config, run, rows, out
         state = read_state(run) if rows else {}
         self.last_eval: dict[str, float] = state.get("eval_by_task", {})
+        self.extra: dict = {k: state[k] for k in ("collect_rounds",) if k in state}
         self.env_steps = rows[-1].env_steps if rows else 0
         self.episodes = rows[-1].episodes if rows else 0
-        self.busy = {"actors": 0.0, "learner": 0.0}  # seconds inside collect / train calls
-        self.staleness: list[int] = []  # of every collected episode (versions behind)
+        # Seconds inside collect calls, and inside train calls not waiting for data.
+        self.busy = {"actors": 0.0, "learner": 0.0}
+        # Staleness of every collected step (versions behind the newest): sum, steps, max.
+        self.stale_sum, self.stale_steps, self.stale_max = 0.0, 0, 0
         self.started = time.time()
 
     @property
@@ -246,7 +269,14 @@ class RunRecord:
         self.env_steps += result["env_steps"]
         self.episodes += len(result["episodes"])
         self.busy["actors"] += result["seconds"]
-        self.staleness += [e["staleness"] for e in result["episodes"]]
+        for e in result["episodes"]:
+            self.stale_sum += e["staleness"] * e["length"]
+            self.stale_steps += e["length"]
+            self.stale_max = max(self.stale_max, e["staleness_max"])
+
+    def learner_busy(self, train: dict) -> None:
+        """A train call's result: its seconds, less those spent waiting for data."""
+        self.busy["learner"] += train["seconds"] - train.get("data_wait_seconds", 0.0)
 
     def evaluated(self, episodes: list[dict]) -> float | None:
         by_task = {t: float(np.mean([e["return"] for e in episodes if e["task"] == t]))
@@ -255,27 +285,41 @@ class RunRecord:
             self.last_eval = by_task
         return float(np.mean([e["return"] for e in episodes])) if episodes else None
 
-    def add_row(self, row: CycleRow, train: dict) -> None:
+    def add_row(self, row: CycleRow, train: dict, wait_for_logs: bool = True) -> None:
         self.rows.append(row)
         print(format_row(row), file=self.out, flush=True)
-        self.save(train)
+        self.save(train, wait_for_logs)
 
-    def save(self, train: dict) -> None:
+    def attach_eval(self, version: int, episodes: list[dict]) -> None:
+        """An evaluation that finished after its version's row (async): fills that row in."""
+        value = self.evaluated(episodes)
+        for i, row in enumerate(self.rows):
+            if row.policy_version == version:
+                self.rows[i] = dataclasses.replace(row, eval_return=value)
+        print(f"  version {version} evaluated: {value:.1f} (mean of {len(episodes)} greedy "
+              "episodes)", file=self.out, flush=True)
+
+    def save(self, train: dict, wait_for_logs: bool = True) -> None:
         """cycle.json, the report, and every process's log, into run storage."""
         wall = max(time.time() - self.started, 1e-9)
         n = len(self.top.actors)
         version = self.rows[-1].policy_version if self.rows else 0
+        (replay,) = wait([("replay", self.top.replay.rate_stats.remote())], "rate_stats",
+                         self.config.loop.call_timeout_seconds)
         write_state(self.run, self.rows, {
+            "replay": replay,
             "policy_version": version, "eval_by_task": self.last_eval,
             "addresses": self.top.addresses, "restarts": restart_counts(self.run),
             "busy_fraction": {"actors": self.busy["actors"] / (wall * n),
                               "learner": self.busy["learner"] / wall},
-            "staleness": {"mean": float(np.mean(self.staleness)) if self.staleness else 0.0,
-                          "max": int(max(self.staleness, default=0))},
-            "last_train_metrics": train})
+            "mode": self.config.loop.mode.value,
+            "staleness": {"mean": self.stale_sum / max(self.stale_steps, 1),
+                          "max": self.stale_max},
+            "last_train_metrics": train, **self.extra})
         plot_returns(self.rows, self.run, ", ".join(self.config.env.tasks))
-        wait([(name, w.ship_logs.remote()) for name, w in self.top.named()], "ship_logs",
-             self.config.loop.call_timeout_seconds)
+        shipped = [(name, w.ship_logs.remote()) for name, w in self.top.named()]
+        if wait_for_logs:  # else each ships after its call in progress (async: never idle)
+            wait(shipped, "ship_logs", self.config.loop.call_timeout_seconds)
 
 
 def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, version: int,
@@ -293,7 +337,7 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
         version = result["version"]
         for collected in result["collected"]:
             record.collected(collected)
-        record.busy["learner"] += result["train"]["seconds"]
+        record.learner_busy(result["train"])
         row = CycleRow(cycle=cycle, env_steps=record.env_steps, episodes=record.episodes,
                        collect_return=float(np.mean([e["return"] for e in result["episodes"]])),
                        eval_return=record.evaluated(result["eval"]),
@@ -322,7 +366,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
              logging_level=logging.WARNING)
     try:
         check_storage_reaches_every_node(run)
-        check_placement(config.cluster)
+        check_placement(config.cluster, config.loop.mode)
         rows = prepare_run_dir(config, run, resume)
         top = Topology(config, run)
         print(format_header(), file=out, flush=True)
@@ -330,7 +374,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
             print(format_row(row), file=out, flush=True)
         (version,) = wait([("policyserver", top.policy.latest_version.remote())], "start-up",
                           config.loop.call_timeout_seconds)
-        run_cycles(top, config, RunRecord(top, config, run, rows, out), version, started)
+        record = RunRecord(top, config, run, rows, out)
+        if config.loop.mode is LoopMode.ASYNC:
+            from cluster.async_loop import run_async  # it imports this module
+
+            run_async(top, config, record, version, started)
+        else:
+            run_cycles(top, config, record, version, started)
     finally:
         ray.shutdown()
     return rows

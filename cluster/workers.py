@@ -81,6 +81,9 @@ class ReplayWorker(RunProcess):
     def checkpoint(self) -> str:
         return self._server.checkpoint()
 
+    def rate_stats(self) -> dict[str, float]:
+        return self._server.rate_stats()
+
 
 class PolicyServerWorker(RunProcess):
     """The gRPC policy server of the run, storing versions under `<run>/policies/`."""
@@ -105,9 +108,9 @@ class CollectorWorker(RunProcess):
     def __init__(self, index: int, spec: EnvSpec, env_config: EnvConfig,
                  cluster_config: ClusterConfig, model_config: PerceiverConfig,
                  replay_config: ReplayConfig, addresses: dict[str, str], run: str,
-                 seed: int):
+                 seed: int, name: str = ""):
         torch.set_num_threads(1)
-        self.actor_id, self._seed = f"actor-{index}", seed
+        self.actor_id, self._seed = name or f"actor-{index}", seed
         super().__init__(run, self.actor_id)
         registry = self.registry
         self._episodes = Counter("pacflow_actor_episodes", "Episodes finished", ["mode"],
@@ -140,38 +143,45 @@ class CollectorWorker(RunProcess):
     def _env_steps_so_far(self) -> int:
         return sum(e.num_env_steps for envs in self._envs.values() for e in envs)
 
-    def _run_waves(self, policy_fn, num_episodes: int, cycle: int, mode: str) -> list[Episode]:
-        """Episodes in waves of envs_per_actor, one task per wave, tasks in turn.
+    def _newest_version(self) -> int:
+        newest = self._subscriber.latest()
+        return newest.version if newest is not None else 0
+
+    def _run_waves(self, policy_fn, num_episodes: int, cycle: int, mode: str,
+                   to_replay: bool) -> list[dict]:
+        """Episodes in waves of envs_per_actor, one task per wave, tasks in turn; each wave is
+        written (archive, and replay when `to_replay`) as soon as it ends. Returns summaries.
 
         The k-th episode of (cycle, mode) has a seed and an id that depend only on those, so a
         restarted actor redoing a call repeats its seeds and ids (the archive keeps each id
         once), and a resumed run continues the seed sequence instead of restarting it."""
-        episodes: list[Episode] = []
+        summaries: list[dict] = []
         tasks, wave = list(self._loops), 0
-        while len(episodes) < num_episodes:
+        while len(summaries) < num_episodes:
             task = tasks[(cycle + wave) % len(tasks)]
             wave += 1
             loop, k = self._loops[task], len(self._envs[task])
             ctx = EpisodeContext(run_id(self._run), cycle, self.actor_id, task,
                                  self._spec.task_names.index(task), mode)
-            index = range(len(episodes), min(len(episodes) + k, num_episodes))
+            index = range(len(summaries), min(len(summaries) + k, num_episodes))
             seeds = [int(np.random.SeedSequence([self._seed, cycle, MODES.index(mode), i])
                          .generate_state(1)[0]) for i in index]
             ids = [episode_identity(ctx.run_id, mode, cycle, self.actor_id, i) for i in index]
-            episodes += loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
-                                 episode_ids=ids)
-        return episodes
+            episodes = loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
+                                episode_ids=ids, newest_version=self._newest_version)
+            summaries += self._write(episodes, to_replay, loop.staleness)
+        return summaries
 
-    def _write(self, episodes: list[Episode], to_replay: bool) -> list[dict]:
-        """Archives (and replays) episodes; each summary carries its staleness: the newest
-        version this actor had received when the episode was written, minus the version that
-        acted (the same for every step of an episode)."""
-        newest = self._subscriber.latest()
-        newest_version = newest.version if newest is not None else 0
+    def _write(self, episodes: list[Episode], to_replay: bool,
+               staleness: dict[str, tuple[float, int]]) -> list[dict]:
+        """Archives (and replays) episodes; each summary carries its staleness over its steps
+        (mean and max): the newest version this actor had received at the step, minus the
+        version that acted."""
         out = []
         for ep in episodes:
+            mean, most = staleness.pop(ep.lineage.episode_id, (0.0, 0))
             out.append({**summarize(ep, self._sink.write(ep, to_replay=to_replay)),
-                        "staleness": max(newest_version - ep.lineage.policy_version, 0)})
+                        "staleness": mean, "staleness_max": most})
             self._episodes.labels(ep.lineage.mode).inc()
         return out
 
@@ -187,8 +197,7 @@ class CollectorWorker(RunProcess):
             self._switch_policy()
             return self._policy
 
-        episodes = self._run_waves(newest_policy, num_episodes, cycle, "collect")
-        summaries = self._write(episodes, to_replay=True)
+        summaries = self._run_waves(newest_policy, num_episodes, cycle, "collect", True)
         env_steps = self._env_steps_so_far() - steps_before
         self._env_steps.inc(env_steps)
         return {"episodes": summaries, "env_steps": env_steps,
@@ -198,9 +207,15 @@ class CollectorWorker(RunProcess):
         """Greedy episodes with a candidate snapshot; archived with mode "eval", not replayed."""
         t0 = time.monotonic()
         policy = PACPolicy.from_snapshot(snapshot, self._seed)
-        episodes = self._run_waves(lambda: policy, num_episodes, cycle, "eval")
-        return {"episodes": self._write(episodes, to_replay=False),
-                "seconds": time.monotonic() - t0}
+        return {"episodes": self._run_waves(lambda: policy, num_episodes, cycle, "eval", False),
+                "version": snapshot.version, "seconds": time.monotonic() - t0}
+
+    def evaluate_published(self, version: int, num_episodes: int,
+                           timeout_seconds: float) -> dict:
+        """Greedy episodes with the newest pushed version (at least `version`): the async
+        loop's evaluator. Its episode ids use the version as their cycle."""
+        snapshot = self._subscriber.wait_for_version(version, timeout_seconds)
+        return self.evaluate(snapshot, num_episodes, snapshot.version)
 
     def close(self) -> None:
         self._subscriber.close()
@@ -246,12 +261,15 @@ class LearnerWorker(RunProcess):
         self._candidate: Snapshot | None = None
         self._last_metrics: dict = {}
 
-    def train(self, target_steps: int, cycle: int = 0) -> dict:
-        """Trains until `target_steps` updates in all, then checkpoints. Safe to retry after a
-        restart: the restarted learner restores its newest checkpoint and trains only what is
-        missing, so snapshot and publish calls that follow see this cycle's weights."""
+    def train(self, target_steps: int, cycle: int = 0, snapshot_version: int = 0) -> dict:
+        """Trains until `target_steps` updates in all (fewer after `stop`), then checkpoints, and
+        with `snapshot_version` makes that version's snapshot of the new weights for `publish`
+        (the async loop publishes it while the next call trains). Safe to retry after a restart:
+        the restarted learner restores its newest checkpoint and trains only what is missing, so
+        snapshot and publish calls that follow see this cycle's weights."""
         t0 = time.monotonic()
-        num_steps = max(target_steps - self._learner.num_steps, 0)
+        before = self._learner.num_steps
+        num_steps = max(target_steps - before, 0)
         if not num_steps:
             metrics = {}
         elif self._cluster.learner_workers > 1:  # rank 0 of the train job checkpointed
@@ -261,14 +279,18 @@ class LearnerWorker(RunProcess):
             save_checkpoint(self._learner.state(), self._checkpoints,
                             step=self._learner.num_steps, cycle=cycle)
         self._last_metrics = metrics = metrics or self._last_metrics
-        self._steps.inc(num_steps)
+        self._steps.inc(self._learner.num_steps - before)
         for term in ("loss", "l_imp", "l_bc", "l_q"):
             if term in metrics:
                 self._loss.labels(term).set(metrics[term])
         if self._iterator is not None:
             self._stalls.set(self._iterator.num_stalls)
+        done = self._learner.num_steps - before
+        if snapshot_version and done:
+            self.make_snapshot(snapshot_version, cycle)
         return {**metrics, "learner_steps": self._learner.num_steps,
-                "seconds": time.monotonic() - t0}
+                "snapshot": snapshot_version if done else 0, "seconds": time.monotonic() - t0,
+                "data_wait_seconds": metrics.get("data_wait_s", 0.0) * done}
 
     def _train_data_parallel(self, num_steps: int, cycle: int) -> dict:
         from cluster.ddp import DataParallelJob, train_data_parallel
@@ -288,6 +310,13 @@ class LearnerWorker(RunProcess):
 
     def num_steps(self) -> int:
         return self._learner.num_steps
+
+    def stop(self) -> None:
+        """Ends the current train call (and makes later ones return at once) after the update in
+        progress: the async loop's end, called from a second thread of this actor while `train`
+        waits for data that will not come."""
+        if self._iterator is not None:
+            self._iterator.interrupt()
 
     def make_snapshot(self, version: int, cycle: int) -> Snapshot:
         metadata = snapshot_metadata(self._spec.to_dict(), self._model_config, cycle,

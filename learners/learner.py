@@ -178,12 +178,19 @@ class PACLearner:
         return losses.categorical_projection(G + D * z, p_next, z)
 
     def run(self, num_steps: int) -> dict[str, float]:
-        """Runs `num_steps` updates; returns the metrics averaged over them."""
+        """Runs `num_steps` updates, fewer if the batch iterator ends; returns the metrics
+        averaged over the updates done."""
         totals: dict[str, float] = {}
+        done = 0
         for _ in range(num_steps):
-            for k, v in self.step().items():
+            try:
+                metrics = self.step()
+            except StopIteration:  # e.g. ReverbBatchIterator.interrupt(): the run is ending
+                break
+            done += 1
+            for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
-        return {k: v / max(num_steps, 1) for k, v in totals.items()}
+        return {k: v / max(done, 1) for k, v in totals.items()}
 
     def get_variables(self) -> dict[str, torch.Tensor]:
         """The online network's weights on CPU, ready for a snapshot."""

@@ -47,6 +47,8 @@ class ReverbBatchIterator(Iterator[Batch]):
     the network. Errors in the thread are re-raised from `__next__`. When no item can be sampled
     for `config.stall_timeout_seconds` (an empty table, or a rate limiter holding the learner back)
     it logs a stall, counts it in `num_stalls`, and goes on waiting: data arriving later resumes it.
+    `interrupt()` (from another thread) ends the iterator: a `next` blocked on data, and every
+    later one, raises StopIteration.
 
     Usage:
         batches = ReverbBatchIterator(address, ReplayConfig(), batch_size=256)
@@ -60,6 +62,7 @@ class ReverbBatchIterator(Iterator[Batch]):
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
         self.num_stalls = 0
         self._stop = threading.Event()
+        self._interrupted = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="reverb-prefetch", daemon=True)
         self._thread.start()
 
@@ -88,10 +91,21 @@ class ReverbBatchIterator(Iterator[Batch]):
                 continue
 
     def __next__(self) -> Batch:
-        item = self._queue.get()
+        while True:
+            if self._interrupted.is_set():
+                raise StopIteration
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
         if isinstance(item, Exception):
             raise RuntimeError("replay sampling failed") from item
         return item
+
+    def interrupt(self) -> None:
+        """Ends the iteration; safe from any thread."""
+        self._interrupted.set()
 
     def close(self, wait_seconds: float = 0.0) -> None:
         """Stops the prefetch thread; waits up to `wait_seconds` for it to end."""

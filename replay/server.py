@@ -164,6 +164,17 @@ class ReplayServer:
                 f"({'; '.join(diffs)}); Reverb would silently use the checkpoint's. Restore the "
                 "old replay config, or start with an empty replay_checkpoints folder")
 
+    def rate_stats(self) -> dict[str, float]:
+        """Items held, inserts and samples completed since the server started, and the
+        rate limiter's bounds on `inserts * samples_per_insert - samples`."""
+        info = self._client.server_info(timeout=int(self._config.timeout_seconds))
+        table = info[self._config.table]
+        limiter = table.rate_limiter_info
+        return {"items": int(table.current_size), "inserts": int(limiter.insert_stats.completed),
+                "samples": int(limiter.sample_stats.completed),
+                "samples_per_insert": float(limiter.samples_per_insert),
+                "min_diff": float(limiter.min_diff), "max_diff": float(limiter.max_diff)}
+
     def num_items(self) -> int:
         info = self._client.server_info(timeout=int(self._config.timeout_seconds))
         return int(info[self._config.table].current_size)

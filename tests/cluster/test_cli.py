@@ -64,12 +64,17 @@ def test_unreachable_run_storage_fails_before_anything_starts(tmp_path, s3_prefi
 
 
 @pytest.mark.slow
-def test_a_resource_no_node_has_is_refused_instead_of_waiting_forever(tmp_path):
+@pytest.mark.parametrize("setting,needles", [
+    ("cluster.actor_resource=gpu-rack-7", ["cluster.actor_resource: no node", "'gpu-rack-7'"]),
+    ("cluster.num_actors=64", ["cluster: the run reserves 65 CPUs",
+                               "num_actors * actor_cpus + learner_cpus"]),
+])
+def test_a_placement_no_cluster_can_hold_is_refused_instead_of_waiting_forever(
+        tmp_path, setting, needles):
     (tmp_path / "c.yaml").write_text(GOOD)
     result = _pacflow("run", "--config", str(tmp_path / "c.yaml"), "--run-dir",
-                      str(tmp_path / "run"), "--set", "cluster.actor_resource=gpu-rack-7")
+                      str(tmp_path / "run"), "--set", setting)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cluster.actor_resource: no node" in lines[0] and \
-        "'gpu-rack-7'" in lines[0], result.stderr
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), result.stderr
     assert not (tmp_path / "run").exists()

@@ -116,10 +116,27 @@ def test_loop_schedule_random_episodes_and_evaluation():
     ({"eval_every": 0}, "loop.eval_every=0 must be >= 1"),
     ({"random_episodes": -1}, "loop.random_episodes=-1 must be >= 0"),
     ({"budget_seconds": -5}, "loop.budget_seconds=-5.0 must be >= 0"),
+    ({"mode": "sometimes"}, "loop.mode: 'sometimes' is not one of cycles, async"),
+    ({"max_env_steps": -1}, "loop.max_env_steps=-1 must be >= 0"),
 ])
 def test_bad_loop_schedule_names_the_field(loop, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(_with(loop=loop))
+
+
+def test_async_mode_needs_the_sample_to_insert_limiter_and_one_learner():
+    with pytest.raises(ConfigError, match="replay.rate_limiter: loop.mode=async needs "
+                                          "sample_to_insert"):
+        config_from_dict(_with(loop={"mode": "async"}))
+    limited = {"rate_limiter": "sample_to_insert"}
+    with pytest.raises(ConfigError, match="cluster.learner_workers: loop.mode=async"):
+        config_from_dict(_with(loop={"mode": "async"}, replay=limited,
+                               cluster={"learner_workers": 2}))
+    loop = config_from_dict(_with(loop={"mode": "async", "publish_every": 7},
+                                  replay=limited)).loop
+    assert loop.updates_per_version() == 7
+    assert config_from_dict(BASE).loop.updates_per_version() == \
+        BASE["loop"]["learner_steps_per_cycle"]
 
 
 @pytest.mark.parametrize("path", sorted(

@@ -58,6 +58,15 @@ def test_critic_loss_falls_on_a_fixed_batch():
     assert last < first * 0.5
 
 
+def test_run_stops_early_when_the_batches_end():
+    learner = PACLearner(SPEC, TINY_MODEL, LearnerConfig(batch_size=16, device="cpu",
+                                                         num_threads=1),
+                         itertools.islice(random_batches(16), 3), seed=0)
+    metrics = learner.run(10)
+    assert learner.num_steps == 3 and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert learner.run(5) == {} and learner.num_steps == 3
+
+
 def test_target_network_is_copied_every_period():
     learner = _learner(target_update_period=3)
     learner.run(2)

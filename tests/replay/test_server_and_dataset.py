@@ -71,3 +71,33 @@ def test_empty_table_reports_a_stall_then_resumes_when_data_arrives(tmp_path):
         batches.close()
     finally:
         server.stop()
+
+
+def test_interrupt_ends_a_next_blocked_on_an_empty_table(tmp_path):
+    """The async loop's end: the learner waits for data that will not come until `interrupt`
+    from another thread makes `next` raise StopIteration."""
+    config = ReplayConfig(n_step=1)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    try:
+        batches = ReverbBatchIterator(server.address, config, batch_size=4)
+        outcome = []
+
+        def read():
+            try:
+                next(batches)
+                outcome.append("batch")
+            except StopIteration:
+                outcome.append("stopped")
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=1.0)
+        assert reader.is_alive() and not outcome  # blocked: nothing to sample
+        batches.interrupt()
+        reader.join(timeout=10)
+        assert outcome == ["stopped"]
+        with pytest.raises(StopIteration):
+            next(batches)
+        batches.close()
+    finally:
+        server.stop()
