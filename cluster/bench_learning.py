@@ -23,6 +23,7 @@ from scipy import stats
 
 from cluster.bench import machine
 from cluster.config import ExperimentConfig, config_to_dict, load_config
+from cluster.report import read_state
 
 # Tuned configs per task; any other task runs the cartpole demo config with its name swapped in.
 TASK_CONFIGS = {"dm_control:cartpole-swingup": "deploy/configs/cartpole.yaml",
@@ -76,9 +77,13 @@ def run_learning_bench(task: str, budget_minutes: float, seeds: int, out_dir: Pa
         wall = time.time() - t0
         final = next(r.eval_return for r in reversed(rows) if r.eval_return is not None)
         random_return = rows[0].collect_return  # cycle 0 acts uniformly at random
+        state = read_state(str(run_dir.absolute()))
         runs.append({"seed": seed, "run_dir": str(run_dir), "wall_seconds": wall,
                      "final_eval_return": final, "random_return": random_return,
-                     "curve": curve_of(rows)})
+                     "mode": config.loop.mode.value, "env_steps": rows[-1].env_steps,
+                     "learner_steps": rows[-1].learner_steps,
+                     "busy_fraction": state.get("busy_fraction"),
+                     "staleness": state.get("staleness"), "curve": curve_of(rows)})
         results.append({"case": f"task={task},seed={seed}", "metric": "final_eval_return",
                         "value": final, "unit": "return", "baseline": random_return,
                         "ratio": final / random_return if random_return > 0 else None})

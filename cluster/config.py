@@ -140,6 +140,9 @@ class ClusterConfig:
     actor_cpus: float = 1.0  # Ray CPUs reserved per actor
     learner_cpus: float = 1.0  # Ray CPUs reserved by the learner
     evaluator_cpus: float = 1.0  # async: Ray CPUs reserved by the evaluation actor
+    # Added to the collectors' and the evaluator's nice value. Where they share cores with the
+    # learner (async mode on a small machine), a positive value leaves the learner its core.
+    actor_nice: int = 0
     learner_gpus: float = 0.0  # Ray GPUs per learner process (set 1 on GPU nodes)
     learner_workers: int = 1  # >1: data-parallel learner through Ray Train, batch split evenly
     # Address the replay and policy servers advertise: an IP or name, or "auto" for the IP of
@@ -166,6 +169,8 @@ class ClusterConfig:
     policy_credentials: str = ""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.actor_nice <= 19:
+            raise ValueError(f"cluster.actor_nice={self.actor_nice} must be in [0, 19]")
         if self.num_actors < 1 or self.envs_per_actor < 1 or self.learner_workers < 1:
             raise ValueError("cluster.num_actors, cluster.envs_per_actor and "
                              "cluster.learner_workers must be >= 1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -110,6 +111,7 @@ class CollectorWorker(RunProcess):
                  replay_config: ReplayConfig, addresses: dict[str, str], run: str,
                  seed: int, name: str = ""):
         torch.set_num_threads(1)
+        os.nice(cluster_config.actor_nice)
         self.actor_id, self._seed = name or f"actor-{index}", seed
         super().__init__(run, self.actor_id)
         registry = self.registry
