@@ -108,17 +108,17 @@ class AsyncLoop:
         self.train_metrics = {k: v for k, v in result.items() if k != "seconds"} or \
             self.train_metrics
         self.learner_steps = result["learner_steps"]
+        if not result["snapshot"]:  # stopped before its first update: its version is unused
+            self.next_version -= 1
         if not self.stopping or self._busy("collect"):  # in-flight inserts need a sampler
             self._train()  # trains while this version is published and recorded
         if result["snapshot"]:
             self._publish(result["snapshot"])
-        else:  # stopped before its first update: that version number is not used
-            self.next_version -= 1
 
     def _publish(self, version: int) -> None:
         record, timeout = self.record, self.loop.call_timeout_seconds
         (self.version,) = wait([("learner", self.top.learner.publish.remote(
-            self.top.addresses["policy"], version, len(record.rows)))], "publish", timeout)
+            self.top.policy_address(timeout), version, len(record.rows)))], "publish", timeout)
         episodes = self.since_row
         row = CycleRow(cycle=len(record.rows), env_steps=record.env_steps,
                        episodes=record.episodes,

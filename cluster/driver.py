@@ -1,9 +1,10 @@
 """The collect-and-infer driver: starts the run's Ray actors and runs the cycles.
 
-    cycle k:  actors collect E episodes with policy v_k (pushed by the policy server)
+    cycle k:  actors collect E episodes with policy v_k (pushed by the policy server); replay
+              checkpoints
               learner trains S steps on everything in replay, then checkpoints
               actors evaluate the candidate v_{k+1} greedily on M episodes
-              learner publishes v_{k+1}; replay checkpoints
+              learner publishes v_{k+1}
 """
 
 from __future__ import annotations
@@ -171,18 +172,21 @@ def _failed(ref) -> bool:
 class Topology:
     """The run's Ray actors: one replay server, one policy server, one learner, N collectors.
 
-    Collectors and the learner restart (cluster.max_restarts) and Ray retries the call they
-    died in: their calls are safe to repeat (episode ids and seeds fixed per cycle, training up
-    to a target step count from the newest checkpoint)."""
+    Every process restarts (cluster.max_restarts) and Ray retries the call it died in: the
+    calls are safe to repeat (episode ids and seeds fixed per cycle, training up to a target
+    step count from the newest checkpoint, publishing a version the server holds is a no-op).
+    A restarted replay or policy server restores from run storage and announces its address
+    (`<run>/addresses/`), where its clients find it (replay/reconnect.py)."""
 
     def __init__(self, config: ExperimentConfig, run: str):
         c = config.cluster
         spec = config.env.spec()
         servers = placement(c.server_resource, driver_node=True)
         restarts = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
-        self.replay = ray.remote(num_cpus=0, **servers)(ReplayWorker).remote(
+        self.replay = ray.remote(num_cpus=0, **servers, **restarts)(ReplayWorker).remote(
             spec, config.replay, run, c)
-        self.policy = ray.remote(num_cpus=0, **servers)(PolicyServerWorker).remote(run, c)
+        self.policy = ray.remote(num_cpus=0, **servers, **restarts)(PolicyServerWorker).remote(
+            run, c)
         self.addresses = dict(zip(("replay", "policy"), wait(
             [("replay", self.replay.address.remote()), ("policyserver",
                                                          self.policy.address.remote())],
@@ -209,6 +213,12 @@ class Topology:
             config.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator") \
             if config.loop.mode is LoopMode.ASYNC else None
 
+    def policy_address(self, timeout: float) -> str:
+        """The policy server's address now (a restarted server may have moved)."""
+        (self.addresses["policy"],) = wait([("policyserver", self.policy.address.remote())],
+                                           "address", timeout)
+        return self.addresses["policy"]
+
     def named(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
         return [("replay", self.replay), ("policyserver", self.policy), ("learner", self.learner),
                 *((f"actor-{i}", a) for i, a in enumerate(self.actors)),
@@ -225,6 +235,9 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
                       for i, (a, e) in enumerate(zip(top.actors,
                                                      split(config.loop.episodes(cycle), n))) if e],
                      "collect", timeout)
+    # Replay checkpoints once its cycle's data is in: a replay server that dies later in the
+    # cycle restarts from this checkpoint without losing any of it.
+    wait([("replay", top.replay.checkpoint.remote())], "checkpoint", timeout)
     target = learner_steps + config.loop.learner_steps_per_cycle
     (train,) = wait([("learner", top.learner.train.remote(target, cycle))], "train", timeout)
     candidate = top.learner.make_snapshot.remote(version + 1, cycle)  # an ObjectRef, put once
@@ -233,8 +246,7 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
                                                      split(config.loop.eval_episodes, n)))
                       if m and evaluate], "evaluate", timeout)
     (new_version,) = wait([("learner", top.learner.publish.remote(
-        top.addresses["policy"], version + 1, cycle))], "publish", timeout)
-    wait([("replay", top.replay.checkpoint.remote())], "checkpoint", timeout)
+        top.policy_address(timeout), version + 1, cycle))], "publish", timeout)
     episodes = [e for r in collected for e in r["episodes"]]
     return {"episodes": episodes, "collected": collected,
             "eval": [e for r in evaluated for e in r["episodes"]], "train": train,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import uuid
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
@@ -47,16 +48,30 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def count_restart(run: str, name: str) -> int:
-    """Restarts of process `name` so far, this one included when Ray is restarting it."""
+def reconstructed() -> bool:
+    """Whether this process is a Ray actor that Ray restarted."""
     import ray
 
+    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+
+
+def count_restart(run: str, name: str) -> int:
+    """Restarts of process `name` so far, this one included when Ray is restarting it."""
     store, key = Storage(run), f"restarts/{name}.json"
     count = json.loads(store.get_bytes(key))["restarts"] if store.exists(key) else 0
-    if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
+    if reconstructed():
         count += 1
         store.put_bytes(key, json.dumps({"restarts": count}).encode())
     return count
+
+
+def read_address(run: str, name: str) -> tuple[str, str] | None:
+    """(address, incarnation id) that server `name` of the run announced last; None if none."""
+    store, key = Storage(run), f"addresses/{name}.json"
+    if not store.exists(key):
+        return None
+    entry = json.loads(store.get_bytes(key))
+    return entry["address"], entry["incarnation"]
 
 
 class RunProcess:
@@ -68,6 +83,7 @@ class RunProcess:
         self._run, self._name = str(run), name
         self.registry, self._log_path = setup_process(self._run, name)
         self.restarts = count_restart(self._run, name)
+        self.reconstructed = reconstructed()  # by Ray, after this process died
         atexit.register(self._ship_logs_at_exit)
         Gauge("pacflow_process_restarts", "Times Ray restarted this process",
               registry=self.registry).set(self.restarts)
@@ -79,6 +95,21 @@ class RunProcess:
             self.ship_logs()
         except Exception:  # storage gone at shutdown: the log stays on the node's scratch
             pass
+
+    def stable_port(self, configured: int) -> int:
+        """The port to bind: the configured one; else, in a process Ray restarted, the one its
+        first incarnation bound, so that clients reconnect to the same address; else 0 (any)."""
+        key = f"addresses/{self._name}.json"
+        if configured or not self.reconstructed or not Storage(self._run).exists(key):
+            return configured
+        return int(json.loads(Storage(self._run).get_bytes(key))["port"])
+
+    def remember_address(self, address: str) -> None:
+        """Announces the address this process serves on, with an id of this incarnation, in
+        `<run>/addresses/<name>.json` (read_address; clients find a restarted server by it)."""
+        Storage(self._run).put_bytes(f"addresses/{self._name}.json", json.dumps(
+            {"address": address, "port": int(address.rsplit(":", 1)[1]),
+             "incarnation": uuid.uuid4().hex}).encode())
 
     def ship_logs(self) -> None:
         """Copies this process's log to `<run>/logs/<name>.log` (called after every cycle)."""

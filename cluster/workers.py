@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from cluster.config import ClusterConfig, EnvConfig
-from cluster.process import RunProcess, advertised_host
+from cluster.process import RunProcess, advertised_host, read_address
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
 from learners.learner import PACLearner
@@ -71,7 +71,9 @@ class ReplayWorker(RunProcess):
         else:  # a local or shared folder is durable itself
             local, stored = Path(Storage(run).root) / "replay_checkpoints", None
         self._server = ReplayServer(spec, config, local, advertised_host(cluster_config),
-                                    port=cluster_config.replay_port or None, storage=stored)
+                                    port=self.stable_port(cluster_config.replay_port) or None,
+                                    storage=stored)
+        self.remember_address(self._server.address)
 
     def address(self) -> str:
         return self._server.address
@@ -92,9 +94,10 @@ class PolicyServerWorker(RunProcess):
     def __init__(self, run: str, cluster_config: ClusterConfig):
         super().__init__(run, "policyserver")
         self._server = PolicyServer(join(run, "policies"), host=advertised_host(cluster_config),
-                                    port=cluster_config.policy_port,
+                                    port=self.stable_port(cluster_config.policy_port),
                                     security=cluster_config.policy_server_security())
         self._address = self._server.start()
+        self.remember_address(self._address)
 
     def address(self) -> str:
         return self._address
@@ -128,12 +131,14 @@ class CollectorWorker(RunProcess):
                           for i in range(cluster_config.envs_per_actor)] for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
-                                 ReverbSequenceAdder(addresses["replay"], replay_config),
+                                 ReverbSequenceAdder(addresses["replay"], replay_config,
+                                                     functools.partial(read_address, run,
+                                                                       "replay")),
                                  join(run, "quarantine"))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         self._subscriber = PolicySubscriber(
-            addresses["policy"], self.actor_id,
-            cluster_config.policy_client_security("actor")).start()
+            addresses["policy"], self.actor_id, cluster_config.policy_client_security("actor"),
+            functools.partial(read_address, run, "policyserver")).start()
 
     def _switch_policy(self) -> None:
         """Takes the newest pushed version; called only between waves (episode boundaries)."""
@@ -252,7 +257,9 @@ class LearnerWorker(RunProcess):
                              registry=registry)
         # Data-parallel: the Ray Train workers sample; this replica only restores and snapshots.
         self._iterator = ReverbBatchIterator(replay_address, replay_config, config.batch_size,
-                                             pin_memory=torch.cuda.is_available()) \
+                                             pin_memory=torch.cuda.is_available(),
+                                             resolve=functools.partial(read_address, run,
+                                                                       "replay")) \
             if cluster_config.learner_workers == 1 else None
         self._learner = PACLearner(spec, model_config, config, self._iterator or iter(()), seed)
         self._spec, self._model_config = spec, model_config
@@ -331,7 +338,7 @@ class LearnerWorker(RunProcess):
         """Publishes `version` (the candidate, or made again after a restart); a version the
         server already holds (published before a restart) is not sent twice."""
         security = self._cluster.policy_client_security("learner")
-        with PolicyClient(policy_address, security=security) as client:
+        with PolicyClient(policy_address, security=security, wait_for_ready=True) as client:
             if any(v.version >= version for v in client.list().versions):
                 return version
             if self._candidate is None or self._candidate.version != version:

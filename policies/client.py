@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import grpc
 import numpy as np
@@ -60,10 +60,12 @@ class PolicyClient:
     """
 
     def __init__(self, address: str, timeout: float = RPC_TIMEOUT_SECONDS,
-                 security: ClientSecurity = PLAINTEXT):
+                 security: ClientSecurity = PLAINTEXT, wait_for_ready: bool = False):
         self._channel = open_channel(address, security)
         self._stub = pb_grpc.PolicyServiceStub(self._channel)
-        self._timeout = timeout
+        # wait_for_ready: a call waits (within its timeout) for a server that is not up yet,
+        # e.g. one Ray is restarting, instead of failing at once.
+        self._call = {"timeout": timeout, "wait_for_ready": wait_for_ready}
 
     def __enter__(self) -> "PolicyClient":
         return self
@@ -76,22 +78,21 @@ class PolicyClient:
 
     def publish(self, snapshot: Snapshot) -> int:
         """Sends a snapshot in chunks; returns the version the server now serves."""
-        return int(self._stub.Publish(snapshot_chunks(snapshot), timeout=self._timeout).version)
+        return int(self._stub.Publish(snapshot_chunks(snapshot), **self._call).version)
 
     def fetch(self, version: int = 0) -> Snapshot:
         """A version (0: the one the fleet should run), hash-checked."""
-        chunks = self._stub.Fetch(pb.FetchRequest(version=version), timeout=self._timeout)
+        chunks = self._stub.Fetch(pb.FetchRequest(version=version), **self._call)
         return next(read_snapshots(chunks))[0]
 
     def list(self) -> pb.ListReply:
-        return self._stub.List(pb.ListRequest(), timeout=self._timeout)
+        return self._stub.List(pb.ListRequest(), **self._call)
 
     def pin(self, version: int, client_id: str = "") -> pb.PinReply:
-        return self._stub.Pin(pb.PinRequest(version=version, client_id=client_id),
-                              timeout=self._timeout)
+        return self._stub.Pin(pb.PinRequest(version=version, client_id=client_id), **self._call)
 
     def unpin(self, client_id: str = "") -> pb.PinReply:
-        return self._stub.Unpin(pb.PinRequest(client_id=client_id), timeout=self._timeout)
+        return self._stub.Unpin(pb.PinRequest(client_id=client_id), **self._call)
 
     def upload_episode(self, episode: Episode, payload: bytes | None = None) -> pb.UploadReply:
         """Uploads one finished episode (idempotent by its episode_id)."""
@@ -101,7 +102,7 @@ class PolicyClient:
     def upload_payload(self, episode_id: str, robot_id: str, payload: bytes) -> pb.UploadReply:
         """Uploads an episode already encoded as the archive's Parquet file."""
         chunks = episode_chunks(episode_id, robot_id, payload)
-        return self._stub.UploadEpisode(chunks, timeout=self._timeout)
+        return self._stub.UploadEpisode(chunks, **self._call)
 
     def act(self, observation: np.ndarray, task_id: int = 0, pixels: np.ndarray | None = None,
             greedy: bool = True, client_id: str = "") -> tuple[np.ndarray, int]:
@@ -109,7 +110,7 @@ class PolicyClient:
         request = pb.ActRequest(observation=np.asarray(observation, np.float32).tolist(),
                                 task_id=task_id, greedy=greedy, client_id=client_id,
                                 pixels=b"" if pixels is None else pixels.tobytes())
-        reply = self._stub.Act(request, timeout=self._timeout)
+        reply = self._stub.Act(request, **self._call)
         return np.asarray(reply.action, np.float32), int(reply.policy_version)
 
 
@@ -145,8 +146,12 @@ class PolicySubscriber:
         sub.wait_for_version(3, timeout=60)
     """
 
-    def __init__(self, address: str, client_id: str, security: ClientSecurity = PLAINTEXT):
+    def __init__(self, address: str, client_id: str, security: ClientSecurity = PLAINTEXT,
+                 resolve: Callable[[], tuple[str, str] | None] | None = None):
+        # resolve: the server's current (address, incarnation), asked after the stream breaks,
+        # so a server restarted elsewhere is found again
         self._address, self._client_id, self._security = address, client_id, security
+        self._resolve = resolve
         self._cond = threading.Condition()
         self._latest: Snapshot | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
@@ -243,3 +248,7 @@ class PolicySubscriber:
                     self._channel.close()
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)
+            found = self._resolve() if self._resolve is not None else None
+            if found is not None and found[0] != self._address:
+                log.warning("%s: policy server moved to %s", self._client_id, found[0])
+                self._address = found[0]

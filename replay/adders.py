@@ -8,11 +8,16 @@ same shape; the learner's n-step return stops at the first masked record.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from replay.config import ReplayConfig
+from replay.reconnect import Resolver, new_incarnation
 from replay.server import episode_key
 from replay.spec import Adder, Episode
+
+log = logging.getLogger(__name__)
 
 def episode_records(episode: Episode, n_step: int) -> dict[str, np.ndarray]:
     """The T+1 records of an episode followed by n_step-1 padding records, column-wise."""
@@ -59,15 +64,49 @@ class ReverbSequenceAdder(Adder):
         adder.add_episode(episode)
     """
 
-    def __init__(self, address: str, config: ReplayConfig):
+    def __init__(self, address: str, config: ReplayConfig, resolve: Resolver | None = None):
+        self._address, self._config, self._resolve = address, config, resolve
+        found = resolve() if resolve is not None else None
+        if found is not None:  # the announced address is the current one
+            self._address = found[0]
+        self._incarnation = found[1] if found is not None else None
+        self.num_reconnects = 0
+        self._connect()
+
+    def _connect(self) -> None:
         import reverb
 
-        self._config = config
-        self._client = reverb.Client(address)
-        self._writer = self._client.trajectory_writer(num_keep_alive_refs=config.n_step + 1)
+        self._client = reverb.Client(self._address)
+        self._writer = self._client.trajectory_writer(
+            num_keep_alive_refs=self._config.n_step + 1)
 
     def add_episode(self, episode: Episode, priorities: np.ndarray | None = None) -> int:
-        """`priorities` (T,) positive floats, one per item (by its first record); default 1."""
+        """`priorities` (T,) positive floats, one per item (by its first record); default 1.
+
+        With a resolver (replay/reconnect.py): when a call misses its deadline because the
+        server died, the adder waits up to `timeout_seconds` for its restarted incarnation,
+        which restored its checkpoint without this episode's items, reconnects, and writes the
+        whole episode again. A server that is alive but held the items back (its rate limiter)
+        is an error, as without a resolver."""
+        import reverb
+
+        try:
+            return self._add(episode, priorities)
+        except reverb.errors.DeadlineExceededError:
+            if self._resolve is None:
+                raise
+            found = new_incarnation(self._resolve, self._incarnation, self._address,
+                                    self._config.timeout_seconds)
+            if found is None:
+                raise
+            log.warning("replay restarted (%s -> %s); writing episode %s again",
+                        self._address, found[0], episode.lineage.episode_id)
+            (self._address, self._incarnation), self.num_reconnects = found, \
+                self.num_reconnects + 1
+            self._connect()
+            return self._add(episode, priorities)
+
+    def _add(self, episode: Episode, priorities: np.ndarray | None) -> int:
         cfg, writer = self._config, self._writer
         L, timeout_ms = cfg.n_step + 1, int(cfg.timeout_seconds * 1000)
         priorities = check_priorities(priorities, episode.length)
@@ -89,3 +128,4 @@ class ReverbSequenceAdder(Adder):
 
     def close(self) -> None:
         self._writer.close()
+

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from cluster.driver import split
 from replay.archive import EpisodeArchive
 from replay.storage import Storage, run_id
 from tests.conftest import s3_environment
+from tests.processes import ray_pids, until
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -44,17 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _until(condition, what: str, timeout: float = 300.0, poll: float = 0.1):
-    """Polls `condition` (returning a truthy value) until it holds; fails naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +68,18 @@ def cluster(endpoint):
          "--resources", '{"head": 1}', *agent, str(_free_port()), *common],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
     try:
-        _until(lambda: subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
+        until(lambda: subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
                                       env=env, capture_output=True).returncode == 0,
                "the head node", timeout=120, poll=1.0)
         nodes.append(subprocess.Popen(
             ["ray", "start", "--address", f"127.0.0.1:{port}", "--resources", '{"worker": 1}',
              *agent, str(_free_port()), *common], env=env, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        _until(lambda: _active_nodes(env, port) == 2, "2 active nodes in `ray status`",
+        until(lambda: _active_nodes(env, port) == 2, "2 active nodes in `ray status`",
                timeout=120, poll=1.0)
         # The head's job agent comes up after the node; until then a submit gets "No available
         # agent to submit job, please try again later".
-        _until(lambda: subprocess.run(
+        until(lambda: subprocess.run(
             ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "true"],
             env=env, capture_output=True).returncode == 0, "the job agent", timeout=180,
             poll=2.0)
@@ -122,24 +111,6 @@ def _active_nodes(env: dict, port: int) -> int:
                          capture_output=True, text=True).stdout
     active = out.split("Active:", 1)[-1].split("Pending:", 1)[0]
     return len(re.findall(r"node_[0-9a-f]+", active))
-
-
-def _pids(title: str, home: str) -> list[int]:
-    """This cluster's Ray worker processes (their HOME is the cluster's) whose title
-    (`ray::Class.method` while busy) starts with `title`. Other Ray clusters on the machine are
-    left alone."""
-    mine = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:  # gone already, or not ours to read
-            continue
-        if cmdline.startswith(title.encode()) and f"HOME={home}".encode() in environ:
-            mine.append(int(proc.name))
-    return mine
 
 
 def _completed(run: str) -> int:
@@ -180,8 +151,8 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
                     pytest.fail(f"job ended early: {log_path.read_text()[-4000:]}")
                 return condition()
 
-            _until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle} to start")
-            pids = _until(lambda: running(lambda: _pids(title, env["HOME"])),
+            until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle} to start")
+            pids = until(lambda: running(lambda: ray_pids(title, env["HOME"])),
                           f"{title} in cycle {cycle}")
             victim = rng.choice(sorted(pids))
             os.kill(victim, signal.SIGKILL)

@@ -1,0 +1,99 @@
+"""The replay server and the policy server of a `pacflow run` are SIGKILLed while the actors
+collect (each in a cycle drawn from a seeded RNG). Ray restarts both from run storage, their
+clients find the new incarnations (`<run>/addresses/`), and the run finishes with every episode
+archived once, every version published, and replay holding everything except what the dead
+replay server had taken since its last checkpoint."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from replay.archive import EpisodeArchive
+from replay.server import ReplayServer
+from replay.spec import EnvSpec
+from tests.processes import ray_pids, until
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+CYCLES = 4
+SETS = ["--set", f"loop.num_cycles={CYCLES}", "--set", "replay.timeout_seconds=30"]
+
+
+def _completed(run: Path) -> int:
+    state = run / "cycle.json"
+    return json.loads(state.read_text())["completed_cycles"] if state.exists() else 0
+
+
+def test_run_survives_killed_replay_and_policy_servers(tmp_path):
+    home = tmp_path / "home"  # this run's Ray workers are told apart from any other's by it
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    run = tmp_path / "run"
+    rng = random.Random(20261203)
+    kills = dict(zip(("replay", "policyserver"), rng.sample(range(1, CYCLES), 2)))
+    titles = {"replay": "ray::ReplayWorker", "policyserver": "ray::PolicyServerWorker"}
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "run", "--config", "deploy/configs/smoke.yaml",
+             "--run-dir", str(run), *SETS], env=env, cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT)
+        try:
+            for name, cycle in sorted(kills.items(), key=lambda kv: kv[1]):
+                def running(condition):
+                    if proc.poll() is not None:
+                        pytest.fail(f"run ended early: {log_path.read_text()[-4000:]}")
+                    return condition()
+
+                # While this cycle's actors collect: episodes are being written to replay.
+                until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle}")
+                until(lambda: running(lambda: ray_pids("ray::CollectorWorker.collect",
+                                                       str(home))), f"collect in cycle {cycle}")
+                (victim,) = until(lambda: running(lambda: ray_pids(titles[name], str(home))),
+                                  name)
+                os.kill(victim, signal.SIGKILL)
+            proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = log_path.read_text()
+    assert proc.returncode == 0, out[-4000:]
+
+    config = load_config(ROOT / "deploy/configs/smoke.yaml", SETS[1::2])
+    state = json.loads((run / "cycle.json").read_text())
+    assert state["restarts"] == {"replay": 1, "policyserver": 1}, (kills, state["restarts"])
+    steps = config.loop.learner_steps_per_cycle
+    assert [(r["cycle"], r["policy_version"], r["learner_steps"]) for r in state["rows"]] == \
+        [(c, c + 1, steps * (c + 1)) for c in range(CYCLES)]
+    assert sorted(p.name for p in (run / "policies").glob("v*.json")) == \
+        [f"v{v:06d}.json" for v in range(1, CYCLES + 1)]
+
+    # Every collected episode once, acted by the version of its cycle.
+    collected = [e for e in EpisodeArchive(run / "archive").episodes()
+                 if e.lineage.mode == "collect"]
+    assert len(collected) == len({e.lineage.episode_id for e in collected}) == \
+        CYCLES * config.loop.episodes_per_cycle
+    assert {(e.lineage.cycle, e.lineage.policy_version) for e in collected} == \
+        {(c, c) for c in range(CYCLES)}
+
+    # Replay checkpoints after each cycle's collection: the restarted server restored all
+    # earlier cycles, and only episodes of the killed cycle can be missing from it.
+    snapshot = json.loads((run / "policies" / f"v{CYCLES:06d}.json").read_text())
+    spec = EnvSpec.from_dict(snapshot["metadata"]["env_spec"])
+    server = ReplayServer(spec, config.replay, run / "replay_checkpoints")
+    try:
+        items = server.num_items()
+    finally:
+        server.stop()
+    total = sum(e.length for e in collected)
+    at_risk = sum(e.length for e in collected if e.lineage.cycle == kills["replay"])
+    assert total - at_risk <= items <= total
+    assert "restarted (1 so far)" in (run / "logs" / "replay.log").read_text()
+    assert "restarted (1 so far)" in (run / "logs" / "policyserver.log").read_text()
