@@ -1,6 +1,10 @@
-"""deploy/configs/smoke_async.yaml (loop.mode: async) through the CLI on a local Ray cluster."""
+"""deploy/configs/smoke_async.yaml (loop.mode: async) through the CLI on a local Ray cluster,
+with a collector and the learner killed during the run."""
 
 import json
+import os
+import random
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -13,20 +17,48 @@ from cluster.config import load_config
 from cluster.driver import split
 from replay.archive import EpisodeArchive
 from replay.storage import run_id
+from tests.processes import ray_pids, until
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "deploy/configs/smoke_async.yaml"
 pytestmark = pytest.mark.slow
 
 
+def _rows(run: Path) -> int:
+    state = run / "cycle.json"
+    return json.loads(state.read_text())["completed_cycles"] if state.exists() else 0
+
+
 @pytest.fixture(scope="module")
 def async_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("async") / "run"
-    result = subprocess.run(
+    """The async smoke run, with a collector's and the learner's worker process SIGKILLed
+    during it (after a number of published versions drawn from a seeded RNG)."""
+    base = tmp_path_factory.mktemp("async")
+    run_dir, home = base / "run", base / "home"  # HOME tells this run's Ray workers apart
+    home.mkdir()
+    rng = random.Random(20261204)
+    kills = sorted([(rng.randrange(1, 4), "ray::CollectorWorker.collect"),
+                    (rng.randrange(2, 6), "ray::LearnerWorker")])  # threaded: no method
+    proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "run", "--config", CONFIG, "--run-dir",
-         str(run_dir)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result.stdout, load_config(ROOT / CONFIG)
+         str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "HOME": str(home)})
+    try:
+        for rows, title in kills:
+            def running(condition):
+                if proc.poll() is not None:
+                    pytest.fail(f"run ended early: {proc.stderr.read()[-3000:]}")
+                return condition()
+
+            until(lambda: running(lambda: _rows(run_dir) >= rows), f"{rows} versions")
+            pids = until(lambda: running(lambda: ray_pids(title, str(home))), title)
+            os.kill(rng.choice(sorted(pids)), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    return run_dir, stdout, load_config(ROOT / CONFIG)
 
 
 def test_runs_until_the_env_step_budget_publishing_as_it_trains(async_run):
@@ -65,6 +97,13 @@ def test_actors_act_while_the_learner_trains(async_run):
     assert replay["samples"] >= state["rows"][-1]["learner_steps"] * config.learner.batch_size
     assert 0 < state["busy_fraction"]["actors"] <= 1
     assert 0 < state["busy_fraction"]["learner"] <= 1
+
+
+def test_killed_collector_and_learner_were_restarted(async_run):
+    run_dir, _, _ = async_run
+    restarts = json.loads((run_dir / "cycle.json").read_text())["restarts"]
+    assert restarts.get("learner") == 1, restarts
+    assert sum(v for k, v in restarts.items() if k.startswith("actor-")) == 1, restarts
 
 
 def test_every_collected_episode_is_archived_once(async_run):
