@@ -99,17 +99,15 @@ class RunProcess:
     def stable_port(self, configured: int) -> int:
         """The port to bind: the configured one; else, in a process Ray restarted, the one its
         first incarnation bound, so that clients reconnect to the same address; else 0 (any)."""
-        key = f"addresses/{self._name}.json"
-        if configured or not self.reconstructed or not Storage(self._run).exists(key):
-            return configured
-        return int(json.loads(Storage(self._run).get_bytes(key))["port"])
+        found = None if configured or not self.reconstructed else \
+            read_address(self._run, self._name)
+        return int(found[0].rsplit(":", 1)[1]) if found else configured
 
     def remember_address(self, address: str) -> None:
         """Announces the address this process serves on, with an id of this incarnation, in
         `<run>/addresses/<name>.json` (read_address; clients find a restarted server by it)."""
         Storage(self._run).put_bytes(f"addresses/{self._name}.json", json.dumps(
-            {"address": address, "port": int(address.rsplit(":", 1)[1]),
-             "incarnation": uuid.uuid4().hex}).encode())
+            {"address": address, "incarnation": uuid.uuid4().hex}).encode())
 
     def ship_logs(self) -> None:
         """Copies this process's log to `<run>/logs/<name>.log` (called after every cycle)."""

@@ -13,11 +13,12 @@ import logging
 import numpy as np
 
 from replay.config import ReplayConfig
-from replay.reconnect import Resolver, new_incarnation
+from replay.reconnect import Resolver, announced, new_incarnation
 from replay.server import episode_key
 from replay.spec import Adder, Episode
 
 log = logging.getLogger(__name__)
+
 
 def episode_records(episode: Episode, n_step: int) -> dict[str, np.ndarray]:
     """The T+1 records of an episode followed by n_step-1 padding records, column-wise."""
@@ -66,10 +67,7 @@ class ReverbSequenceAdder(Adder):
 
     def __init__(self, address: str, config: ReplayConfig, resolve: Resolver | None = None):
         self._address, self._config, self._resolve = address, config, resolve
-        found = resolve() if resolve is not None else None
-        if found is not None:  # the announced address is the current one
-            self._address = found[0]
-        self._incarnation = found[1] if found is not None else None
+        self._address, self._incarnation = announced(resolve, address)
         self.num_reconnects = 0
         self._connect()
 
@@ -128,4 +126,3 @@ class ReverbSequenceAdder(Adder):
 
     def close(self) -> None:
         self._writer.close()
-

@@ -16,8 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from replay.reconnect import Resolver, new_incarnation, server_answers, wait_until_answers
 from replay.config import ReplayConfig
+from replay.reconnect import (Resolver, announced, new_incarnation, server_answers,
+                              wait_until_answers)
 from replay.spec import Batch
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,7 @@ class ReverbBatchIterator(Iterator[Batch]):
     def __init__(self, address: str, config: ReplayConfig, batch_size: int,
                  pin_memory: bool = False, resolve: Resolver | None = None):
         self._address, self._resolve = address, resolve
-        found = resolve() if resolve is not None else None
-        if found is not None:  # the announced address is the current one
-            self._address = found[0]
-        self._incarnation = found[1] if found is not None else None
+        self._address, self._incarnation = announced(resolve, address)
         self._config, self._batch_size, self._pin = config, batch_size, pin_memory
         # (generation, Batch or Exception): a thread's output counts only while it is current
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)

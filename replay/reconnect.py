@@ -15,6 +15,13 @@ from typing import Callable
 Resolver = Callable[[], "tuple[str, str] | None"]  # -> (address, incarnation id), or None
 
 
+def announced(resolve: Resolver | None, address: str) -> tuple[str, str | None]:
+    """(address, incarnation) a client starts with: the announced ones when there are any
+    (a client may be built with an address that is no longer current), else `address`."""
+    found = resolve() if resolve is not None else None
+    return found if found is not None else (address, None)
+
+
 def server_answers(address: str, timeout_seconds: float) -> bool:
     """Whether a Reverb server at `address` answers a server_info call in time."""
     import reverb
