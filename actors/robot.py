@@ -30,6 +30,7 @@ from policies.client import PLAINTEXT, PolicyClient, PolicySubscriber
 from policies.policy import PACPolicy
 from policies.security import ClientSecurity
 from replay.archive import EpisodeArchive
+from replay.ids import check_name
 from replay.spec import EnvSpec, Episode, Lineage, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class RobotConfig:
     upload_retry_seconds: float = 1.0  # wait between upload attempts while the gateway is down
 
     def __post_init__(self) -> None:
+        check_name(self.robot_id, "robot_id")  # it names the robot's files and its lineage
         for name in ("control_period_seconds", "staleness_budget_seconds",
                      "upload_retry_seconds"):
             if getattr(self, name) <= 0:

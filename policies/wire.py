@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from policies.proto import policy_pb2 as pb
 from policies.snapshot import Snapshot, SnapshotError
 from replay.archive import episode_table, table_to_episode
+from replay.ids import episode_id_problem, name_problem
 from replay.spec import Episode
 
 CHUNK_BYTES = 1 << 20  # 1 MiB data parts: far below gRPC's 4 MiB default message limit
@@ -119,6 +120,10 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk],
     if first is None or first.WhichOneof("part") != "header":
         raise WireError("an episode upload must start with its header")
     header = first.header
+    for problem in (episode_id_problem(header.episode_id, "header.episode_id"),
+                    name_problem(header.robot_id, "header.robot_id")):
+        if problem:
+            raise WireError(problem)
     if header.total_bytes > max_bytes:
         raise WireError(f"episode {header.episode_id} is {header.total_bytes} bytes, over the "
                         f"limit of {max_bytes}")

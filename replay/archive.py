@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from replay.ids import check_episode_id
 from replay.spec import Episode, Lineage
 from replay.storage import Storage, resolve
 
@@ -131,22 +132,25 @@ class EpisodeArchive:
         return self._fs
 
     def path_of(self, episode_id: str) -> str:
-        return f"{self._root}/{episode_id}.parquet"
+        """The file of `episode_id`; InvalidIdError (a ValueError) for anything but 32 hex
+        digits, so no id can name a path outside the archive."""
+        return f"{self._root}/{check_episode_id(episode_id)}.parquet"
 
     def write(self, episode: Episode) -> bool:
+        """Stores the episode unless its id is archived already; True when written now. The
+        file is encoded in memory and checked, then stored through `Storage.put_bytes`: locally
+        a hidden temp file, fsynced, renamed into place and its folder fsynced, so a crash or
+        power loss leaves the whole file or none; on an object store one put."""
         target = self.path_of(episode.lineage.episode_id)
         if self._fs.get_file_info(target).type != pafs.FileType.NotFound:
             return False
         table = episode_table(episode)
-        if not self._local:  # one put: the object appears whole when the upload completes
-            pq.write_table(table, target, filesystem=self._fs)
-            return True
-        tmp = f"{self._root}/.{episode.lineage.episode_id}.{os.getpid()}.tmp"
-        pq.write_table(table, tmp, filesystem=self._fs)
-        if pq.read_metadata(tmp, filesystem=self._fs).num_rows != table.num_rows:
-            self._fs.delete_file(tmp)
-            raise OSError(f"archive write of {target} came back with the wrong row count")
-        self._fs.move(tmp, target)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue()
+        if pq.read_metadata(pa.BufferReader(data)).num_rows != table.num_rows:
+            raise OSError(f"archive write of {target} encoded the wrong row count")
+        self._store.put_bytes(os.path.basename(target), data.to_pybytes())
         return True
 
     def paths(self) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from replay.config import RateLimiter, ReplayConfig, Sampler
+from replay.ids import check_episode_id
 from replay.spec import EnvSpec
 from replay.storage import Storage, join
 
@@ -47,7 +48,7 @@ def item_signature(spec: EnvSpec, n_step: int) -> dict:
 
 def episode_key(episode_id: str) -> int:
     """A 63-bit integer for an episode uuid hex, so replay items can name their episode."""
-    return int(episode_id[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
+    return int(check_episode_id(episode_id)[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 MANIFEST = "pacflow_manifest.json"  # sha256 of each checkpoint file, written next to them
@@ -60,12 +61,34 @@ def _file_hashes(directory: Path) -> dict[str, str]:
 
 
 def newest_checkpoint_is_intact(root: Path) -> bool:
-    """False when the newest complete checkpoint differs from its manifest. Reverb may load a
-    truncated file without an error (and fewer items), so this is checked before it loads."""
+    """False when the newest complete checkpoint lacks its manifest or differs from it. Reverb
+    may load a truncated file without an error (and fewer items), so this is checked before it
+    loads. The manifest is written (atomically) after Reverb's DONE, so a crash between the two
+    leaves a checkpoint that nothing vouches for: it counts as damaged."""
     done = sorted(p for p in root.glob("*") if (p / "DONE").exists())
-    if not done or not (done[-1] / MANIFEST).exists():
+    if not done:
         return True
+    if not (done[-1] / MANIFEST).exists():
+        return False
     return json.loads((done[-1] / MANIFEST).read_text()) == _file_hashes(done[-1])
+
+
+def clean_stale_checkpoints(root: Path, previous: Path) -> list[str]:
+    """Removes what a crash mid-checkpoint leaves behind; returns the paths it removed.
+    Reverb's folders without DONE never load. A `<previous>.tmp` copy replaces a missing
+    `previous` (the crash came between removing the old copy and renaming the new one) and is
+    removed otherwise."""
+    removed = [str(p) for p in root.glob("*") if p.is_dir() and not (p / "DONE").exists()]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    tmp = previous.with_name(previous.name + ".tmp")
+    if tmp.exists():
+        if not previous.exists() and any(tmp.glob("*/DONE")):
+            tmp.rename(previous)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(str(tmp))
+    return removed
 
 
 class ReplayCheckpointError(RuntimeError):
@@ -110,6 +133,8 @@ class ReplayServer:
         self._root = Path(checkpoint_dir)
         self._previous = self._root.with_name(self._root.name + ".previous")
         self._root.mkdir(parents=True, exist_ok=True)
+        for path in clean_stale_checkpoints(self._root, self._previous):
+            log.warning("removed %s, left by a checkpoint that did not finish", path)
         self._storage = Storage(storage) if storage else None
         if self._storage is not None:
             self._download()
@@ -189,7 +214,7 @@ class ReplayServer:
             shutil.rmtree(self._previous, ignore_errors=True)
             tmp.rename(self._previous)
         path = Path(self._client.checkpoint())
-        (path / MANIFEST).write_text(json.dumps(_file_hashes(path)))
+        Storage(path).put_bytes(MANIFEST, json.dumps(_file_hashes(path)).encode())  # atomic
         if self._storage is not None:
             return self._upload(path)
         return str(path)

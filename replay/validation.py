@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from replay.archive import EpisodeArchive
+from replay.ids import episode_id_problem, name_problem, safe_file_stem
 from replay.spec import EnvSpec, Episode
 from replay.storage import Storage
 
@@ -29,8 +30,10 @@ def episode_problems(episode: Episode, spec: EnvSpec) -> list[str]:
     }
     if spec.pixels_shape:
         expected["pixels"] = ((n, *spec.pixels_shape), np.uint8)
-    problems = [] if spec.pixels_shape or episode.pixels is None else \
-        ["pixels: present, but the environment spec has no camera"]
+    problems = [p for p in (episode_id_problem(episode.lineage.episode_id),
+                            name_problem(episode.lineage.actor_id, "actor_id")) if p]
+    if not (spec.pixels_shape or episode.pixels is None):
+        problems.append("pixels: present, but the environment spec has no camera")
     for name, (shape, dtype) in expected.items():
         arr = getattr(episode, name)
         if arr is None:
@@ -52,11 +55,13 @@ def episode_problems(episode: Episode, spec: EnvSpec) -> list[str]:
 
 def quarantine(episode: Episode, reasons: list[str], directory: str | Path) -> str:
     """Keeps a rejected episode (when Parquet can hold it) and a reason file next to it, in a
-    local folder or run storage URI; returns the reason file's path."""
+    local folder or run storage URI; returns the reason file's path. The file name comes from
+    the episode id only when that is a valid id (`replay.ids.safe_file_stem`); the ids
+    themselves are kept, as JSON strings, inside the reason file."""
     store = Storage(directory)
-    name = f"{episode.lineage.episode_id}.reason.json"
-    record = {"episode_id": episode.lineage.episode_id, "actor_id": episode.lineage.actor_id,
-              "reasons": reasons}
+    name = f"{safe_file_stem(episode.lineage.episode_id)}.reason.json"
+    record = {"episode_id": str(episode.lineage.episode_id),
+              "actor_id": str(episode.lineage.actor_id), "reasons": reasons}
     store.put_bytes(name, json.dumps(record).encode())
     try:
         EpisodeArchive(store.uri).write(episode)
