@@ -39,7 +39,7 @@ class ActBatcher:
 
     Usage:
         batcher = ActBatcher(snapshot_for=lambda client_id: store_snapshot)
-        action, version = batcher.act(request, timeout=1.0)
+        action, version = batcher.act(request, "robot-1", timeout=1.0)
     """
 
     def __init__(self, snapshot_for: Callable[[str], Snapshot | None], max_batch: int = 64,
@@ -52,9 +52,11 @@ class ActBatcher:
         self._thread = threading.Thread(target=self._run, name="act-batcher", daemon=True)
         self._thread.start()
 
-    def act(self, request: pb.ActRequest, timeout: float | None) -> tuple[np.ndarray, int]:
-        """(action (A,) float32, policy version); LookupError when no policy exists yet."""
-        snapshot = self._snapshot_for(request.client_id)
+    def act(self, request: pb.ActRequest, client_id: str,
+            timeout: float | None) -> tuple[np.ndarray, int]:
+        """(action (A,) float32, policy version) for `client_id` (the caller's bound id, not
+        `request.client_id`); LookupError when no policy exists yet."""
+        snapshot = self._snapshot_for(client_id)
         if snapshot is None:
             raise LookupError("no policy has been published yet")
         spec = EnvSpec.from_dict(snapshot.metadata["env_spec"])

@@ -5,14 +5,20 @@ Roles (a token has exactly one):
     learner   Publish
     actor     Subscribe, Fetch, UploadEpisode, Act   (sim actors inside the cluster)
     robot     Subscribe, Fetch, UploadEpisode, Act   (robot clients outside it)
-    operator  Pin, Unpin, Fetch
-List is read-only and open to every role. A token also names an identity (e.g. "robot-7"); with
-client certificates the certificate's common name must be that identity, so a stolen token is
-useless without the robot's key, and a robot uploads episodes only under its own id.
+    operator  Pin, Unpin, Fetch, Subscribe, Act   (Subscribe and Act for any client id)
+List is read-only and open to every role. A token also names an identity (e.g. "robot-7", a
+`replay.ids` name, never empty); with client certificates the certificate's common name must be
+that identity, so a stolen token is useless without the robot's key. A robot uploads episodes
+only under its own id, and subscribes and acts only as itself (`bound_client_id`).
 
-The tokens file stores sha256 digests, never the tokens themselves (reliability.md §3.1):
+The tokens file stores sha256 digests, never the tokens themselves (reliability.md §3.1). It is
+read again whenever it changes on disk, so a token is revoked by deleting its entry or listing
+its digest or identity under `revoked`, without a restart:
     tokens:
       - {sha256: <hex digest of the token>, role: robot, identity: robot-7}
+    revoked:
+      - robot-3                     # an identity: every token of it
+      - <hex digest of a token>     # one token
 """
 
 from __future__ import annotations
@@ -22,21 +28,38 @@ import dataclasses
 import hashlib
 import hmac
 import ipaddress
+import logging
+import os
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import grpc
 import yaml
+
+from replay.ids import check_name, name_problem
+
+log = logging.getLogger(__name__)
 
 ROLES = ("learner", "actor", "robot", "operator")
 ROLE_METHODS = {
     "learner": frozenset({"Publish", "List"}),
     "actor": frozenset({"Subscribe", "Fetch", "UploadEpisode", "Act", "List"}),
     "robot": frozenset({"Subscribe", "Fetch", "UploadEpisode", "Act", "List"}),
-    "operator": frozenset({"Pin", "Unpin", "Fetch", "List"}),
+    "operator": frozenset({"Pin", "Unpin", "Fetch", "List", "Subscribe", "Act"}),
 }
-# The caller's identity while a handler runs ("" when tokens are off); see `caller_identity`.
-_IDENTITY: contextvars.ContextVar[str] = contextvars.ContextVar("pacflow_identity", default="")
+# Roles whose Subscribe and Act may name another client id (robots only ever act as themselves).
+ACTS_FOR_OTHERS = frozenset({"operator", "actor"})
+
+
+class Caller(NamedTuple):
+    identity: str  # the token's identity, e.g. "robot-7"
+    role: str  # one of ROLES
+
+
+# The authenticated caller while a handler runs (None when tokens are off); see `caller`.
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("pacflow_caller",
+                                                                        default=None)
 
 
 class SecurityError(ValueError):
@@ -142,27 +165,60 @@ class TokenEntry:
 
 
 def load_tokens(path: str) -> list[TokenEntry]:
-    """Parses a tokens file; every problem names the entry."""
+    """Parses a tokens file; every problem names the entry. Revoked tokens (by digest or by
+    identity, under `revoked`) are left out."""
     try:
         data = yaml.safe_load(_read(path, "tokens_file")) or {}
     except yaml.YAMLError as e:
         raise SecurityError(f"tokens_file {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise SecurityError(f"tokens_file {path}: expected a mapping with `tokens`")
+    revoked = data.get("revoked") or []
+    if not isinstance(revoked, list):
+        raise SecurityError(f"tokens_file {path}: revoked must be a list of identities or "
+                            "token digests")
+    revoked = {str(r) for r in revoked}
     entries = []
-    for i, item in enumerate(data.get("tokens", []) if isinstance(data, dict) else []):
+    for i, item in enumerate(data.get("tokens") or []):
         if not isinstance(item, dict) or not {"sha256", "role", "identity"} <= set(item):
             raise SecurityError(f"tokens_file {path}: tokens[{i}] needs sha256, role, identity")
         if item["role"] not in ROLES:
             raise SecurityError(f"tokens_file {path}: tokens[{i}].role {item['role']!r} is not "
                                 f"one of {', '.join(ROLES)}")
-        entries.append(TokenEntry(str(item["sha256"]), item["role"], str(item["identity"])))
-    if not entries:
+        problem = name_problem(item["identity"], f"tokens[{i}].identity")
+        if problem:  # an empty identity would skip every owner check
+            raise SecurityError(f"tokens_file {path}: {problem}")
+        entry = TokenEntry(str(item["sha256"]), item["role"], item["identity"])
+        if entry.digest not in revoked and entry.identity not in revoked:
+            entries.append(entry)
+    if not data.get("tokens"):
         raise SecurityError(f"tokens_file {path}: no tokens")
     return entries
 
 
+def caller() -> Caller | None:
+    """The authenticated caller of the current call (None when tokens are off)."""
+    return _CALLER.get()
+
+
 def caller_identity() -> str:
     """The authenticated identity of the current call ("" when tokens are off)."""
-    return _IDENTITY.get()
+    found = _CALLER.get()
+    return "" if found is None else found.identity
+
+
+def bound_client_id(requested: str) -> str:
+    """The client id a Subscribe or Act call runs as. A robot runs as its own identity (an
+    empty request means itself); operators and in-cluster actors may name any valid client id.
+    Raises PermissionError, or InvalidIdError for an id that is not a `replay.ids` name."""
+    who = _CALLER.get()
+    if requested:
+        check_name(requested, "client_id")
+    if who is None or who.role in ACTS_FOR_OTHERS:
+        return requested
+    if requested and requested != who.identity:
+        raise PermissionError(f"{who.identity!r} may not act as client {requested!r}")
+    return who.identity
 
 
 def _bearer(metadata) -> str | None:
@@ -174,12 +230,43 @@ def _bearer(metadata) -> str | None:
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Checks each call's bearer token, its role for the method and, under mTLS, that the
-    certificate's common name is the token's identity. Refusals say why."""
+    certificate's common name is the token's identity. Refusals say why.
 
-    def __init__(self, tokens: list[TokenEntry], require_cert_identity: bool):
-        self._tokens, self._require_cn = tokens, require_cert_identity
+    The tokens file is read again when its modification time or size changes, so revocations
+    apply to the next call. A file that no longer parses refuses every call (fail closed) until
+    it is fixed; the refusal names the file's problem."""
+
+    def __init__(self, tokens_file: str, require_cert_identity: bool):
+        self._path, self._require_cn = tokens_file, require_cert_identity
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._tokens: list[TokenEntry] = []
+        self._problem = ""
+        self._reload_if_changed()
+        if self._problem:
+            raise SecurityError(self._problem)
+
+    def _reload_if_changed(self) -> None:
+        try:
+            st = os.stat(self._path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError as e:
+            stamp, problem = None, f"tokens_file {self._path}: {e.strerror}"
+        with self._lock:
+            if stamp is not None and stamp == self._stamp:
+                return
+            if stamp is None:
+                self._tokens, self._problem, self._stamp = [], problem, None
+                return
+            try:
+                self._tokens, self._problem = load_tokens(self._path), ""
+            except SecurityError as e:
+                self._tokens, self._problem = [], str(e)
+                log.error("refusing every call: %s", e)
+            self._stamp = stamp
 
     def _lookup(self, token: str) -> TokenEntry | None:
+        self._reload_if_changed()
         digest, found = token_digest(token), None
         for entry in self._tokens:  # constant time per entry, no early exit
             if hmac.compare_digest(digest, entry.digest):
@@ -196,12 +283,15 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if token is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing bearer token (authorization: Bearer ...)")
+        if self._problem:
+            return _refusal(handler, grpc.StatusCode.UNAVAILABLE, self._problem)
         if entry is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                            "unknown or revoked bearer token")
         if method not in ROLE_METHODS[entry.role]:
             return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
                             f"role {entry.role!r} ({entry.identity}) may not call {method}")
-        return _with_identity(handler, entry.identity, self._require_cn)
+        return _with_identity(handler, Caller(entry.identity, entry.role), self._require_cn)
 
 
 def _wrap(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
@@ -227,14 +317,14 @@ def _refusal(handler, code: grpc.StatusCode, reason: str) -> grpc.RpcMethodHandl
     return _wrap(handler, wrap)
 
 
-def _with_identity(handler, identity: str, require_cn: bool) -> grpc.RpcMethodHandler:
+def _with_identity(handler, who: Caller, require_cn: bool) -> grpc.RpcMethodHandler:
     def check(context: grpc.ServicerContext) -> None:
         if not require_cn:
             return
         names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
-        if identity not in names:
+        if who.identity not in names:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"token of {identity!r} presented with the certificate of {names}")
+                          f"token of {who.identity!r} presented with the certificate of {names}")
 
     def wrap(behaviour, streaming):
         # grpcio runs each call in a context of its own (and a streaming response's every
@@ -242,13 +332,13 @@ def _with_identity(handler, identity: str, require_cn: bool) -> grpc.RpcMethodHa
         if streaming:
             def run_stream(request, context):
                 check(context)
-                _IDENTITY.set(identity)
+                _CALLER.set(who)
                 yield from behaviour(request, context)
             return run_stream
 
         def run(request, context):
             check(context)
-            _IDENTITY.set(identity)
+            _CALLER.set(who)
             return behaviour(request, context)
         return run
     return _wrap(handler, wrap)
@@ -264,5 +354,5 @@ def server_interceptors(security: ServerSecurity) -> list[grpc.ServerInterceptor
     if not security.tls:
         raise SecurityError("tokens_file: bearer tokens need TLS (gRPC sends call credentials "
                             "only over secure channels); set cert_file and key_file")
-    return [TokenAuthInterceptor(load_tokens(security.tokens_file),
+    return [TokenAuthInterceptor(security.tokens_file,
                                  require_cert_identity=bool(security.client_ca_file))]

@@ -24,12 +24,13 @@ import grpc
 from policies.gateway import ActBatcher
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
-from policies.security import ServerSecurity, caller_identity, server_credentials, \
-    server_interceptors
+from policies.security import ServerSecurity, bound_client_id, caller_identity, \
+    server_credentials, server_interceptors
 from policies.snapshot import Snapshot, SnapshotError, load_snapshot, read_snapshot_metadata, \
     save_snapshot, snapshot_paths
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError, data_chunks, read_episode, \
     read_snapshots, snapshot_header
+from replay.ids import InvalidIdError
 from replay.ingest import Ingested
 from replay.spec import Episode
 from replay.storage import Storage, join
@@ -206,14 +207,15 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def Subscribe(self, request: pb.SubscribeRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
         store, held = self.store, int(request.after_version)
+        client_id = _client_id(request.client_id, context)
         while context.is_active():
             with store.cond:
                 store.cond.wait_for(
-                    lambda: self._stopping or store.target(request.client_id) != held,
+                    lambda: self._stopping or store.target(client_id) != held,
                     timeout=self._heartbeat)
                 if self._stopping:
                     return
-                target = store.target(request.client_id)
+                target = store.target(client_id)
                 pinned = target != store.latest
                 newer = [v for v in sorted(store.infos) if held < v <= target]
                 versions = newer if request.every_version and not pinned and newer else [target]
@@ -243,6 +245,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                                 client_pins=self.store.client_pins)
 
     def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinReply:
+        _client_id(request.client_id, context)
         try:
             self.store.pin(int(request.version), request.client_id)
         except KeyError as e:
@@ -251,6 +254,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         return self.store.pins_reply()
 
     def Unpin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinReply:
+        _client_id(request.client_id, context)
         self.store.unpin(request.client_id)
         log.warning("unpinned %s", request.client_id or "the fleet")
         return self.store.pins_reply()
@@ -277,12 +281,25 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActReply:
         try:
-            action, version = self.batcher.act(request, timeout=context.time_remaining())
+            action, version = self.batcher.act(request, _client_id(request.client_id, context),
+                                               timeout=context.time_remaining())
         except LookupError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.ActReply(action=action.tolist(), policy_version=version)
+
+
+def _client_id(requested: str, context: grpc.ServicerContext) -> str:
+    """The client id the call runs as (`security.bound_client_id`); aborts the call with
+    PERMISSION_DENIED when the caller may not act as `requested`, INVALID_ARGUMENT when it is
+    not a valid name."""
+    try:
+        return bound_client_id(requested)
+    except InvalidIdError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except PermissionError as e:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
 
 
 class PolicyServer:

@@ -194,7 +194,7 @@ def test_concurrent_act_calls_share_forward_passes(server):
     batcher = ActBatcher(lambda _: _snapshot(1), max_wait_seconds=0.5)
     results = [None] * 8
     calls = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.act(
-        pb.ActRequest(observation=[0.1 * i] * SPEC.obs_dim, greedy=True), timeout=10)))
+        pb.ActRequest(observation=[0.1 * i] * SPEC.obs_dim, greedy=True), "", timeout=10)))
         for i in range(8)]
     for t in calls:
         t.start()

@@ -11,7 +11,9 @@ import torch
 from policies.certs import generate_dev_credentials
 from policies.client import PolicyClient, PolicySubscriber
 from policies.perceiver import PerceiverActorCritic
-from policies.security import ClientSecurity, SecurityError, ServerSecurity, load_tokens
+from policies.proto import policy_pb2 as pb
+from policies.security import ClientSecurity, SecurityError, ServerSecurity, load_tokens, \
+    token_digest
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.archive import EpisodeArchive
@@ -112,7 +114,7 @@ def test_missing_or_unknown_token_is_unauthenticated(mtls_server, tmp_path):
     forged = tmp_path / "forged.token"
     forged.write_text("not-a-token")
     with _client(address, dataclasses.replace(robot, token_file=str(forged))) as client:
-        assert "unknown bearer token" in _refused(client.list,
+        assert "unknown or revoked bearer token" in _refused(client.list,
                                                   grpc.StatusCode.UNAUTHENTICATED)
 
 
@@ -178,3 +180,64 @@ def test_tokens_file_holds_digests_and_roles(creds):
     token = (good / "clients" / "robot-1.token").read_text()
     assert token not in (good / "tokens.yaml").read_text()
     assert (good / "clients" / "robot-1.key").stat().st_mode & 0o077 == 0
+
+
+def test_robots_subscribe_and_act_only_as_themselves_operators_for_anyone(mtls_server):
+    """Before, Subscribe and Act trusted request.client_id: robot-1 could run robot-2's pin."""
+    address, good = mtls_server
+    with _client(address, ClientSecurity.from_dir(good, "learner")) as learner:
+        learner.publish(_snapshot(1))
+        learner.publish(_snapshot(2))
+    with _client(address, ClientSecurity.from_dir(good, "operator")) as operator:
+        operator.pin(1, client_id="robot-2")
+        assert operator.act(np.zeros(SPEC.obs_dim), client_id="robot-2")[1] == 1
+    robot1 = ClientSecurity.from_dir(good, "robot-1")
+    with _client(address, robot1) as client:
+        details = _refused(lambda: client.act(np.zeros(SPEC.obs_dim), client_id="robot-2"),
+                           grpc.StatusCode.PERMISSION_DENIED)
+        assert "'robot-1' may not act as client 'robot-2'" in details
+        assert client.act(np.zeros(SPEC.obs_dim))[1] == 2  # no id: itself, unpinned
+    with _client(address, ClientSecurity.from_dir(good, "robot-2")) as client:
+        assert client.act(np.zeros(SPEC.obs_dim))[1] == 1  # its own pin, from its identity
+    with _client(address, robot1) as client:  # the stream is refused before it sends a byte
+        details = _refused(lambda: next(client._stub.Subscribe(
+            pb.SubscribeRequest(client_id="robot-2"), **client._call)),
+            grpc.StatusCode.PERMISSION_DENIED)
+        assert "may not act as client 'robot-2'" in details
+
+
+def test_empty_or_unsafe_token_identities_are_refused(tmp_path):
+    for identity in ["", "../robot", "a b"]:
+        path = tmp_path / "tokens.yaml"
+        entry = f"{{sha256: {'0' * 64}, role: robot, identity: '{identity}'}}"
+        path.write_text(f"tokens:\n  - {entry}\n")
+        with pytest.raises(SecurityError, match=r"tokens\[0\]\.identity"):
+            load_tokens(str(path))
+
+
+def test_tokens_are_revoked_without_a_restart(creds, tmp_path):
+    good, _ = creds
+    tokens = tmp_path / "tokens.yaml"
+    original = (good / "tokens.yaml").read_text()
+    tokens.write_text(original)
+    security = dataclasses.replace(ServerSecurity.from_dir(good), tokens_file=str(tokens))
+    server = PolicyServer(tmp_path / "policies", port=0, security=security)
+    address = server.start()
+    robot1 = ClientSecurity.from_dir(good, "robot-1")
+    robot2 = ClientSecurity.from_dir(good, "robot-2")
+    try:
+        with _client(address, robot1) as c1, _client(address, robot2) as c2:
+            assert c1.list().versions == [] and c2.list().versions == []
+            tokens.write_text(original + "revoked:\n  - robot-1\n")
+            assert "revoked" in _refused(c1.list, grpc.StatusCode.UNAUTHENTICATED)
+            c2.list()  # the others keep working
+            digest = token_digest((good / "clients" / "robot-2.token").read_text().strip())
+            tokens.write_text(original + f"revoked:\n  - robot-1\n  - {digest}\n")
+            _refused(c2.list, grpc.StatusCode.UNAUTHENTICATED)
+            tokens.write_text("tokens: [not, a, mapping")  # broken: fail closed, say why
+            assert "not valid YAML" in _refused(c2.list, grpc.StatusCode.UNAVAILABLE)
+            tokens.write_text(original)
+            c1.list()
+            c2.list()
+    finally:
+        server.stop()
