@@ -85,11 +85,18 @@ def load_latest_good(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The newest checkpoint under `directory` that passes its checks; None when there is none.
 
     A corrupt or incomplete newer checkpoint is logged and skipped, so training resumes from the
-    previous one.
+    previous one. A folder without a manifest is what a save cut short leaves (the manifest goes
+    last); it is deleted, so stale partial saves do not pile up. One whose files do not match
+    their manifest is kept for inspection.
     """
+    root = Storage(directory)
     for uri in reversed(checkpoint_uris(directory)):
         try:
             return load_checkpoint(uri)
         except CheckpointError as e:
             log.error("skipping checkpoint: %s", e)
+            name = uri.rstrip("/").rsplit("/", 1)[-1]
+            if not root.exists(f"{name}/{MANIFEST}"):
+                root.delete_dir(name)
+                log.warning("removed %s, a save that did not finish", uri)
     return None

@@ -135,9 +135,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
         f.truncate(100)
     assert load_latest_good(tmp_path)["path"] == str(good)
 
-    class Payload:
+    marker = tmp_path / "payload-ran"
+
+    class Payload:  # unpickling it would create the marker file
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(marker), "w"))
 
     # A pickle-bearing optim.pt with a matching manifest is still refused.
     newest = Path(save_checkpoint(learner.state(), tmp_path, step=3, cycle=2))
@@ -148,6 +150,21 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     with pytest.raises(CheckpointError, match="optim.pt refused"):
         load_checkpoint(newest)
     assert load_latest_good(tmp_path)["path"] == str(good)
+    assert not marker.exists()  # refused without running the payload
+    assert newest.exists() and (newest.parent / "step_000000002").exists()  # kept to inspect
+
+
+def test_a_save_cut_short_is_skipped_and_removed(tmp_path):
+    from learners.checkpoints import load_latest_good
+
+    learner = _learner()
+    learner.run(1)
+    good = save_checkpoint(learner.state(), tmp_path, step=1, cycle=0)
+    cut = Path(save_checkpoint(learner.state(), tmp_path, step=2, cycle=1))
+    (cut / "manifest.json").unlink()  # the manifest goes last: this is a save that died
+    (cut / ".optim.pt.123.tmp").write_bytes(b"partial")
+    assert load_latest_good(tmp_path)["path"] == str(good)
+    assert not cut.exists() and Path(good).exists()
 
 
 @pytest.mark.gpu

@@ -63,3 +63,26 @@ def test_stats_and_export(tmp_path, capsys):
     assert table.num_rows == 3 + 4 + 5 + 3  # T+1 rows per episode
     assert set(table.column("episode_id").to_pylist()) == \
         {p.split("/")[-1][:-8] for p in archive.paths()}
+
+
+def test_a_local_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
+                                                                               monkeypatch):
+    """Before, the archive renamed a file it never fsynced: a power loss could leave an empty
+    or partial episode under its final name."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(
+        f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))),
+                                                     real_replace(a, b))[1])
+    archive = EpisodeArchive(tmp_path / "archive")
+    events.clear()
+    episode = make_episode()
+    assert archive.write(episode)
+    target = archive.path_of(episode.lineage.episode_id)
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].endswith(".tmp") and events[1][1] == target
+    assert events[2][1] == str(tmp_path / "archive")

@@ -2,13 +2,14 @@
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from replay.adders import ReverbSequenceAdder
 from replay.config import RateLimiter, ReplayConfig, Sampler
 from replay.dataset import ReverbBatchIterator
-from replay.server import ReplayCheckpointError, ReplayServer
+from replay.server import ReplayCheckpointError, ReplayServer, clean_stale_checkpoints
 from tests.fakes import SPEC, make_episode
 
 
@@ -30,6 +31,43 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path)
         assert (tmp_path / "ckpt.corrupt").exists() and newest
     finally:
         restarted.stop()
+
+
+def test_a_checkpoint_without_its_manifest_is_damaged_and_leftovers_are_cleaned(tmp_path):
+    """A crash between Reverb's DONE and pacflow's manifest leaves a checkpoint nothing vouches
+    for (before, it counted as intact); a crash mid-checkpoint leaves folders that never load."""
+    config = ReplayConfig(n_step=1, timeout_seconds=10)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    adder = ReverbSequenceAdder(server.address, config)
+    adder.add_episode(make_episode(length=3, seed=1))
+    server.checkpoint()  # 3 items
+    adder.add_episode(make_episode(length=4, seed=2))
+    newest = Path(server.checkpoint())  # 7 items; the 3-item one is kept as .previous
+    server.stop()
+    (newest / "pacflow_manifest.json").unlink()
+    unfinished = tmp_path / "ckpt" / "9999-unfinished"
+    unfinished.mkdir()
+    (unfinished / "chunks.tfrecord").write_bytes(b"partial")
+    stale_copy = tmp_path / "ckpt.previous.tmp"
+    stale_copy.mkdir()
+    restarted = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    try:
+        assert restarted.num_items() == 3
+        assert not unfinished.exists() and not stale_copy.exists()
+    finally:
+        restarted.stop()
+
+
+def test_a_crash_between_dropping_and_renaming_the_previous_copy_keeps_it(tmp_path):
+    config = ReplayConfig(n_step=1, timeout_seconds=10)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=3, seed=1))
+    server.checkpoint()
+    server.checkpoint()  # .previous now holds a 3-item copy
+    server.stop()
+    (tmp_path / "ckpt.previous").rename(tmp_path / "ckpt.previous.tmp")  # the crash window
+    assert clean_stale_checkpoints(tmp_path / "ckpt", tmp_path / "ckpt.previous") == []
+    assert any((tmp_path / "ckpt.previous").glob("*/DONE"))
 
 
 def test_changed_table_config_is_refused_by_name(tmp_path):
