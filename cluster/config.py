@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import yaml
 
 from learners.config import LearnerConfig
+from policies.limits import GatewayLimits
 from policies.perceiver import PRESETS, PerceiverConfig
 from policies.security import ClientSecurity, ServerSecurity, is_loopback
 from replay.config import RateLimiter, ReplayConfig
@@ -201,6 +202,7 @@ class ExperimentConfig:
     replay: ReplayConfig = ReplayConfig()
     learner: LearnerConfig = LearnerConfig()
     model: PerceiverConfig = PerceiverConfig()
+    gateway: GatewayLimits = GatewayLimits()  # the policy server's bounds (docs/security.md)
 
     def __post_init__(self) -> None:
         if any(side % self.model.patch_size for side in self.env.pixels):

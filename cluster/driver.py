@@ -186,7 +186,7 @@ class Topology:
         self.replay = ray.remote(num_cpus=0, **servers, **restarts)(ReplayWorker).remote(
             spec, config.replay, run, c)
         self.policy = ray.remote(num_cpus=0, **servers, **restarts)(PolicyServerWorker).remote(
-            run, c)
+            run, c, config.gateway)
         self.addresses = dict(zip(("replay", "policy"), wait(
             [("replay", self.replay.address.remote()), ("policyserver",
                                                          self.policy.address.remote())],

@@ -222,7 +222,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         host = args.host[0] if args.host else "127.0.0.1"
         server = PolicyServer(run_dir / "policies", host=host, port=args.port,
-                              security=_server_security(args),
+                              security=_server_security(args), limits=config.gateway,
                               episode_handler=lambda e: sink.ingest(e, to_replay=True))
     except SecurityError as e:
         raise UsageError(str(e)) from None

@@ -25,6 +25,7 @@ from cluster.process import RunProcess, advertised_host, read_address
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
 from learners.learner import PACLearner
+from policies.limits import GatewayLimits
 from policies.perceiver import PerceiverConfig
 from policies.policy import PACPolicy, Policy, RandomPolicy
 from policies.client import PolicyClient, PolicySubscriber
@@ -91,11 +92,13 @@ class ReplayWorker(RunProcess):
 class PolicyServerWorker(RunProcess):
     """The gRPC policy server of the run, storing versions under `<run>/policies/`."""
 
-    def __init__(self, run: str, cluster_config: ClusterConfig):
+    def __init__(self, run: str, cluster_config: ClusterConfig,
+                 limits: GatewayLimits = GatewayLimits()):
         super().__init__(run, "policyserver")
         self._server = PolicyServer(join(run, "policies"), host=advertised_host(cluster_config),
                                     port=self.stable_port(cluster_config.policy_port),
-                                    security=cluster_config.policy_server_security())
+                                    security=cluster_config.policy_server_security(),
+                                    limits=limits)
         self._address = self._server.start()
         self.remember_address(self._address)
 

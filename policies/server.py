@@ -22,14 +22,15 @@ from typing import Callable, Iterator
 import grpc
 
 from policies.gateway import ActBatcher
+from policies.limits import GatewayLimits, StreamSlots, cancel_after
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.security import ServerSecurity, bound_client_id, caller_identity, \
     server_credentials, server_interceptors
 from policies.snapshot import Snapshot, SnapshotError, load_snapshot, read_snapshot_metadata, \
     save_snapshot, snapshot_paths
-from policies.wire import MAX_SNAPSHOT_BYTES, WireError, data_chunks, read_episode, \
-    read_snapshots, snapshot_header
+from policies.wire import MAX_SNAPSHOT_BYTES, WireError, WireTooLarge, data_chunks, \
+    read_episode, read_snapshots, snapshot_header
 from replay.ids import InvalidIdError
 from replay.ingest import Ingested
 from replay.spec import Episode
@@ -163,8 +164,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     def __init__(self, directory: str | Path, episode_handler: EpisodeHandler | None = None,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
-                 max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES):
+                 max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
+                 limits: GatewayLimits = GatewayLimits()):
         self.store = PolicyStore(directory)
+        self.limits = limits
+        self.slots = StreamSlots(limits.max_streams_total, limits.max_streams_per_identity)
         self._episode_handler = episode_handler
         self._upload_lock = threading.Lock()  # one writer into archive and replay at a time
         self._heartbeat, self._max_snapshot_bytes = heartbeat_seconds, max_snapshot_bytes
@@ -206,8 +210,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     def Subscribe(self, request: pb.SubscribeRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
-        store, held = self.store, int(request.after_version)
         client_id = _client_id(request.client_id, context)
+        with self.slots.hold(context):
+            yield from self._subscribe(client_id, int(request.after_version),
+                                       request.every_version, context)
+
+    def _subscribe(self, client_id: str, held: int, every_version: bool,
+                   context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
+        store = self.store
         while context.is_active():
             with store.cond:
                 store.cond.wait_for(
@@ -218,7 +228,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 target = store.target(client_id)
                 pinned = target != store.latest
                 newer = [v for v in sorted(store.infos) if held < v <= target]
-                versions = newer if request.every_version and not pinned and newer else [target]
+                newer = newer[-self.limits.max_backlog_versions:]  # a far-behind one skips
+                versions = newer if every_version and not pinned and newer else [target]
             if target == held or not target:
                 yield pb.SnapshotChunk(heartbeat=pb.Heartbeat(latest_version=target))
                 continue
@@ -231,12 +242,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     def Fetch(self, request: pb.FetchRequest,
               context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
-        version = int(request.version) or self.store.target("")
-        entry = self._get(version, context)
-        if entry is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
-        yield snapshot_header(entry[0])
-        yield from entry[1]
+        with self.slots.hold(context):
+            version = int(request.version) or self.store.target("")
+            entry = self._get(version, context)
+            if entry is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
+            yield snapshot_header(entry[0])
+            yield from entry[1]
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
         with self.store.cond:
@@ -262,10 +274,21 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def UploadEpisode(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
         if self._episode_handler is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this policy server has no gateway")
-        try:
-            header, episode = read_episode(request_iterator)
-        except WireError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        limits = self.limits
+        with self.slots.hold(context), \
+                cancel_after(context, limits.upload_deadline_seconds) as expired:
+            try:
+                header, episode = read_episode(request_iterator, limits.max_upload_bytes,
+                                               limits.max_decoded_bytes,
+                                               limits.spool_dir or None)
+            except WireTooLarge as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except WireError as e:
+                if expired.is_set():
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"upload still incomplete after {limits.upload_deadline_seconds}"
+                                  " s (gateway.upload_deadline_seconds)")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         identity = caller_identity()
         if identity and header.robot_id != identity:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -281,12 +304,15 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActReply:
         try:
+            timeout = min(context.time_remaining(), self.limits.act_deadline_seconds)
             action, version = self.batcher.act(request, _client_id(request.client_id, context),
-                                               timeout=context.time_remaining())
+                                               timeout=timeout)
         except LookupError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no action within the deadline")
         return pb.ActReply(action=action.tolist(), policy_version=version)
 
 
@@ -315,16 +341,21 @@ class PolicyServer:
     def __init__(self, directory: str | Path, host: str = "127.0.0.1", port: int = 0,
                  episode_handler: EpisodeHandler | None = None,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
-                 security: ServerSecurity = PLAINTEXT_LOOPBACK):
+                 security: ServerSecurity = PLAINTEXT_LOOPBACK,
+                 limits: GatewayLimits = GatewayLimits()):
         self._credentials = server_credentials(security, host)  # refuses what is not allowed
         self._interceptors = server_interceptors(security)
-        self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds)
+        self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds,
+                                        limits=limits)
+        self._limits = limits
         self._host, self._port = host, port
         self._server: grpc.Server | None = None
 
     def start(self) -> str:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                                   options=SERVER_OPTIONS, interceptors=self._interceptors)
+        threads = self._limits.handler_threads  # calls beyond them: RESOURCE_EXHAUSTED at once
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
+                                   options=SERVER_OPTIONS, interceptors=self._interceptors,
+                                   maximum_concurrent_rpcs=threads)
         pb_grpc.add_PolicyServiceServicer_to_server(self._servicer, self._server)
         bind = f"{self._host}:{self._port}"
         port = self._server.add_insecure_port(bind) if self._credentials is None else \

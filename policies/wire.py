@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -29,6 +30,10 @@ MAX_EPISODE_BYTES = 1 << 30  # refuse larger episode uploads
 
 class WireError(ValueError):
     """A chunk stream that is malformed, oversized or fails its hash."""
+
+
+class WireTooLarge(WireError):
+    """A stream over a size limit (answered with RESOURCE_EXHAUSTED, not INVALID_ARGUMENT)."""
 
 
 def snapshot_header(snapshot: Snapshot, pinned: bool = False) -> pb.SnapshotChunk:
@@ -112,9 +117,13 @@ def episode_chunks(episode_id: str, robot_id: str, payload: bytes,
         yield pb.EpisodeChunk(data=payload[start:start + chunk_bytes])
 
 
-def read_episode(chunks: Iterable[pb.EpisodeChunk],
-                 max_bytes: int = MAX_EPISODE_BYTES) -> tuple[pb.EpisodeHeader, Episode]:
-    """Reassembles and decodes one uploaded episode; raises WireError when it is malformed."""
+def read_episode(chunks: Iterable[pb.EpisodeChunk], max_bytes: int = MAX_EPISODE_BYTES,
+                 max_decoded_bytes: int = 4 * MAX_EPISODE_BYTES,
+                 spool_dir: str | None = None) -> tuple[pb.EpisodeHeader, Episode]:
+    """Receives one uploaded episode into a temp file in `spool_dir` (not into memory), hashing
+    as it goes, then decodes it; raises WireError when it is malformed and WireTooLarge when it
+    is over `max_bytes` (checked on the header and while receiving) or would decode to more than
+    `max_decoded_bytes` (checked on the Parquet metadata before decoding)."""
     it = iter(chunks)
     first = next(it, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -125,25 +134,37 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk],
         if problem:
             raise WireError(problem)
     if header.total_bytes > max_bytes:
-        raise WireError(f"episode {header.episode_id} is {header.total_bytes} bytes, over the "
-                        f"limit of {max_bytes}")
-    parts, size = [], 0
-    for chunk in it:
-        if chunk.WhichOneof("part") != "data":
-            raise WireError("an episode upload carries one header")
-        data = chunk.data  # each attribute read copies the bytes
-        size += len(data)
-        if size > header.total_bytes:
-            raise WireError(f"episode {header.episode_id} is longer than announced")
-        parts.append(data)
-    payload = b"".join(parts)
-    if size != header.total_bytes or hashlib.sha256(payload).hexdigest() != header.sha256:
-        raise WireError(f"episode {header.episode_id}: payload does not match its header "
-                        f"({size} of {header.total_bytes} bytes or a wrong sha256)")
-    try:
-        episode = table_to_episode(pq.read_table(pa.BufferReader(payload)))
-    except (pa.ArrowException, KeyError, ValueError) as e:
-        raise WireError(f"episode {header.episode_id}: not a pacflow episode ({e})") from None
+        raise WireTooLarge(f"episode {header.episode_id} is {header.total_bytes} bytes, over the "
+                           f"limit of {max_bytes}")
+    digest, size = hashlib.sha256(), 0
+    with tempfile.TemporaryFile(dir=spool_dir, prefix="upload-") as spool:
+        for chunk in it:
+            if chunk.WhichOneof("part") != "data":
+                raise WireError("an episode upload carries one header")
+            data = chunk.data  # each attribute read copies the bytes
+            size += len(data)
+            if size > header.total_bytes:
+                raise WireTooLarge(f"episode {header.episode_id} is longer than its announced "
+                                   f"{header.total_bytes} bytes")
+            digest.update(data)
+            spool.write(data)
+        if size != header.total_bytes or digest.hexdigest() != header.sha256:
+            raise WireError(f"episode {header.episode_id}: payload does not match its header "
+                            f"({size} of {header.total_bytes} bytes or a wrong sha256)")
+        spool.seek(0)
+        try:
+            source = pa.PythonFile(spool, mode="r")
+            parquet = pq.ParquetFile(source)
+            decoded = sum(parquet.metadata.row_group(i).total_byte_size
+                          for i in range(parquet.metadata.num_row_groups))
+            if decoded > max_decoded_bytes:
+                raise WireTooLarge(f"episode {header.episode_id} would decode to {decoded} "
+                                   f"bytes, over the limit of {max_decoded_bytes}")
+            episode = table_to_episode(parquet.read())
+        except (pa.ArrowException, KeyError, ValueError) as e:
+            if isinstance(e, WireError):
+                raise
+            raise WireError(f"episode {header.episode_id}: not a pacflow episode ({e})") from None
     if episode.lineage.episode_id != header.episode_id:
         raise WireError(f"episode {header.episode_id}: payload holds episode "
                         f"{episode.lineage.episode_id}")
@@ -151,4 +172,4 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk],
 
 
 __all__ = ["SnapshotError", "WireError", "snapshot_header", "data_chunks", "snapshot_chunks",
-           "read_snapshots", "episode_bytes", "episode_chunks", "read_episode"]
+           "read_snapshots", "episode_bytes", "episode_chunks", "read_episode", "WireTooLarge"]

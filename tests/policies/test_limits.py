@@ -1,0 +1,218 @@
+"""Gateway bounds (issue #11, items 2 and 3) against a real policy server: upload size while
+receiving, uploads spooled to disk rather than memory, a server-side deadline, stream caps per
+identity and in total, and a bounded catch-up for every_version subscribers."""
+
+import dataclasses
+import itertools
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from policies.certs import generate_dev_credentials
+from policies.client import PolicyClient
+from policies.limits import GatewayLimits
+from policies.perceiver import PerceiverActorCritic
+from policies.proto import policy_pb2 as pb
+from policies.proto import policy_pb2_grpc as pb_grpc
+from policies.security import ClientSecurity, ServerSecurity
+from policies.server import PolicyServer
+from policies.snapshot import Snapshot, snapshot_metadata
+from replay.archive import EpisodeArchive
+from replay.ingest import EpisodeSink
+from tests.fakes import SPEC, TINY_MODEL, make_episode
+from tests.processes import until
+
+MiB = 1 << 20
+
+
+def _snapshot(version: int) -> Snapshot:
+    torch.manual_seed(version)
+    return Snapshot.from_state_dict(version, PerceiverActorCritic(SPEC, TINY_MODEL).state_dict(),
+                                    snapshot_metadata(SPEC.to_dict(), TINY_MODEL, 0, 0, 0))
+
+
+def _server(tmp_path, limits: GatewayLimits, security=None) -> tuple[PolicyServer, str]:
+    sink = EpisodeSink(SPEC, EpisodeArchive(tmp_path / "archive"), None, tmp_path / "quarantine")
+    kwargs = {} if security is None else {"security": security}
+    server = PolicyServer(tmp_path / "policies", port=0, limits=limits, heartbeat_seconds=0.2,
+                          episode_handler=lambda e: sink.ingest(e, to_replay=False), **kwargs)
+    return server, server.start()
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak so far) of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f
+                if line.startswith(("VmRSS:", "VmHWM:"))}
+
+
+def _upload(stub, episode_id: str, announced: int, chunks, timeout: float = 60):
+    header = pb.EpisodeHeader(episode_id=episode_id, robot_id="robot-7", sha256="0" * 64,
+                              total_bytes=announced)
+    return stub.UploadEpisode(itertools.chain([pb.EpisodeChunk(header=header)], chunks),
+                              timeout=timeout)
+
+
+def test_uploads_over_the_limit_are_refused_while_receiving(tmp_path):
+    server, address = _server(tmp_path, GatewayLimits(max_upload_bytes=2 * MiB))
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.PolicyServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:  # announced too large
+                _upload(stub, "a" * 32, 3 * MiB, [])
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "over the limit of 2097152" in err.value.details()
+            part = b"x" * (512 << 10)
+
+            def lying():  # announces 1 MiB, then sends 32 MiB
+                for _ in range(64):
+                    yield pb.EpisodeChunk(data=part)
+            with pytest.raises(grpc.RpcError) as err:
+                _upload(stub, "b" * 32, MiB, lying())
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "longer than its announced" in err.value.details()
+        with PolicyClient(address, timeout=10) as client:  # a normal episode still goes through
+            episode = make_episode()
+            good = dataclasses.replace(episode, lineage=dataclasses.replace(
+                episode.lineage, actor_id="robot-7"))
+            assert client.upload_episode(good).stored
+    finally:
+        server.stop()
+
+
+def test_an_upload_is_spooled_to_disk_not_held_in_memory(tmp_path):
+    """`pacflow policy serve` as its own process; its peak RSS while a 128 MiB upload arrives.
+    Before, the upload arrived as a list of parts that was then joined: twice its size."""
+    size, spool = 128 * MiB, tmp_path / "spool"
+    spool.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "policy", "serve", str(tmp_path / "run"),
+         "--config", "deploy/configs/smoke.yaml", "--plaintext",
+         "--set", f"gateway.spool_dir={spool}"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "listening on" in line, line
+        address = line.split("listening on ")[1].split()[0]
+        block = np.random.default_rng(0).bytes(MiB)
+        before = _memory(server.pid)["VmRSS"]
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as err:  # random bytes: refused after receiving
+                _upload(pb_grpc.PolicyServiceStub(channel), "c" * 32, size,
+                        (pb.EpisodeChunk(data=block) for _ in range(size // MiB)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not match its header" in err.value.details()
+        grew = _memory(server.pid)["VmHWM"] - before
+        # ~30 MiB of gRPC buffers and first-call allocations whatever the size; joined parts
+        # would be 2 x 128 MiB
+        assert grew < size // 2, f"peak RSS grew {grew / MiB:.0f} MiB, upload {size // MiB} MiB"
+        assert not list(spool.iterdir())  # the spool file is gone
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_stalled_upload_is_cancelled_by_the_server_deadline(tmp_path):
+    server, address = _server(tmp_path, GatewayLimits(upload_deadline_seconds=1.0))
+    release = threading.Event()
+
+    def stalled():
+        yield pb.EpisodeChunk(data=b"x" * 100)
+        release.wait(60)  # a client that stops sending
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            header = pb.EpisodeHeader(episode_id="d" * 32, robot_id="robot-7", sha256="0" * 64,
+                                      total_bytes=1000)
+            call = pb_grpc.PolicyServiceStub(channel).UploadEpisode.future(
+                itertools.chain([pb.EpisodeChunk(header=header)], stalled()), timeout=30)
+            start = time.monotonic()
+            error = call.exception(timeout=10)  # the client's own deadline is 30 s
+            assert time.monotonic() - start < 10 and error is not None
+            assert error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    grpc.StatusCode.CANCELLED), error
+        until(lambda: server._servicer.slots.in_use == 0, "the upload's stream slot", 10)
+    finally:
+        release.set()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("creds")
+    generate_dev_credentials(directory, ["learner", "robot-1", "robot-2"])
+    return directory
+
+
+def _stream(stub, client_id: str = ""):
+    """Opens a Subscribe stream and waits for its first message (so it holds a slot)."""
+    call = stub.Subscribe(pb.SubscribeRequest(client_id=client_id), timeout=60)
+    next(call)
+    return call
+
+
+def test_streams_are_capped_per_identity_and_in_total_and_unary_calls_keep_working(tmp_path,
+                                                                                  creds):
+    """Before, 64 Subscribes under one robot token took every handler thread."""
+    limits = GatewayLimits(max_streams_total=3, max_streams_per_identity=2, handler_threads=8)
+    server, address = _server(tmp_path, limits, ServerSecurity.from_dir(creds))
+    held = []
+    try:
+        with PolicyClient(address, timeout=10,
+                          security=ClientSecurity.from_dir(creds, "learner")) as learner:
+            learner.publish(_snapshot(1))
+        robot1 = PolicyClient(address, timeout=10, security=ClientSecurity.from_dir(creds,
+                                                                                  "robot-1"))
+        robot2 = PolicyClient(address, timeout=10, security=ClientSecurity.from_dir(creds,
+                                                                                  "robot-2"))
+        held += [_stream(robot1._stub), _stream(robot1._stub)]
+        with pytest.raises(grpc.RpcError) as err:
+            _stream(robot1._stub)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "robot-1 holds 2 streams" in err.value.details()
+        held.append(_stream(robot2._stub))  # another robot still gets one
+        with pytest.raises(grpc.RpcError) as err:
+            _stream(robot2._stub)
+        assert "the server holds 3 streams" in err.value.details()
+        assert robot1.act(np.zeros(SPEC.obs_dim))[1] == 1  # unary calls are not starved
+        held.pop().cancel()
+        until(lambda: server._servicer.slots.in_use == 2, "a released stream slot", 10)
+        held.append(_stream(robot2._stub))
+        robot1.close()
+        robot2.close()
+    finally:
+        for call in held:
+            call.cancel()
+        server.stop()
+
+
+def test_a_far_behind_every_version_subscriber_gets_only_the_newest_versions(tmp_path):
+    server, address = _server(tmp_path, GatewayLimits(max_backlog_versions=3))
+    try:
+        with PolicyClient(address, timeout=10) as client:
+            for v in range(1, 9):
+                client.publish(_snapshot(v))
+            call = client._stub.Subscribe(pb.SubscribeRequest(after_version=0,
+                                                              every_version=True), timeout=30)
+            versions = []
+            for chunk in call:
+                if chunk.WhichOneof("part") == "header":
+                    versions.append(chunk.header.version)
+                if chunk.WhichOneof("part") == "heartbeat":
+                    break
+            call.cancel()
+        assert versions == [6, 7, 8]
+    finally:
+        server.stop()
+
+
+def test_limits_are_checked_by_name():
+    with pytest.raises(ValueError, match="gateway.max_upload_bytes"):
+        GatewayLimits(max_upload_bytes=0)
+    with pytest.raises(ValueError, match="gateway.max_streams_total"):
+        GatewayLimits(max_streams_total=64, handler_threads=64)
