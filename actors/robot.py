@@ -70,6 +70,7 @@ class RobotStats:
     episodes: int = 0  # finished (spooled) episodes
     uploaded: int = 0  # acknowledged by the gateway
     safe_idle_entries: int = 0  # watchdog trips
+    idle_periods: int = 0  # control periods waited between episodes, safe action held
     actions_clipped: int = 0  # action dimensions clipped to the action spec
     actions_nonfinite: int = 0  # NaN/Inf policy outputs replaced by the safe action
     uploads_rejected: int = 0  # episodes the gateway refused for good (kept in spool/rejected)
@@ -232,6 +233,7 @@ class RobotClient:
                 log.info("%s: running policy v%d", self.config.robot_id, snapshot.version)
             return True
         self._apply_safe_action()
+        self.stats.idle_periods += 1
         time.sleep(self.config.control_period_seconds)
         return False
 

@@ -104,6 +104,8 @@ def test_plaintext_wrong_ca_and_missing_client_certificate_fail_the_handshake(mt
         with _client(address, security) as client:
             details = _refused(client.list, grpc.StatusCode.UNAVAILABLE)
             assert details, name
+        with _client(address, robot) as client:  # the same server, up, takes the right ones
+            assert client.list().versions == [], name
 
 
 def test_missing_or_unknown_token_is_unauthenticated(mtls_server, tmp_path):
