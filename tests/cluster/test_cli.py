@@ -23,6 +23,7 @@ def _pacflow(*args, cwd=None):
     (GOOD, ["--set", "replay.n_step=zero"], "replay.n_step: expected int"),
     ("env: [unclosed\n", [], "not valid YAML"),
     (GOOD, ["--set", "cluster.host=0.0.0.0"], "cluster.policy_credentials: required"),
+    (GOOD, ["--set", "gateway.max_upload_bytes=0"], "gateway.max_upload_bytes=0 must be > 0"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, content, args, needle):
     path = tmp_path / "c.yaml"
@@ -78,3 +79,11 @@ def test_a_placement_no_cluster_can_hold_is_refused_instead_of_waiting_forever(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and all(n in lines[0] for n in needles), result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hostile_robot_id_is_refused_before_anything_is_written(tmp_path):
+    result = _pacflow("robot", "--gateway", "127.0.0.1:1", "--env", "actors.standins:cartpole",
+                      "--robot-id", "../../etc", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "robot_id: '../../etc' is not" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -216,3 +216,18 @@ def test_limits_are_checked_by_name():
         GatewayLimits(max_upload_bytes=0)
     with pytest.raises(ValueError, match="gateway.max_streams_total"):
         GatewayLimits(max_streams_total=64, handler_threads=64)
+
+
+def test_act_waits_at_most_the_servers_deadline(tmp_path):
+    """The first Act builds the policy from its snapshot (well over a millisecond): with a 1 ms
+    server deadline it is answered DEADLINE_EXCEEDED although the client allows 30 s."""
+    server, address = _server(tmp_path, GatewayLimits(act_deadline_seconds=0.001))
+    try:
+        with PolicyClient(address, timeout=30) as client:
+            client.publish(_snapshot(1))
+            with pytest.raises(grpc.RpcError) as err:
+                client.act(np.zeros(SPEC.obs_dim))
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no action within the deadline" in err.value.details()
+    finally:
+        server.stop()

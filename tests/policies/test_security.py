@@ -208,13 +208,16 @@ def test_robots_subscribe_and_act_only_as_themselves_operators_for_anyone(mtls_s
         assert "may not act as client 'robot-2'" in details
 
 
-def test_empty_or_unsafe_token_identities_are_refused(tmp_path):
+def test_empty_or_unsafe_token_identities_are_refused(tmp_path, creds):
     for identity in ["", "../robot", "a b"]:
         path = tmp_path / "tokens.yaml"
         entry = f"{{sha256: {'0' * 64}, role: robot, identity: '{identity}'}}"
         path.write_text(f"tokens:\n  - {entry}\n")
         with pytest.raises(SecurityError, match=r"tokens\[0\]\.identity"):
             load_tokens(str(path))
+        security = dataclasses.replace(ServerSecurity.from_dir(creds[0]), tokens_file=str(path))
+        with pytest.raises(SecurityError, match=r"tokens\[0\]\.identity"):
+            PolicyServer(tmp_path / "policies", port=0, security=security)  # does not start
 
 
 def test_tokens_are_revoked_without_a_restart(creds, tmp_path):
