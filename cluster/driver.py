@@ -183,8 +183,9 @@ class Topology:
         spec = config.env.spec()
         servers = placement(c.server_resource, driver_node=True)
         restarts = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
-        self.replay = ray.remote(num_cpus=0, **servers, **restarts)(ReplayWorker).remote(
-            spec, config.replay, run, c)
+        # Threaded: every collector's ingest, the driver's checkpoint and stats at once.
+        self.replay = ray.remote(num_cpus=0, max_concurrency=c.num_actors + 4, **servers,
+                                 **restarts)(ReplayWorker).remote(spec, config.replay, run, c)
         self.policy = ray.remote(num_cpus=0, **servers, **restarts)(PolicyServerWorker).remote(
             run, c, config.gateway)
         self.addresses = dict(zip(("replay", "policy"), wait(
@@ -203,14 +204,14 @@ class Topology:
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
                                **restarts)(CollectorWorker)
         self.actors = [
-            collector.remote(i, spec, config.env, c, config.model, config.replay,
+            collector.remote(i, spec, config.env, c, config.model, self.replay,
                              self.addresses, run, config.loop.seed * 1000 + i * 100)
             for i in range(c.num_actors)]
         # Async: evaluation has an actor of its own (every task, its own seeds).
         self.evaluator = ray.remote(num_cpus=c.evaluator_cpus, **placement(c.actor_resource),
                                     **restarts)(CollectorWorker).remote(
             0, spec, config.env, dataclasses.replace(c, num_actors=1), config.model,
-            config.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator") \
+            self.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator") \
             if config.loop.mode is LoopMode.ASYNC else None
 
     def policy_address(self, timeout: float) -> str:

@@ -12,10 +12,12 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from prometheus_client import Counter, Gauge
 
@@ -31,13 +33,12 @@ from policies.policy import PACPolicy, Policy, RandomPolicy
 from policies.client import PolicyClient, PolicySubscriber
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
-from replay.adders import ReverbSequenceAdder
 from replay.archive import EpisodeArchive
 from replay.config import ReplayConfig
 from replay.dataset import ReverbBatchIterator
 from replay.ingest import EpisodeSink
 from replay.server import ReplayServer
-from replay.spec import EnvSpec, Episode
+from replay.spec import Adder, EnvSpec, Episode
 from replay.storage import Storage, is_remote, join, run_id, scratch_dir
 
 
@@ -75,9 +76,21 @@ class ReplayWorker(RunProcess):
                                     port=self.stable_port(cluster_config.replay_port) or None,
                                     storage=stored)
         self.remember_address(self._server.address)
+        # Catch up with the archive (episodes archived after the restored checkpoint) while
+        # serving; writes from actors go through the same ledger, so nothing is written twice.
+        archive = EpisodeArchive(join(run, "archive"))
+        threading.Thread(target=self._server.reconcile, args=(archive,), name="reconcile",
+                         daemon=True).start()
 
     def address(self) -> str:
         return self._server.address
+
+    def ingest(self, episode: Episode) -> int:
+        """Writes a finished, archived episode into replay (a repeat writes nothing)."""
+        return self._server.ingest(episode)
+
+    def holds(self, episode_id: str) -> bool:
+        return self._server.holds(episode_id)
 
     def num_items(self) -> int:
         return self._server.num_items()
@@ -87,6 +100,23 @@ class ReplayWorker(RunProcess):
 
     def rate_stats(self) -> dict[str, float]:
         return self._server.rate_stats()
+
+
+class ReplayActorAdder(Adder):
+    """Sends each finished episode to the run's replay process, which writes it there
+    (`ReplayServer.ingest`): a collector killed mid-write leaves none of its items in replay, and
+    repeats are no-ops. A replay process that restarts gets the call again (Ray's task retries).
+    """
+
+    idempotent = True
+
+    def __init__(self, replay: "ray.actor.ActorHandle"):
+        self._replay = replay
+
+    def add_episode(self, episode: Episode, priorities: np.ndarray | None = None) -> int:
+        if priorities is not None:
+            raise ValueError("the run's replay process writes priority 1 for every item")
+        return ray.get(self._replay.ingest.remote(episode))
 
 
 class PolicyServerWorker(RunProcess):
@@ -114,7 +144,7 @@ class CollectorWorker(RunProcess):
 
     def __init__(self, index: int, spec: EnvSpec, env_config: EnvConfig,
                  cluster_config: ClusterConfig, model_config: PerceiverConfig,
-                 replay_config: ReplayConfig, addresses: dict[str, str], run: str,
+                 replay: "ray.actor.ActorHandle", addresses: dict[str, str], run: str,
                  seed: int, name: str = ""):
         torch.set_num_threads(1)
         os.nice(cluster_config.actor_nice)
@@ -134,10 +164,7 @@ class CollectorWorker(RunProcess):
                           for i in range(cluster_config.envs_per_actor)] for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
-                                 ReverbSequenceAdder(addresses["replay"], replay_config,
-                                                     functools.partial(read_address, run,
-                                                                       "replay")),
-                                 join(run, "quarantine"))
+                                 ReplayActorAdder(replay), join(run, "quarantine"))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         self._subscriber = PolicySubscriber(
             addresses["policy"], self.actor_id, cluster_config.policy_client_security("actor"),

@@ -14,7 +14,7 @@ import numpy as np
 
 from replay.config import ReplayConfig
 from replay.reconnect import Resolver, announced, new_incarnation
-from replay.server import episode_key
+from replay.ids import episode_key
 from replay.spec import Adder, Episode
 
 log = logging.getLogger(__name__)

@@ -159,6 +159,11 @@ class EpisodeArchive:
                       if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
                       and not i.base_name.startswith("."))
 
+    def lineage(self, path: str) -> dict:
+        """The lineage of the episode in `path`, from the file's footer only."""
+        meta = pq.read_metadata(path, filesystem=self._fs).metadata or {}
+        return json.loads(meta[b"pacflow.lineage"])
+
     def read(self, path: str) -> Episode:
         return table_to_episode(pq.read_table(path, filesystem=self._fs))
 

@@ -49,6 +49,12 @@ def check_name(value: object, field: str) -> str:
     return value  # type: ignore[return-value]
 
 
+def episode_key(episode_id: str) -> int:
+    """A 63-bit integer for an episode id, so replay items can name their episode; raises
+    InvalidIdError for anything but an episode id."""
+    return int(check_episode_id(episode_id)[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def safe_file_stem(episode_id: object) -> str:
     """A file name stem for an episode whatever its id: the id itself when valid, else
     `invalid-<sha256 of its text>`, so a hostile id never reaches a path."""

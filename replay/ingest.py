@@ -26,7 +26,10 @@ class Ingested:
 class EpisodeSink:
     """Routes finished episodes: bad ones to quarantine, good ones to the archive and replay.
 
-    The archive write comes first, so replay never holds an episode the archive lacks.
+    The archive write comes first, so replay never holds an episode the archive lacks. With an
+    idempotent adder (the run's replay process, `ReplayServer.ingest`), an episode that was
+    archived already is sent to replay again, as the archive holds it: a write that failed
+    between the archive and replay is completed by the retry, and a repeat writes nothing.
 
     Usage:
         sink = EpisodeSink(spec, EpisodeArchive(dir), adder, run_dir / "quarantine")
@@ -53,6 +56,10 @@ class EpisodeSink:
                         "; ".join(problems))
             return Ingested(False, False, tuple(problems))
         written = self._archive.write(episode)
-        if written and to_replay and self._adder is not None:
-            self.num_items += self._adder.add_episode(episode)
+        if to_replay and self._adder is not None:
+            if written:
+                self.num_items += self._adder.add_episode(episode)
+            elif self._adder.idempotent:
+                archived = self._archive.read(self._archive.path_of(episode.lineage.episode_id))
+                self.num_items += self._adder.add_episode(archived)
         return Ingested(written, not written)

@@ -10,17 +10,22 @@ cluster's private network; robots reach replay only through the policy server's 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from replay.adders import ReverbSequenceAdder
+from replay.archive import EpisodeArchive
 from replay.config import RateLimiter, ReplayConfig, Sampler
-from replay.ids import check_episode_id
-from replay.spec import EnvSpec
+from replay.ids import episode_key  # noqa: F401  (items name their episode by it)
+from replay.ledger import LEDGER, Ledger, missing_from_replay
+from replay.spec import EnvSpec, Episode
 from replay.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -44,11 +49,6 @@ def item_signature(spec: EnvSpec, n_step: int) -> dict:
     if spec.pixels_shape:
         signature["pixels"] = tf.TensorSpec([L, *spec.pixels_shape], tf.uint8)
     return signature
-
-
-def episode_key(episode_id: str) -> int:
-    """A 63-bit integer for an episode uuid hex, so replay items can name their episode."""
-    return int(check_episode_id(episode_id)[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 MANIFEST = "pacflow_manifest.json"  # sha256 of each checkpoint file, written next to them
@@ -143,6 +143,10 @@ class ReplayServer:
         self.address = f"{host}:{self._server.port}"
         self._client = reverb.Client(self.address)
         self._check_restored_table()
+        # One episode written at a time, and never while a checkpoint is taken (`ingest`).
+        self._lock = threading.Lock()
+        self._writer: ReverbSequenceAdder | None = None
+        self._ledger, self.reconciled = self._restored_ledger(), 0
         log.info("replay server on %s, %d items restored", self.address, self.num_items())
 
     def _start(self, spec: EnvSpec, port: int | None):
@@ -189,32 +193,98 @@ class ReplayServer:
                 f"({'; '.join(diffs)}); Reverb would silently use the checkpoint's. Restore the "
                 "old replay config, or start with an empty replay_checkpoints folder")
 
+    def _restored_ledger(self) -> Ledger | None:
+        """The ledger of the restored checkpoint; None when items came back without one (a
+        checkpoint of an older pacflow): then nothing is known to be missing."""
+        done = sorted(p for p in self._root.glob("*") if (p / "DONE").exists())
+        ledger = Ledger.load(done[-1]) if done else Ledger()
+        if ledger is None and self.num_items() == 0:
+            ledger = Ledger()
+        if ledger is None:
+            log.warning("replay checkpoint %s has no episode ledger: archive reconciliation is "
+                        "off until the next checkpoint", done[-1])
+        return ledger
+
+    def ingest(self, episode: Episode) -> int:
+        """Writes the episode's items unless this server holds the episode already (by
+        id); returns the items written, 0 for a repeat. Writers outside this process cannot
+        be episode-atomic (Reverb inserts items one by one, and a writer killed mid-episode
+        leaves some of them: docs/architecture.md, "Episode-atomic replay"); here a partial
+        episode can only exist while this process lives, and dies with it.
+
+        The writer waits for the rate limiter as long as it takes: a deadline in the middle of
+        an episode would leave part of it behind in a live table."""
+        episode_id = episode.lineage.episode_id
+        with self._lock:
+            if self._ledger is not None and episode_id in self._ledger:
+                return 0
+            if self._writer is None:
+                patient = dataclasses.replace(self._config, timeout_seconds=24 * 3600.0)
+                self._writer = ReverbSequenceAdder(f"127.0.0.1:{self._server.port}", patient)
+            items = self._writer.add_episode(episode)
+            if self._ledger is not None:
+                self._ledger.add(episode_id)
+            return items
+
+    def holds(self, episode_id: str) -> bool:
+        with self._lock:
+            return self._ledger is not None and episode_id in self._ledger
+
+    def reconcile(self, archive: EpisodeArchive) -> int:
+        """Writes every archived collect episode this server does not hold: those archived
+        after the checkpoint it restored, or whose write to replay failed. Returns how many."""
+        if self._ledger is None:
+            return 0
+        count = 0
+        for path in missing_from_replay(archive, self._ledger):
+            count += self.ingest(archive.read(path)) > 0
+        self.reconciled += count
+        if count:
+            log.warning("replay reconciled with the archive: %d episodes written again", count)
+        return count
+
     def rate_stats(self) -> dict[str, float]:
-        """Items held, inserts and samples completed since the server started, and the
-        rate limiter's bounds on `inserts * samples_per_insert - samples`."""
+        """Items held, inserts and samples completed since the server started, the rate
+        limiter's bounds on `inserts * samples_per_insert - samples`, the episodes the ledger
+        names, and the episodes reconciliation wrote again."""
         info = self._client.server_info(timeout=int(self._config.timeout_seconds))
         table = info[self._config.table]
         limiter = table.rate_limiter_info
         return {"items": int(table.current_size), "inserts": int(limiter.insert_stats.completed),
                 "samples": int(limiter.sample_stats.completed),
                 "samples_per_insert": float(limiter.samples_per_insert),
-                "min_diff": float(limiter.min_diff), "max_diff": float(limiter.max_diff)}
+                "min_diff": float(limiter.min_diff), "max_diff": float(limiter.max_diff),
+                "episodes": len(self._ledger) if self._ledger is not None else -1,
+                "reconciled": self.reconciled}
 
     def num_items(self) -> int:
         info = self._client.server_info(timeout=int(self._config.timeout_seconds))
         return int(info[self._config.table].current_size)
 
-    def checkpoint(self) -> str:
-        """Keeps a copy of the current checkpoint, then writes a new one; returns its path."""
-        current = sorted(p for p in self._root.glob("*") if (p / "DONE").exists())
-        if current:
-            tmp = self._previous.with_name(self._previous.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(current[-1], tmp / current[-1].name)
-            shutil.rmtree(self._previous, ignore_errors=True)
-            tmp.rename(self._previous)
-        path = Path(self._client.checkpoint())
-        Storage(path).put_bytes(MANIFEST, json.dumps(_file_hashes(path)).encode())  # atomic
+    def checkpoint(self, wait_seconds: float = 60.0) -> str:
+        """Keeps a copy of the current checkpoint, then writes a new one with its ledger;
+        returns its path. It waits for an episode being written to finish, so a checkpoint
+        holds whole episodes only; "" when that took longer than `wait_seconds` (a write held
+        by the rate limiter) and no checkpoint was taken."""
+        if not self._lock.acquire(timeout=wait_seconds):
+            log.warning("replay checkpoint skipped: an episode write held it up %.0f s",
+                        wait_seconds)
+            return ""
+        try:
+            current = sorted(p for p in self._root.glob("*") if (p / "DONE").exists())
+            if current:
+                tmp = self._previous.with_name(self._previous.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(current[-1], tmp / current[-1].name)
+                shutil.rmtree(self._previous, ignore_errors=True)
+                tmp.rename(self._previous)
+            path = Path(self._client.checkpoint())
+            store = Storage(path)
+            if self._ledger is not None:  # None: restored from an older checkpoint without one
+                store.put_bytes(LEDGER, self._ledger.to_bytes())
+            store.put_bytes(MANIFEST, json.dumps(_file_hashes(path)).encode())  # atomic, last
+        finally:
+            self._lock.release()
         if self._storage is not None:
             return self._upload(path)
         return str(path)

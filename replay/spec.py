@@ -167,6 +167,10 @@ class Adder(abc.ABC):
         adder.add_episode(episode)   # items become sampleable when this returns
     """
 
+    # True when writing an episode replay already holds is a no-op (keyed by episode id), so a
+    # retry of an archived episode may always be sent again (replay.ingest.EpisodeSink).
+    idempotent: bool = False
+
     @abc.abstractmethod
     def add_episode(self, episode: Episode, priorities: np.ndarray | None = None) -> int:
         """Writes the episode's sequence items (one per transition, with the given (T,)

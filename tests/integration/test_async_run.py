@@ -121,6 +121,10 @@ def test_every_collected_episode_is_archived_once(async_run):
     ids = Counter(e.lineage.episode_id for e in collected)
     assert set(ids) == expected and set(ids.values()) == {1}
     assert len(collected) == state["rows"][-1]["episodes"]
+    # Replay holds each of them whole and once, although a collector was SIGKILLed while
+    # writing: the run's replay process writes episodes, one at a time (#11 item 5).
+    assert state["replay"]["episodes"] == len(collected), state["replay"]
+    assert state["replay"]["items"] == sum(e.length for e in collected), state["replay"]
     versions = {e.lineage.policy_version for e in collected}
     assert 0 in versions and len(versions) >= 3  # random first, then the versions pushed
     evals = [e for e in episodes if e.lineage.mode == "eval"]
