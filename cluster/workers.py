@@ -291,6 +291,9 @@ class LearnerWorker(RunProcess):
                                              resolve=functools.partial(read_address, run,
                                                                        "replay")) \
             if cluster_config.learner_workers == 1 else None
+        if self._iterator is not None:  # read at every scrape: a stall shows while it lasts
+            iterator = self._iterator
+            self._stalls.set_function(lambda: iterator.num_stalls)
         self._learner = PACLearner(spec, model_config, config, self._iterator or iter(()), seed)
         self._spec, self._model_config = spec, model_config
         state = load_latest_good(self._checkpoints)
@@ -322,8 +325,6 @@ class LearnerWorker(RunProcess):
         for term in ("loss", "l_imp", "l_bc", "l_q"):
             if term in metrics:
                 self._loss.labels(term).set(metrics[term])
-        if self._iterator is not None:
-            self._stalls.set(self._iterator.num_stalls)
         done = self._learner.num_steps - before
         if snapshot_version and done:
             self.make_snapshot(snapshot_version, cycle)

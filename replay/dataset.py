@@ -53,7 +53,9 @@ class ReverbBatchIterator(Iterator[Batch]):
 
     While `next` waits it checks every PROBE_SECONDS that the server still answers (a dead
     server leaves Reverb's dataset blocked for good). A server that stops answering for
-    `config.timeout_seconds`, or an error in the thread, raises RuntimeError from `next`; with a
+    `config.timeout_seconds`, or an error in the thread, raises RuntimeError from `next`; the
+    thread that failed is replaced, so a later `next` samples again rather than waiting on a
+    thread that no longer exists. With a
     resolver (replay/reconnect.py), a new incarnation of the server that Ray restarted, at any
     address, is sampled instead by a new thread (`num_reconnects`; the stuck one is abandoned).
     `interrupt()` (from another thread) ends the iterator: a `next` blocked on data, and every
@@ -152,6 +154,7 @@ class ReverbBatchIterator(Iterator[Batch]):
             if isinstance(item, Exception):
                 if self._replaced():
                     continue
+                self._start_thread()  # the failed thread has ended: a later `next` samples anew
                 raise RuntimeError("replay sampling failed") from item
             return item
 

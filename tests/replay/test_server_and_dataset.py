@@ -139,3 +139,59 @@ def test_interrupt_ends_a_next_blocked_on_an_empty_table(tmp_path):
         batches.close()
     finally:
         server.stop()
+
+
+def test_a_sampling_error_is_raised_once_and_later_calls_sample_again(tmp_path, monkeypatch):
+    """Before, the prefetch thread ended on its first error: the next call after the
+    RuntimeError waited for ever on a thread that no longer existed."""
+    from replay import dataset
+
+    config = ReplayConfig(n_step=1, timeout_seconds=10)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    real, calls = dataset._batched_dataset, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("injected sampling error")
+        return real(*args)
+    monkeypatch.setattr(dataset, "_batched_dataset", flaky)
+    try:
+        ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=6))
+        batches = ReverbBatchIterator(server.address, config, batch_size=4)
+        with pytest.raises(RuntimeError, match="replay sampling failed"):
+            next(batches)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(next(batches)), daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert got and got[0].observation.shape == (4, 2, SPEC.obs_dim) and len(calls) == 2
+        batches.close()
+    finally:
+        server.stop()
+
+
+def test_the_learners_stall_gauge_moves_while_train_waits(tmp_path):
+    """Before, the gauge was set when train() returned: a learner starved for good showed no
+    stall at all."""
+    from cluster.workers import LearnerWorker
+    from learners.config import LearnerConfig
+    from tests.fakes import TINY_MODEL
+
+    config = ReplayConfig(n_step=1, stall_timeout_seconds=0.5)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    try:
+        worker = LearnerWorker(SPEC, TINY_MODEL, LearnerConfig(batch_size=4), config,
+                               server.address, str(tmp_path / "run"), 0)
+        stalls = lambda: worker.registry.get_sample_value("pacflow_learner_replay_stalls")  # noqa: E731
+        trainer = threading.Thread(target=worker.train, args=(1,), daemon=True)
+        trainer.start()
+        deadline = time.monotonic() + 60
+        while not stalls() and time.monotonic() < deadline:
+            trainer.join(timeout=0.1)
+        assert stalls() >= 1 and trainer.is_alive()  # shown while train() still waits
+        ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=6))
+        trainer.join(timeout=60)
+        assert not trainer.is_alive()
+    finally:
+        server.stop()
