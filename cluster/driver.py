@@ -27,6 +27,7 @@ from cluster.report import (STATE, CycleRow, format_header, format_row, plot_ret
                             read_rows, read_state, write_state)
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
 from replay.storage import Storage, StorageError, join
+from policies.security import SecurityError, pack_client_security
 
 log = logging.getLogger(__name__)
 RUN_SUBDIRS = ("archive", "quarantine", "checkpoints", "policies", "replay_checkpoints",
@@ -178,7 +179,9 @@ class Topology:
     A restarted replay or policy server restores from run storage and announces its address
     (`<run>/addresses/`), where its clients find it (replay/reconnect.py)."""
 
-    def __init__(self, config: ExperimentConfig, run: str):
+    def __init__(self, config: ExperimentConfig, run: str,
+                 credentials: dict[str, dict[str, bytes]]):
+        """`credentials`: {"learner": ..., "actor": ...} from `run_credentials`."""
         c = config.cluster
         spec = config.env.spec()
         servers = placement(c.server_resource, driver_node=True)
@@ -192,6 +195,7 @@ class Topology:
             [("replay", self.replay.address.remote()), ("policyserver",
                                                          self.policy.address.remote())],
             "start-up", config.loop.call_timeout_seconds)))
+        creds = credentials
         local = c.learner_workers == 1  # else the Ray Train workers hold the devices
         # Async: a second thread takes `stop` while `train` waits for data (cluster/async_loop.py).
         threads = 2 if config.loop.mode is LoopMode.ASYNC else 1
@@ -200,18 +204,21 @@ class Topology:
                                   max_concurrency=threads,
                                   **placement(c.learner_resource), **restarts)(
             LearnerWorker).remote(spec, config.model, config.learner, config.replay,
-                                  self.addresses["replay"], run, config.loop.seed, c)
+                                  self.addresses["replay"], run, config.loop.seed, c,
+                                  creds["learner"])
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
                                **restarts)(CollectorWorker)
         self.actors = [
             collector.remote(i, spec, config.env, c, config.model, self.replay,
-                             self.addresses, run, config.loop.seed * 1000 + i * 100)
+                             self.addresses, run, config.loop.seed * 1000 + i * 100,
+                             credentials=creds["actor"])
             for i in range(c.num_actors)]
         # Async: evaluation has an actor of its own (every task, its own seeds).
         self.evaluator = ray.remote(num_cpus=c.evaluator_cpus, **placement(c.actor_resource),
                                     **restarts)(CollectorWorker).remote(
             0, spec, config.env, dataclasses.replace(c, num_actors=1), config.model,
-            self.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator") \
+            self.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator",
+            creds["actor"]) \
             if config.loop.mode is LoopMode.ASYNC else None
 
     def policy_address(self, timeout: float) -> str:
@@ -361,6 +368,18 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
             break
 
 
+def run_credentials(cluster: ClusterConfig) -> dict[str, dict[str, bytes]]:
+    """The learner's and the actors' policy credentials, read here into memory. Each process
+    gets its own as bytes, never the folder's path: the folder (every client's key and token)
+    need only be readable where the driver and the policy server run. An unreadable file is a
+    RunDirError naming it."""
+    try:
+        return {who: pack_client_security(cluster.policy_client_security(who))
+                for who in ("learner", "actor")}
+    except SecurityError as e:
+        raise RunDirError(f"cluster.policy_credentials: {e}") from None
+
+
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str | None = None,
                    out: TextIO = sys.stdout, resume: bool = False) -> list[CycleRow]:
     """Runs every cycle not yet done; prints a row per cycle; writes the run's storage (a local
@@ -372,6 +391,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
     started = time.time()
     run = Storage(run_dir).uri
     check_run_dir(config, run, resume)
+    credentials = run_credentials(config.cluster)
     # A new local cluster gets Ray's default, token authentication, without Ray's warning line.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
@@ -381,7 +401,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         check_storage_reaches_every_node(run)
         check_placement(config.cluster, config.loop.mode)
         rows = prepare_run_dir(config, run, resume)
-        top = Topology(config, run)
+        top = Topology(config, run, credentials)
         print(format_header(), file=out, flush=True)
         for row in rows:
             print(format_row(row), file=out, flush=True)

@@ -31,6 +31,7 @@ from policies.limits import GatewayLimits
 from policies.perceiver import PerceiverConfig
 from policies.policy import PACPolicy, Policy, RandomPolicy
 from policies.client import PolicyClient, PolicySubscriber
+from policies.security import unpack_client_security
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.archive import EpisodeArchive
@@ -145,7 +146,7 @@ class CollectorWorker(RunProcess):
     def __init__(self, index: int, spec: EnvSpec, env_config: EnvConfig,
                  cluster_config: ClusterConfig, model_config: PerceiverConfig,
                  replay: "ray.actor.ActorHandle", addresses: dict[str, str], run: str,
-                 seed: int, name: str = ""):
+                 seed: int, name: str = "", credentials: dict[str, bytes] | None = None):
         torch.set_num_threads(1)
         os.nice(cluster_config.actor_nice)
         self.actor_id, self._seed = name or f"actor-{index}", seed
@@ -167,7 +168,9 @@ class CollectorWorker(RunProcess):
                                  ReplayActorAdder(replay), join(run, "quarantine"))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         self._subscriber = PolicySubscriber(
-            addresses["policy"], self.actor_id, cluster_config.policy_client_security("actor"),
+            addresses["policy"], self.actor_id,
+            unpack_client_security(credentials or {},
+                                   scratch_dir(run, self.actor_id) / "credentials"),
             functools.partial(read_address, run, "policyserver")).start()
 
     def _switch_policy(self) -> None:
@@ -274,8 +277,12 @@ class LearnerWorker(RunProcess):
 
     def __init__(self, spec: EnvSpec, model_config: PerceiverConfig, config: LearnerConfig,
                  replay_config: ReplayConfig, replay_address: str, run: str, seed: int,
-                 cluster_config: ClusterConfig = ClusterConfig()):
+                 cluster_config: ClusterConfig = ClusterConfig(),
+                 credentials: dict[str, bytes] | None = None):
         super().__init__(run, "learner")
+        # Only the learner's own credentials, written to this node's scratch.
+        self._security = unpack_client_security(credentials or {},
+                                                scratch_dir(run, "learner") / "credentials")
         self._cluster, self._seed = cluster_config, seed
         self._checkpoints = join(run, "checkpoints")
         self._replay = (replay_address, replay_config)
@@ -368,8 +375,8 @@ class LearnerWorker(RunProcess):
     def publish(self, policy_address: str, version: int, cycle: int) -> int:
         """Publishes `version` (the candidate, or made again after a restart); a version the
         server already holds (published before a restart) is not sent twice."""
-        security = self._cluster.policy_client_security("learner")
-        with PolicyClient(policy_address, security=security, wait_for_ready=True) as client:
+        with PolicyClient(policy_address, security=self._security,
+                          wait_for_ready=True) as client:
             if any(v.version >= version for v in client.list().versions):
                 return version
             if self._candidate is None or self._candidate.version != version:

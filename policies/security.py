@@ -153,6 +153,34 @@ def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials | N
     return creds
 
 
+CLIENT_FILES = ("ca_file", "cert_file", "key_file", "token_file")
+
+
+def pack_client_security(security: ClientSecurity) -> dict[str, bytes]:
+    """The files a client's credentials name, read into memory ({field: content}): what one
+    process of a run receives from the driver, instead of the path of the whole credentials
+    folder (which also holds every other client's key and token)."""
+    return {name: _read(getattr(security, name), name) for name in CLIENT_FILES
+            if getattr(security, name)}
+
+
+def unpack_client_security(packed: dict[str, bytes], directory: str | Path) -> ClientSecurity:
+    """Writes packed credentials to `directory` (created 0700, files 0600) on this node and
+    returns a ClientSecurity naming them; plaintext when `packed` is empty."""
+    if not packed:
+        return ClientSecurity()
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = {}
+    for name, content in packed.items():
+        path = d / name.removesuffix("_file")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        paths[name] = str(path)
+    return ClientSecurity(**paths)
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

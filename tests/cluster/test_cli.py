@@ -24,6 +24,8 @@ def _pacflow(*args, cwd=None):
     ("env: [unclosed\n", [], "not valid YAML"),
     (GOOD, ["--set", "cluster.host=0.0.0.0"], "cluster.policy_credentials: required"),
     (GOOD, ["--set", "gateway.max_upload_bytes=0"], "gateway.max_upload_bytes=0 must be > 0"),
+    (GOOD, ["--set", "cluster.policy_credentials=/nonexistent/creds"],
+     "cluster.policy_credentials: ca_file: cannot read /nonexistent/creds/ca.pem"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, content, args, needle):
     path = tmp_path / "c.yaml"

@@ -72,3 +72,21 @@ def test_reverb_items_carry_the_version_that_produced_them(smoke_run):
         (step,) = np.flatnonzero((episode.observation == items["observation"][i, 0]).all(1))
         assert items["policy_version"][i, 0] == episode.lineage.policy_version
         np.testing.assert_array_equal(items["action"][i, 0], episode.action[step])
+
+
+def test_each_process_holds_only_its_own_credentials(smoke_run):
+    """The driver sends the learner and each actor their own certificate, key and token as
+    bytes; before, every process was given the path of the whole folder (the CA key and every
+    client's key and token)."""
+    from replay.storage import Storage, scratch_dir
+
+    run_dir, _, _ = smoke_run
+    creds, uri = run_dir.parent / "creds", Storage(run_dir).uri
+    for process, identity in (("learner", "learner"), ("actor-0", "actor"),
+                              ("actor-1", "actor")):
+        held = scratch_dir(uri, process) / "credentials"
+        assert sorted(p.name for p in held.iterdir()) == ["ca", "cert", "key", "token"]
+        assert (held / "key").read_bytes() == (creds / "clients" / f"{identity}.key").read_bytes()
+        assert (held / "token").read_bytes() == \
+            (creds / "clients" / f"{identity}.token").read_bytes()
+        assert (held / "key").stat().st_mode & 0o077 == 0

@@ -2,6 +2,7 @@
 credential is refused with a reason, the right ones succeed."""
 
 import dataclasses
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,7 +14,7 @@ from policies.client import PolicyClient, PolicySubscriber
 from policies.perceiver import PerceiverActorCritic
 from policies.proto import policy_pb2 as pb
 from policies.security import ClientSecurity, SecurityError, ServerSecurity, load_tokens, \
-    token_digest
+    pack_client_security, token_digest, unpack_client_security
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
 from replay.archive import EpisodeArchive
@@ -246,3 +247,18 @@ def test_tokens_are_revoked_without_a_restart(creds, tmp_path):
             c2.list()
     finally:
         server.stop()
+
+
+def test_packed_credentials_carry_one_identity_and_connect(mtls_server, tmp_path):
+    """What the driver sends a run's process: that identity's files as bytes, written 0600 to
+    the process's own scratch, and enough to pass the mTLS handshake and the token check."""
+    address, good = mtls_server
+    packed = pack_client_security(ClientSecurity.from_dir(good, "robot-1"))
+    assert sorted(packed) == ["ca_file", "cert_file", "key_file", "token_file"]
+    assert packed["key_file"] == (good / "clients" / "robot-1.key").read_bytes()
+    security = unpack_client_security(packed, tmp_path / "mine")
+    assert (tmp_path / "mine").stat().st_mode & 0o077 == 0
+    assert all(Path(getattr(security, f)).stat().st_mode & 0o077 == 0 for f in packed)
+    with _client(address, security) as client:
+        assert client.list().versions == []
+    assert unpack_client_security({}, tmp_path / "none") == ClientSecurity()
