@@ -1,0 +1,147 @@
+"""Reliability scenarios of `../shared/notes/reliability.md` §6 with real processes: each
+writer runs as its own process (tests/reliability/children.py) and is SIGKILLed or SIGSTOPped
+at a step drawn from a seeded RNG; each scenario asserts the note's pass threshold (nothing
+lost, nothing duplicated, nothing partial visible) and has a hard timeout.
+
+Scenarios covered in other files, with real processes as well: S1/S8 in a whole run
+(tests/integration/test_async_run.py: a collector and the learner SIGKILLed), S3/S4 in a whole
+run (tests/integration/test_server_restarts.py: replay SIGKILLed while actors write), S5
+(tests/replay/test_server_and_dataset.py), S9 (tests/learners/test_learner.py), S11
+(tests/replay/test_archive_schema.py), S12 (tests/replay/test_validation*.py), S13
+(tests/integration/test_robot_cli.py, tests/actors/test_robot.py), S14
+(tests/policies/test_security.py, test_hostile_ids.py), S15 (tests/policies/test_server.py),
+S16 (tests/policies/test_limits.py).
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from learners.checkpoints import checkpoint_uris, load_checkpoint, load_latest_good
+from replay.archive import EpisodeArchive
+from replay.config import ReplayConfig
+from replay.dataset import ReverbBatchIterator
+from replay.server import ReplayServer
+from tests.fakes import SPEC
+from tests.reliability.children import episode_id, episodes
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+SEEDS = [20261202, 7]
+
+
+def _child(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.reliability.children", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _kill_after(proc: subprocess.Popen, prefix: str, count: int) -> list[str]:
+    """Reads the child's progress lines; SIGKILLs it right after the `count`-th line starting
+    with `prefix` (it is then inside the next write). Returns the lines read."""
+    lines, seen = [], 0
+    for line in proc.stdout:
+        lines.append(line.strip())
+        seen += line.startswith(prefix)
+        if seen == count:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, lines[-5:])
+    return lines
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_s10_archive_writer_killed_mid_file(tmp_path, seed):
+    """Only whole, readable files in the archive's namespace; the retry archives the rest,
+    each episode once."""
+    n, root = 40, tmp_path / "archive"
+    step = random.Random(seed).randrange(1, n - 1)
+    _kill_after(_child("archive-writer", str(root), str(n)), "wrote ", step)
+    archive = EpisodeArchive(root)
+    good, bad = archive.verify()
+    assert bad == [] and step <= good <= step + 1
+    retry = _child("archive-writer", str(root), str(n))
+    assert retry.wait(timeout=120) == 0
+    good, bad = archive.verify()
+    ids = [p.rsplit("/", 1)[-1][:-len(".parquet")] for p in archive.paths()]
+    assert bad == [] and good == n and sorted(ids) == sorted(episode_id(i) for i in range(n))
+    for path in archive.paths():  # and each file is the episode it names, whole
+        episode = archive.read(path)
+        assert path.endswith(f"{episode.lineage.episode_id}.parquet")
+        assert episode.length == 20 + int(episode.lineage.seed) % 20
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_s8_learner_killed_while_saving_checkpoints(tmp_path, seed):
+    """The restart loads the newest complete checkpoint, never a partial one, and removes a
+    save that was cut short."""
+    directory = tmp_path / "checkpoints"
+    step = random.Random(seed).randrange(2, 12)
+    _kill_after(_child("checkpoint-saver", str(directory), "30"), "saved ", step)
+    state = load_latest_good(directory)
+    assert state is not None and state["num_steps"] in (step, step + 1)
+    # What is left is whole: every remaining folder loads (a cut-short save was removed).
+    for uri in checkpoint_uris(directory):
+        load_checkpoint(uri)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_s1_s3_replay_writer_killed_mid_episode(tmp_path, seed):
+    """The replay process SIGKILLed while it writes episodes (and checkpoints every third):
+    restarted from its checkpoint and reconciled with the archive, it holds every archived
+    episode whole and once, and nothing of an episode the archive lacks."""
+    n, root, checkpoints = 30, tmp_path / "archive", tmp_path / "replay"
+    step = random.Random(seed).randrange(4, n - 2)
+    _kill_after(_child("replay-writer", str(checkpoints), str(root), str(n)), "ingested ", step)
+    archive = EpisodeArchive(root)
+    archived = {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in archive.paths()}
+    assert step <= len(archived) <= step + 1
+    server = ReplayServer(SPEC, ReplayConfig(n_step=3), checkpoints)
+    try:
+        restored = server.num_items()
+        server.reconcile(archive)
+        lengths = {e.lineage.episode_id: e.length for e in episodes(n)}
+        assert restored <= sum(lengths[i] for i in archived)
+        assert server.num_items() == sum(lengths[i] for i in archived)
+        assert server.rate_stats()["episodes"] == len(archived)
+        assert all(server.holds(i) for i in archived)
+        assert not any(server.holds(i) for i in set(lengths) - archived)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_s6_replay_frozen_while_the_learner_samples(tmp_path):
+    """SIGSTOP the replay process: the learner's iterator does not hang; it raises within its
+    timeout, naming the server. After SIGCONT the server samples again."""
+    proc = _child("replay-server", str(tmp_path / "replay"), "50")
+    try:
+        address = proc.stdout.readline().strip()
+        config = ReplayConfig(n_step=1, timeout_seconds=5)
+        batches = ReverbBatchIterator(address, config, batch_size=4)
+        assert next(batches).reward.shape == (4, 2)
+        os.kill(proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="has not answered for 5s"):
+            for _ in range(10_000):  # the batches prefetched before the stop, then the error
+                next(batches)
+        assert time.monotonic() - start < 5 + 2 * ReverbBatchIterator.PROBE_SECONDS + 10
+        batches.close()
+        os.kill(proc.pid, signal.SIGCONT)
+        again = ReverbBatchIterator(address, config, batch_size=4)
+        assert next(again).reward.shape == (4, 2)
+        again.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait(timeout=30)
