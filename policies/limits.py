@@ -32,6 +32,8 @@ class GatewayLimits:
     #                                   before it is decoded; over it: RESOURCE_EXHAUSTED
     upload_deadline_seconds: float = 300.0  # an upload still receiving after this is cancelled
     act_deadline_seconds: float = 10.0  # an Act waits at most this long, whatever the caller asks
+    fetch_deadline_seconds: float = 600.0  # a Fetch still sending after this is cancelled (a
+    #                                        client that stops reading holds a thread until then)
     handler_threads: int = 64  # gRPC handler threads; calls beyond them are refused at once
     max_streams_total: int = 48  # Subscribe, Fetch and UploadEpisode calls in progress, in all
     #                              (leaves handler threads for Act, List, Pin and Publish)

@@ -242,7 +242,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     def Fetch(self, request: pb.FetchRequest,
               context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
-        with self.slots.hold(context):
+        with self.slots.hold(context), cancel_after(context, self.limits.fetch_deadline_seconds):
             version = int(request.version) or self.store.target("")
             entry = self._get(version, context)
             if entry is None:

@@ -231,3 +231,21 @@ def test_act_waits_at_most_the_servers_deadline(tmp_path):
             assert "no action within the deadline" in err.value.details()
     finally:
         server.stop()
+
+
+def test_a_fetch_that_is_not_read_is_cancelled_by_the_server_deadline(tmp_path):
+    """A 12 MB snapshot to a client that reads its first chunk and then stops: the server
+    cancels the call at fetch_deadline_seconds and frees its stream slot."""
+    server, address = _server(tmp_path, GatewayLimits(fetch_deadline_seconds=1.0))
+    try:
+        with PolicyClient(address, timeout=30) as client:
+            client.publish(Snapshot.from_state_dict(1, {"w": torch.randn(3_000_000)}, {}))
+            call = client._stub.Fetch(pb.FetchRequest(version=1), timeout=60)
+            next(call)  # the header; then this client reads nothing more
+            until(lambda: server._servicer.slots.in_use == 0, "the fetch's stream slot", 20)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.CANCELLED
+    finally:
+        server.stop()
