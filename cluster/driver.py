@@ -190,7 +190,7 @@ class Topology:
         self.replay = ray.remote(num_cpus=0, max_concurrency=c.num_actors + 4, **servers,
                                  **restarts)(ReplayWorker).remote(spec, config.replay, run, c)
         self.policy = ray.remote(num_cpus=0, **servers, **restarts)(PolicyServerWorker).remote(
-            run, c, config.gateway)
+            run, c, config.gateway, self.replay, spec)
         self.addresses = dict(zip(("replay", "policy"), wait(
             [("replay", self.replay.address.remote()), ("policyserver",
                                                          self.policy.address.remote())],

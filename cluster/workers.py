@@ -121,15 +121,23 @@ class ReplayActorAdder(Adder):
 
 
 class PolicyServerWorker(RunProcess):
-    """The gRPC policy server of the run, storing versions under `<run>/policies/`."""
+    """The gRPC policy server of the run, storing versions under `<run>/policies/`. With the
+    run's replay process and env spec it is also the run's robot gateway: uploads are
+    validated against the spec, archived and sent to replay like the actors' episodes."""
 
     def __init__(self, run: str, cluster_config: ClusterConfig,
-                 limits: GatewayLimits = GatewayLimits()):
+                 limits: GatewayLimits = GatewayLimits(),
+                 replay: "ray.actor.ActorHandle | None" = None, spec: EnvSpec | None = None):
         super().__init__(run, "policyserver")
+        handler = None
+        if replay is not None and spec is not None:
+            sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
+                               ReplayActorAdder(replay), join(run, "quarantine"))
+            handler = functools.partial(sink.ingest, to_replay=True)
         self._server = PolicyServer(join(run, "policies"), host=advertised_host(cluster_config),
                                     port=self.stable_port(cluster_config.policy_port),
                                     security=cluster_config.policy_server_security(),
-                                    limits=limits)
+                                    limits=limits, episode_handler=handler)
         self._address = self._server.start()
         self.remember_address(self._address)
 
