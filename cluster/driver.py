@@ -195,7 +195,6 @@ class Topology:
             [("replay", self.replay.address.remote()), ("policyserver",
                                                          self.policy.address.remote())],
             "start-up", config.loop.call_timeout_seconds)))
-        creds = credentials
         local = c.learner_workers == 1  # else the Ray Train workers hold the devices
         # Async: a second thread takes `stop` while `train` waits for data (cluster/async_loop.py).
         threads = 2 if config.loop.mode is LoopMode.ASYNC else 1
@@ -205,20 +204,20 @@ class Topology:
                                   **placement(c.learner_resource), **restarts)(
             LearnerWorker).remote(spec, config.model, config.learner, config.replay,
                                   self.addresses["replay"], run, config.loop.seed, c,
-                                  creds["learner"])
+                                  credentials["learner"])
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
                                **restarts)(CollectorWorker)
         self.actors = [
             collector.remote(i, spec, config.env, c, config.model, self.replay,
                              self.addresses, run, config.loop.seed * 1000 + i * 100,
-                             credentials=creds["actor"])
+                             credentials=credentials["actor"])
             for i in range(c.num_actors)]
         # Async: evaluation has an actor of its own (every task, its own seeds).
         self.evaluator = ray.remote(num_cpus=c.evaluator_cpus, **placement(c.actor_resource),
                                     **restarts)(CollectorWorker).remote(
             0, spec, config.env, dataclasses.replace(c, num_actors=1), config.model,
             self.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator",
-            creds["actor"]) \
+            credentials["actor"]) \
             if config.loop.mode is LoopMode.ASYNC else None
 
     def policy_address(self, timeout: float) -> str:

@@ -119,6 +119,9 @@ class ReplayActorAdder(Adder):
             raise ValueError("the run's replay process writes priority 1 for every item")
         return ray.get(self._replay.ingest.remote(episode))
 
+    def holds(self, episode_id: str) -> bool:
+        return ray.get(self._replay.holds.remote(episode_id))
+
 
 class PolicyServerWorker(RunProcess):
     """The gRPC policy server of the run, storing versions under `<run>/policies/`. With the

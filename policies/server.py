@@ -347,12 +347,11 @@ class PolicyServer:
         self._interceptors = server_interceptors(security)
         self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds,
                                         limits=limits)
-        self._limits = limits
         self._host, self._port = host, port
         self._server: grpc.Server | None = None
 
     def start(self) -> str:
-        threads = self._limits.handler_threads  # calls beyond them: RESOURCE_EXHAUSTED at once
+        threads = self._servicer.limits.handler_threads  # beyond them: RESOURCE_EXHAUSTED
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                                    options=SERVER_OPTIONS, interceptors=self._interceptors,
                                    maximum_concurrent_rpcs=threads)

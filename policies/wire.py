@@ -153,18 +153,16 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk], max_bytes: int = MAX_EPISODE
                             f"({size} of {header.total_bytes} bytes or a wrong sha256)")
         spool.seek(0)
         try:
-            source = pa.PythonFile(spool, mode="r")
-            parquet = pq.ParquetFile(source)
-            decoded = sum(parquet.metadata.row_group(i).total_byte_size
-                          for i in range(parquet.metadata.num_row_groups))
-            if decoded > max_decoded_bytes:
-                raise WireTooLarge(f"episode {header.episode_id} would decode to {decoded} "
-                                   f"bytes, over the limit of {max_decoded_bytes}")
-            episode = table_to_episode(parquet.read())
+            parquet = pq.ParquetFile(pa.PythonFile(spool, mode="r"))
+            meta = parquet.metadata
+            decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            table = parquet.read() if decoded <= max_decoded_bytes else None
+            episode = None if table is None else table_to_episode(table)
         except (pa.ArrowException, KeyError, ValueError) as e:
-            if isinstance(e, WireError):
-                raise
             raise WireError(f"episode {header.episode_id}: not a pacflow episode ({e})") from None
+    if episode is None:
+        raise WireTooLarge(f"episode {header.episode_id} would decode to {decoded} bytes, over "
+                           f"the limit of {max_decoded_bytes}")
     if episode.lineage.episode_id != header.episode_id:
         raise WireError(f"episode {header.episode_id}: payload holds episode "
                         f"{episode.lineage.episode_id}")

@@ -28,8 +28,8 @@ class EpisodeSink:
 
     The archive write comes first, so replay never holds an episode the archive lacks. With an
     idempotent adder (the run's replay process, `ReplayServer.ingest`), an episode that was
-    archived already is sent to replay again, as the archive holds it: a write that failed
-    between the archive and replay is completed by the retry, and a repeat writes nothing.
+    archived already and that replay lacks is sent again, as the archive holds it: a write that
+    failed between the archive and replay is completed by the retry; a repeat reads nothing.
 
     Usage:
         sink = EpisodeSink(spec, EpisodeArchive(dir), adder, run_dir / "quarantine")
@@ -59,7 +59,7 @@ class EpisodeSink:
         if to_replay and self._adder is not None:
             if written:
                 self.num_items += self._adder.add_episode(episode)
-            elif self._adder.idempotent:
+            elif self._adder.idempotent and not self._adder.holds(episode.lineage.episode_id):
                 archived = self._archive.read(self._archive.path_of(episode.lineage.episode_id))
                 self.num_items += self._adder.add_episode(archived)
         return Ingested(written, not written)

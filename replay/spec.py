@@ -168,8 +168,13 @@ class Adder(abc.ABC):
     """
 
     # True when writing an episode replay already holds is a no-op (keyed by episode id), so a
-    # retry of an archived episode may always be sent again (replay.ingest.EpisodeSink).
+    # retry of an archived episode may be sent again (replay.ingest.EpisodeSink); such an adder
+    # also answers `holds`.
     idempotent: bool = False
+
+    def holds(self, episode_id: str) -> bool:
+        """Whether replay holds the episode; only idempotent adders know."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def add_episode(self, episode: Episode, priorities: np.ndarray | None = None) -> int:

@@ -66,6 +66,9 @@ def replay_writer(checkpoints: str, root: str, n: int) -> None:
         def add_episode(self, episode, priorities=None):
             return server.ingest(episode)
 
+        def holds(self, episode_id):
+            return server.holds(episode_id)
+
     sink = EpisodeSink(SPEC, EpisodeArchive(root), Ingest(), root + ".quarantine")
     for i, episode in enumerate(episodes(n)):
         sink.write(episode, to_replay=True)

@@ -31,6 +31,9 @@ class ServerAdder(Adder):
             raise ConnectionError("replay unreachable")
         return self.server.ingest(episode)
 
+    def holds(self, episode_id):
+        return self.server.holds(episode_id)
+
 
 def _episodes(n: int, mode: str = "collect", first_seed: int = 0):
     return [make_episode(length=3 + i, seed=first_seed + i, mode=mode) for i in range(n)]
