@@ -75,7 +75,7 @@ class ReplayWorker(RunProcess):
             local, stored = Path(Storage(run).root) / "replay_checkpoints", None
         self._server = ReplayServer(spec, config, local, advertised_host(cluster_config),
                                     port=self.stable_port(cluster_config.replay_port) or None,
-                                    storage=stored)
+                                    storage=stored, exit_on_partial=True)
         self.remember_address(self._server.address)
         # Catch up with the archive (episodes archived after the restored checkpoint) while
         # serving; writes from actors go through the same ledger, so nothing is written twice.

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -91,6 +92,14 @@ def clean_stale_checkpoints(root: Path, previous: Path) -> list[str]:
     return removed
 
 
+PARTIAL_EXIT_CODE = 70  # EX_SOFTWARE: the process exited with part of an episode in replay
+
+
+class PartialEpisodeError(RuntimeError):
+    """A write to replay stopped inside an episode; this server refuses later writes and
+    checkpoints (`ReplayServer(exit_on_partial=...)`)."""
+
+
 class ReplayCheckpointError(RuntimeError):
     """Replay cannot start from its checkpoints as configured; the message says why."""
 
@@ -127,7 +136,11 @@ class ReplayServer:
     """
 
     def __init__(self, spec: EnvSpec, config: ReplayConfig, checkpoint_dir: str | Path,
-                 host: str = "127.0.0.1", port: int | None = None, storage: str | None = None):
+                 host: str = "127.0.0.1", port: int | None = None, storage: str | None = None,
+                 exit_on_partial: bool = False):
+        """`exit_on_partial`: a write cut short mid-episode ends the process at once (exit
+        code PARTIAL_EXIT_CODE), for a process that is restarted from its checkpoint (the
+        run's replay process); else the server refuses every later write and checkpoint."""
         import reverb
 
         self._root = Path(checkpoint_dir)
@@ -147,6 +160,7 @@ class ReplayServer:
         self._lock = threading.Lock()
         self._writer: ReverbSequenceAdder | None = None
         self._ledger, self.reconciled = self._restored_ledger(), 0
+        self._exit_on_partial, self._damaged = exit_on_partial, ""
         log.info("replay server on %s, %d items restored", self.address, self.num_items())
 
     def _start(self, spec: EnvSpec, port: int | None):
@@ -216,15 +230,34 @@ class ReplayServer:
         an episode would leave part of it behind in a live table."""
         episode_id = episode.lineage.episode_id
         with self._lock:
+            if self._damaged:
+                raise PartialEpisodeError(self._damaged)
             if self._ledger is not None and episode_id in self._ledger:
                 return 0
             if self._writer is None:
                 patient = dataclasses.replace(self._config, timeout_seconds=24 * 3600.0)
                 self._writer = ReverbSequenceAdder(f"127.0.0.1:{self._server.port}", patient)
-            items = self._writer.add_episode(episode)
+            try:
+                items = self._writer.add_episode(episode)
+            except Exception as e:
+                self._cut_short(episode_id, e)
             if self._ledger is not None:
                 self._ledger.add(episode_id)
             return items
+
+    def _cut_short(self, episode_id: str, error: Exception) -> None:
+        """A write failed inside an episode: some of its items may be in the live table, or
+        in the writer's buffers where the next episode's items would pick them up, and Reverb
+        cannot remove an item it never named. Neither may reach a sample or a checkpoint."""
+        self._writer, self._damaged = None, (
+            f"episode {episode_id} was cut short while written to replay "
+            f"({type(error).__name__}: {error}); this server holds part of it")
+        if self._exit_on_partial:  # the restart restores a checkpoint without the episode
+            log.critical("%s: exiting so that the restart restores the last checkpoint and "
+                         "writes the episode again from the archive", self._damaged)
+            logging.shutdown()
+            os._exit(PARTIAL_EXIT_CODE)
+        raise PartialEpisodeError(self._damaged) from error
 
     def holds(self, episode_id: str) -> bool:
         with self._lock:
@@ -271,6 +304,8 @@ class ReplayServer:
                         wait_seconds)
             return ""
         try:
+            if self._damaged:
+                raise PartialEpisodeError(self._damaged)
             current = sorted(p for p in self._root.glob("*") if (p / "DONE").exists())
             if current:
                 tmp = self._previous.with_name(self._previous.name + ".tmp")

@@ -3,7 +3,7 @@ write in a loop and prints a line after each one completes, so a test can kill i
 
     python -m tests.reliability.children archive-writer ARCHIVE N
     python -m tests.reliability.children checkpoint-saver DIR N
-    python -m tests.reliability.children replay-writer CHECKPOINTS ARCHIVE N
+    python -m tests.reliability.children replay-writer CHECKPOINTS ARCHIVE N [FAIL_AT_ITEM]
     python -m tests.reliability.children replay-server CHECKPOINTS ITEMS
 """
 
@@ -50,15 +50,29 @@ def checkpoint_saver(directory: str, n: int) -> None:
         print(f"saved {step}", flush=True)
 
 
-def replay_writer(checkpoints: str, root: str, n: int) -> None:
+def replay_writer(checkpoints: str, root: str, n: int, fail_at: int = -1) -> None:
     """What a run's replay process and its actors do, in one process: archive first, then
-    `ReplayServer.ingest`, with a checkpoint after every third episode."""
+    `ReplayServer.ingest`, with a checkpoint after every third episode. With `fail_at` >= 0,
+    Reverb's writer raises when it creates the item of that index (counted over the process),
+    as any error inside an episode's write would."""
+    import reverb
+
     from replay.config import ReplayConfig
     from replay.ingest import EpisodeSink
     from replay.server import ReplayServer
     from replay.spec import Adder
 
-    server = ReplayServer(SPEC, ReplayConfig(n_step=3), checkpoints)
+    if fail_at >= 0:
+        create_item, count = reverb.TrajectoryWriter.create_item, [0]
+
+        def failing(self, *args, **kwargs):
+            count[0] += 1
+            if count[0] == fail_at + 1:  # once: the writes after it would succeed
+                raise RuntimeError(f"injected failure at item {fail_at}")
+            return create_item(self, *args, **kwargs)
+
+        reverb.TrajectoryWriter.create_item = failing
+    server = ReplayServer(SPEC, ReplayConfig(n_step=3), checkpoints, exit_on_partial=True)
 
     class Ingest(Adder):
         idempotent = True
@@ -71,7 +85,11 @@ def replay_writer(checkpoints: str, root: str, n: int) -> None:
 
     sink = EpisodeSink(SPEC, EpisodeArchive(root), Ingest(), root + ".quarantine")
     for i, episode in enumerate(episodes(n)):
-        sink.write(episode, to_replay=True)
+        try:
+            sink.write(episode, to_replay=True)
+        except Exception as e:  # a serving process lives on, as a Ray actor after a failed call
+            print(f"failed {i}: {e}", flush=True)
+            continue
         print(f"ingested {i}", flush=True)
         if i % 3 == 2:
             server.checkpoint()
@@ -95,5 +113,5 @@ if __name__ == "__main__":
     role, *args = sys.argv[1:]
     {"archive-writer": lambda a, n: archive_writer(a, int(n)),
      "checkpoint-saver": lambda d, n: checkpoint_saver(d, int(n)),
-     "replay-writer": lambda c, a, n: replay_writer(c, a, int(n)),
+     "replay-writer": lambda c, a, n, f="-1": replay_writer(c, a, int(n), int(f)),
      "replay-server": lambda c, n: replay_server(c, int(n))}[role](*args)

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from learners.checkpoints import checkpoint_uris, load_checkpoint, load_latest_good
@@ -119,6 +120,38 @@ def test_s1_s3_replay_writer_killed_mid_episode(tmp_path, seed):
         assert not any(server.holds(i) for i in set(lengths) - archived)
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", SEEDS[:1])
+def test_s2_exception_inside_an_episode_write(tmp_path, seed):
+    """An error raised in the middle of an episode's write to replay (drawn item index): the
+    replay process exits instead of keeping or checkpointing part of the episode; restarted
+    from its checkpoint and reconciled, it holds every archived episode whole and once."""
+    from replay.server import PARTIAL_EXIT_CODE
+
+    n, root, checkpoints = 30, tmp_path / "archive", tmp_path / "replay"
+    lengths = {e.lineage.episode_id: e.length for e in episodes(n)}
+    starts = np.cumsum([0, *lengths.values()])
+    fail_at = random.Random(seed).randrange(int(starts[4]), int(starts[n - 2]))
+    failing = int(np.searchsorted(starts, fail_at, side="right")) - 1  # the episode cut short
+    proc = _child("replay-writer", str(checkpoints), str(root), str(n), str(fail_at))
+    lines = proc.communicate(timeout=240)[0].split("\n")
+    archive = EpisodeArchive(root)
+    archived = {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in archive.paths()}
+    server = ReplayServer(SPEC, ReplayConfig(n_step=3), checkpoints)
+    try:  # the checkpoint holds whole episodes only, and reconciling completes the archive's
+        held = [i for i in lengths if server.holds(i)]
+        assert server.num_items() == sum(lengths[i] for i in held)
+        assert server.reconcile(archive) == len(archived) - len(held)
+        assert server.num_items() == sum(lengths[i] for i in archived)
+        assert all(server.holds(i) for i in archived)
+    finally:
+        server.stop()
+    assert proc.returncode == PARTIAL_EXIT_CODE, lines[-5:]
+    assert f"ingested {failing - 1}" in lines and f"ingested {failing}" not in lines
+    assert archived == set(list(lengths)[:failing + 1])  # archived first, then cut short
+    assert len(held) == 3 * (failing // 3)  # the last checkpoint: every third episode
 
 
 @pytest.mark.timeout(180)

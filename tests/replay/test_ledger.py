@@ -10,7 +10,7 @@ from replay.archive import EpisodeArchive
 from replay.config import ReplayConfig
 from replay.ingest import EpisodeSink
 from replay.ledger import LEDGER, Ledger
-from replay.server import ReplayServer
+from replay.server import PartialEpisodeError, ReplayServer
 from replay.spec import Adder
 from tests.fakes import SPEC, make_episode
 
@@ -46,6 +46,35 @@ def test_ingest_is_idempotent_by_episode_id(tmp_path):
         assert server.ingest(episode) == episode.length
         assert server.ingest(episode) == 0
         assert server.num_items() == episode.length and server.holds(episode.lineage.episode_id)
+    finally:
+        server.stop()
+
+
+def test_a_write_cut_short_refuses_later_writes_and_checkpoints(tmp_path, monkeypatch):
+    """Part of the episode may be in the table: nothing more goes in or out to a checkpoint
+    (the run's replay process exits instead: tests/reliability, S2)."""
+    import reverb
+
+    server = ReplayServer(SPEC, CONFIG, tmp_path / "ckpt")
+    first, second = _episodes(2, first_seed=5)
+    create_item, calls = reverb.TrajectoryWriter.create_item, []
+
+    def third_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return create_item(self, *args, **kwargs)
+
+    monkeypatch.setattr(reverb.TrajectoryWriter, "create_item", third_fails)
+    try:
+        with pytest.raises(PartialEpisodeError, match=f"{first.lineage.episode_id} was cut short"):
+            server.ingest(first)
+        assert not server.holds(first.lineage.episode_id)
+        with pytest.raises(PartialEpisodeError):
+            server.ingest(second)
+        with pytest.raises(PartialEpisodeError):
+            server.checkpoint()
+        assert not list((tmp_path / "ckpt").glob("*/DONE")) and len(calls) == 3
     finally:
         server.stop()
 
