@@ -30,6 +30,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.ping_timeout_ms", 5_000),
+    # Keep pinging on a stream with no data (gRPC stops after 2 pings by default), which the
+    # server's ping policy permits: tests/reliability S17 holds such a stream for 60 s.
+    ("grpc.http2.max_pings_without_data", 0),
     # Reconnect within seconds after a server restart (gRPC's default backoff grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
@@ -160,6 +163,7 @@ class PolicySubscriber:
         self.last_contact: float = -float("inf")  # time.monotonic() of the last message
         self.server_version = 0  # what the server last said this client should run
         self.refused = 0  # snapshots refused
+        self.reconnects = 0  # streams that broke (server gone, GOAWAY, ...) and were reopened
         self._thread = threading.Thread(target=self._run, name=f"subscribe-{client_id}",
                                         daemon=True)
 
@@ -241,6 +245,7 @@ class PolicySubscriber:
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     return
+                self.reconnects += 1
                 log.warning("%s: policy stream broke (%s); reconnecting", self._client_id,
                             e.code() if hasattr(e, "code") else e)
             finally:

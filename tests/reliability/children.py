@@ -5,6 +5,7 @@ write in a loop and prints a line after each one completes, so a test can kill i
     python -m tests.reliability.children checkpoint-saver DIR N
     python -m tests.reliability.children replay-writer CHECKPOINTS ARCHIVE N [FAIL_AT_ITEM]
     python -m tests.reliability.children replay-server CHECKPOINTS ITEMS
+    python -m tests.reliability.children policy-server DIRECTORY HEARTBEAT_SECONDS
 """
 
 import dataclasses
@@ -109,9 +110,19 @@ def replay_server(checkpoints: str, items: int) -> None:
         time.sleep(1)
 
 
+def policy_server(directory: str, heartbeat_seconds: float) -> None:
+    from policies.server import PolicyServer
+
+    server = PolicyServer(directory, heartbeat_seconds=heartbeat_seconds)
+    print(server.start(), flush=True)
+    while True:
+        time.sleep(1)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     {"archive-writer": lambda a, n: archive_writer(a, int(n)),
      "checkpoint-saver": lambda d, n: checkpoint_saver(d, int(n)),
      "replay-writer": lambda c, a, n, f="-1": replay_writer(c, a, int(n), int(f)),
-     "replay-server": lambda c, n: replay_server(c, int(n))}[role](*args)
+     "replay-server": lambda c, n: replay_server(c, int(n)),
+     "policy-server": lambda d, h: policy_server(d, float(h))}[role](*args)
