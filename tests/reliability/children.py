@@ -6,6 +6,7 @@ write in a loop and prints a line after each one completes, so a test can kill i
     python -m tests.reliability.children replay-writer CHECKPOINTS ARCHIVE N [FAIL_AT_ITEM]
     python -m tests.reliability.children replay-server CHECKPOINTS ITEMS
     python -m tests.reliability.children policy-server DIRECTORY HEARTBEAT_SECONDS
+    python -m tests.reliability.children episode-pusher RAY_ADDRESS RUN N STEPS
 """
 
 import dataclasses
@@ -119,10 +120,52 @@ def policy_server(directory: str, heartbeat_seconds: float) -> None:
         time.sleep(1)
 
 
+def episode_pusher(address: str, run: str, n: int, steps: int) -> None:
+    """The run's path for episodes under object-store pressure: N camera episodes of `steps`
+    steps, all put into the object store at once and sent to the run's replay process
+    (ReplayWorker, as the driver starts it) as call arguments. Prints one JSON line: what
+    replay holds, whether every object came back intact, and Ray's spill statistics."""
+    import hashlib
+    import json
+
+    import numpy as np
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    from cluster.config import ClusterConfig
+    from cluster.workers import ReplayWorker
+    from replay.config import ReplayConfig
+    from replay.dataset import ReverbBatchIterator
+
+    ray.init(address=address, log_to_driver=False)
+    spec = dataclasses.replace(SPEC, pixels_shape=(84, 84, 3))
+    config = ReplayConfig(n_step=1, min_size_to_sample=1)
+    replay = ray.remote(num_cpus=0, max_concurrency=n + 2)(ReplayWorker).remote(
+        spec, config, run, ClusterConfig())
+    sources = [make_episode(length=steps, seed=i, spec=spec) for i in range(n)]
+    digest = [hashlib.sha256(e.pixels.tobytes()).hexdigest() for e in sources]
+    frames = {hashlib.sha256(f.tobytes()).hexdigest() for e in sources for f in e.pixels[:-1]}
+    refs = [ray.put(e) for e in sources]  # all at once: more than the object store holds
+    del sources
+    written = ray.get([replay.ingest.remote(ref) for ref in refs], timeout=600)
+    intact = [hashlib.sha256(ray.get(ref).pixels.tobytes()).hexdigest() for ref in refs]
+    batches = ReverbBatchIterator(ray.get(replay.address.remote()), config, batch_size=64)
+    sampled = next(batches).pixels[:, 0].numpy()
+    batches.close()
+    print(json.dumps({
+        "written": written, "items": ray.get(replay.num_items.remote()),
+        "intact": intact == digest,
+        "sampled_known": all(hashlib.sha256(np.ascontiguousarray(f).tobytes()).hexdigest()
+                             in frames for f in sampled),
+        "nodes_alive": [node["Alive"] for node in ray.nodes()],
+        "memory": memory_summary(address, stats_only=True)}), flush=True)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     {"archive-writer": lambda a, n: archive_writer(a, int(n)),
      "checkpoint-saver": lambda d, n: checkpoint_saver(d, int(n)),
      "replay-writer": lambda c, a, n, f="-1": replay_writer(c, a, int(n), int(f)),
      "replay-server": lambda c, n: replay_server(c, int(n)),
-     "policy-server": lambda d, h: policy_server(d, float(h))}[role](*args)
+     "policy-server": lambda d, h: policy_server(d, float(h)),
+     "episode-pusher": lambda a, r, n, t: episode_pusher(a, r, int(n), int(t))}[role](*args)
