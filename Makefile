@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint proto clean-venv check-python system-deps
+.PHONY: demo test test-fast test-reliability lint proto clean-venv check-python system-deps
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -47,6 +47,17 @@ test: $(STAMP) system-deps
 
 test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# The scenarios of the reliability note (§6), in its order: tests/reliability/ and the tests
+# that cover the rest with real servers and processes (mapped in test_scenarios.py's docstring).
+RELIABILITY := tests/reliability tests/integration/test_async_run.py \
+	tests/integration/test_server_restarts.py tests/replay/test_server_and_dataset.py \
+	tests/learners/test_learner.py tests/replay/test_archive_schema.py \
+	tests/replay/test_validation.py tests/integration/test_robot_cli.py \
+	tests/actors/test_robot.py tests/policies/test_security.py \
+	tests/policies/test_hostile_ids.py tests/policies/test_server.py tests/policies/test_limits.py
+test-reliability: $(STAMP) system-deps
+	$(PY) -m pytest -q -p no:cacheprovider $(RELIABILITY)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

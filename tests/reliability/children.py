@@ -4,7 +4,8 @@ write in a loop and prints a line after each one completes, so a test can kill i
     python -m tests.reliability.children archive-writer ARCHIVE N
     python -m tests.reliability.children checkpoint-saver DIR N
     python -m tests.reliability.children replay-writer CHECKPOINTS ARCHIVE N [FAIL_AT_ITEM]
-    python -m tests.reliability.children replay-server CHECKPOINTS ITEMS
+    python -m tests.reliability.children replay-server CHECKPOINTS ITEMS [starving]
+    python -m tests.reliability.children replay-inserter ADDRESS
     python -m tests.reliability.children policy-server DIRECTORY HEARTBEAT_SECONDS
     python -m tests.reliability.children episode-pusher RAY_ADDRESS RUN N STEPS
 """
@@ -98,17 +99,36 @@ def replay_writer(checkpoints: str, root: str, n: int, fail_at: int = -1) -> Non
             print(f"checkpointed {i}", flush=True)
 
 
-def replay_server(checkpoints: str, items: int) -> None:
+STARVING = dict(n_step=1, rate_limiter="sample_to_insert", samples_per_insert=4.0,
+                error_buffer=40.0, stall_timeout_seconds=2.0)  # S7's table
+
+
+def replay_server(checkpoints: str, items: int, starving: bool = False) -> None:
     from replay.adders import ReverbSequenceAdder
-    from replay.config import ReplayConfig
+    from replay.config import RateLimiter, ReplayConfig
     from replay.server import ReplayServer
 
-    config = ReplayConfig(n_step=1)
+    config = ReplayConfig(**{**STARVING, "rate_limiter": RateLimiter.SAMPLE_TO_INSERT}) \
+        if starving else ReplayConfig(n_step=1)
     server = ReplayServer(SPEC, config, checkpoints)
-    ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=items))
+    if items:
+        ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=items))
     print(server.address, flush=True)
     while True:
         time.sleep(1)
+
+
+def replay_inserter(address: str) -> None:
+    """An actor that inserts a 10-step episode every 0.1 s until it is killed."""
+    from replay.adders import ReverbSequenceAdder
+    from replay.config import RateLimiter, ReplayConfig
+
+    config = ReplayConfig(**{**STARVING, "rate_limiter": RateLimiter.SAMPLE_TO_INSERT})
+    adder = ReverbSequenceAdder(address, config)
+    for i in range(1_000_000):
+        adder.add_episode(make_episode(length=10, seed=i))
+        print(f"inserted {i}", flush=True)
+        time.sleep(0.1)
 
 
 def policy_server(directory: str, heartbeat_seconds: float) -> None:
@@ -166,6 +186,7 @@ if __name__ == "__main__":
     {"archive-writer": lambda a, n: archive_writer(a, int(n)),
      "checkpoint-saver": lambda d, n: checkpoint_saver(d, int(n)),
      "replay-writer": lambda c, a, n, f="-1": replay_writer(c, a, int(n), int(f)),
-     "replay-server": lambda c, n: replay_server(c, int(n)),
+     "replay-server": lambda c, n, starving="": replay_server(c, int(n), bool(starving)),
+     "replay-inserter": replay_inserter,
      "policy-server": lambda d, h: policy_server(d, float(h)),
      "episode-pusher": lambda a, r, n, t: episode_pusher(a, r, int(n), int(t))}[role](*args)

@@ -3,14 +3,16 @@ writer runs as its own process (tests/reliability/children.py) and is SIGKILLed 
 at a step drawn from a seeded RNG; each scenario asserts the note's pass threshold (nothing
 lost, nothing duplicated, nothing partial visible) and has a hard timeout.
 
-Scenarios covered in other files, with real processes as well: S1/S8 in a whole run
-(tests/integration/test_async_run.py: a collector and the learner SIGKILLed), S3/S4 in a whole
-run (tests/integration/test_server_restarts.py: replay SIGKILLed while actors write), S5
-(tests/replay/test_server_and_dataset.py), S9 (tests/learners/test_learner.py), S11
-(tests/replay/test_archive_schema.py), S12 (tests/replay/test_validation*.py), S13
-(tests/integration/test_robot_cli.py, tests/actors/test_robot.py), S14
-(tests/policies/test_security.py, test_hostile_ids.py), S15 (tests/policies/test_server.py),
-S16 (tests/policies/test_limits.py).
+Here: S1/S3, S2, S6, S7, S8, S10 and S17; S18 and S19 need a Ray cluster (test_cluster.py).
+Covered in other files, with real processes as well (`make test-reliability` runs them all):
+S1/S8 in a whole run (tests/integration/test_async_run.py: a collector and the learner
+SIGKILLed), S3/S4 in a whole run (tests/integration/test_server_restarts.py: replay SIGKILLed
+while actors write), S5 (tests/replay/test_server_and_dataset.py), S9
+(tests/learners/test_learner.py), S11 (tests/replay/test_archive_schema.py), S12
+(tests/replay/test_validation.py), S13 (tests/integration/test_robot_cli.py,
+tests/actors/test_robot.py), S14 (tests/policies/test_security.py, test_hostile_ids.py), S15
+(tests/policies/test_server.py), S16 (tests/policies/test_limits.py). S7's alert and S20 need
+the metrics of the observability issue.
 """
 
 import os
@@ -18,6 +20,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from replay.config import ReplayConfig
 from replay.dataset import ReverbBatchIterator
 from replay.server import ReplayServer
 from tests.fakes import SPEC
+from tests.processes import until
 from tests.reliability.children import episode_id, episodes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,6 +156,51 @@ def test_s2_exception_inside_an_episode_write(tmp_path, seed):
     assert f"ingested {failing - 1}" in lines and f"ingested {failing}" not in lines
     assert archived == set(list(lengths)[:failing + 1])  # archived first, then cut short
     assert len(held) == 3 * (failing // 3)  # the last checkpoint: every third episode
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", SEEDS[:1])
+def test_s7_learner_starved_by_the_rate_limiter(tmp_path, seed):
+    """Replay with a sample-to-insert rate limiter, its only inserting actor SIGKILLed at a
+    drawn step: the learner's `next` waits (no error: the server answers), reports stalls
+    every `stall_timeout_seconds` without spinning, and resumes when another actor inserts."""
+    from replay.config import RateLimiter
+    from tests.reliability.children import STARVING
+
+    config = ReplayConfig(**{**STARVING, "rate_limiter": RateLimiter.SAMPLE_TO_INSERT})
+    server = _child("replay-server", str(tmp_path / "replay"), "0", "starving")
+    actors = []
+    try:
+        address = server.stdout.readline().strip()
+        actors.append(_child("replay-inserter", address))
+        batches, got, failed = ReverbBatchIterator(address, config, batch_size=4), [], []
+
+        def learner():
+            try:
+                while True:
+                    got.append(next(batches).reward.shape)
+            except Exception as e:  # noqa: BLE001 (asserted below: none)
+                failed.append(e)
+
+        threading.Thread(target=learner, daemon=True).start()
+        _kill_after(actors[0], "inserted ", random.Random(seed).randrange(3, 20))
+        assert got and set(got) == {(4, 2)}
+        until(lambda: batches.num_stalls >= 1, "a stall", timeout=30)
+        drained, stalls = len(got), batches.num_stalls
+        cpu, start = time.process_time(), time.monotonic()
+        until(lambda: batches.num_stalls >= stalls + 2, "two more stalls", timeout=30)
+        busy = (time.process_time() - cpu) / (time.monotonic() - start)
+        assert len(got) == drained and failed == []  # starved: waiting, not failing
+        print(f"starved: {busy:.1%} of a core")
+        assert busy < 0.25, f"{busy:.0%} of a core while starved"
+        actors.append(_child("replay-inserter", address))
+        until(lambda: len(got) > drained, "batches after a new actor inserts", timeout=30)
+        assert failed == []
+        batches.interrupt()
+    finally:
+        for proc in [server, *actors]:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 @pytest.mark.timeout(180)
