@@ -28,8 +28,9 @@ class GatewayLimits:
 
     max_upload_bytes: int = 256 << 20  # one episode upload (its Parquet bytes), enforced while
     #                                    receiving; over it: RESOURCE_EXHAUSTED
-    max_decoded_bytes: int = 1 << 30  # an upload's uncompressed size (Parquet metadata), checked
-    #                                   before it is decoded; over it: RESOURCE_EXHAUSTED
+    max_decoded_bytes: int = 1 << 30  # an upload's decoded arrays; decoded in a helper process
+    #                                   whose memory is capped to match (policies/decode.py);
+    #                                   over it: RESOURCE_EXHAUSTED
     upload_deadline_seconds: float = 300.0  # an upload still receiving after this is cancelled
     act_deadline_seconds: float = 10.0  # an Act waits at most this long, whatever the caller asks
     fetch_deadline_seconds: float = 600.0  # a Fetch still sending after this is cancelled (a

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import grpc
 
 from policies.gateway import ActBatcher
+from policies.decode import EpisodeDecoder
 from policies.limits import GatewayLimits, StreamSlots, cancel_after
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
@@ -171,6 +172,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.slots = StreamSlots(limits.max_streams_total, limits.max_streams_per_identity)
         self._episode_handler = episode_handler
         self._upload_lock = threading.Lock()  # one writer into archive and replay at a time
+        self._decoder = EpisodeDecoder(limits.max_decoded_bytes)
+        if episode_handler is not None:  # a gateway: its uploads are decoded in this process
+            self._decoder.start()
         self._heartbeat, self._max_snapshot_bytes = heartbeat_seconds, max_snapshot_bytes
         self._stopping = False
         self.batcher = ActBatcher(self._snapshot_for)
@@ -192,6 +196,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             self._stopping = True
             self.store.cond.notify_all()
         self.batcher.close()
+        self._decoder.close()
 
     def Publish(self, request_iterator, context: grpc.ServicerContext) -> pb.PublishReply:
         try:
@@ -278,9 +283,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         with self.slots.hold(context), \
                 cancel_after(context, limits.upload_deadline_seconds) as expired:
             try:
-                header, episode = read_episode(request_iterator, limits.max_upload_bytes,
-                                               limits.max_decoded_bytes,
-                                               limits.spool_dir or None)
+                header, episode = read_episode(request_iterator, self._decoder.decode,
+                                               limits.max_upload_bytes, limits.spool_dir or None)
             except WireTooLarge as e:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             except WireError as e:

@@ -14,12 +14,11 @@ import json
 import tempfile
 from typing import Callable, Iterable, Iterator
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from policies.proto import policy_pb2 as pb
 from policies.snapshot import Snapshot, SnapshotError
-from replay.archive import episode_table, table_to_episode
+from replay.archive import episode_table
 from replay.ids import episode_id_problem, name_problem
 from replay.spec import Episode
 
@@ -117,13 +116,13 @@ def episode_chunks(episode_id: str, robot_id: str, payload: bytes,
         yield pb.EpisodeChunk(data=payload[start:start + chunk_bytes])
 
 
-def read_episode(chunks: Iterable[pb.EpisodeChunk], max_bytes: int = MAX_EPISODE_BYTES,
-                 max_decoded_bytes: int = 4 * MAX_EPISODE_BYTES,
+def read_episode(chunks: Iterable[pb.EpisodeChunk], decode: Callable[[str], Episode],
+                 max_bytes: int = MAX_EPISODE_BYTES,
                  spool_dir: str | None = None) -> tuple[pb.EpisodeHeader, Episode]:
     """Receives one uploaded episode into a temp file in `spool_dir` (not into memory), hashing
-    as it goes, then decodes it; raises WireError when it is malformed and WireTooLarge when it
-    is over `max_bytes` (checked on the header and while receiving) or would decode to more than
-    `max_decoded_bytes` (checked on the Parquet metadata before decoding)."""
+    as it goes, then decodes it with `decode(path)` (policies/decode.py: in a process whose
+    memory is capped); raises WireError when it is malformed and WireTooLarge when it is over
+    `max_bytes` (checked on the header and while receiving) or `decode` finds it too large."""
     it = iter(chunks)
     first = next(it, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -137,7 +136,7 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk], max_bytes: int = MAX_EPISODE
         raise WireTooLarge(f"episode {header.episode_id} is {header.total_bytes} bytes, over the "
                            f"limit of {max_bytes}")
     digest, size = hashlib.sha256(), 0
-    with tempfile.TemporaryFile(dir=spool_dir, prefix="upload-") as spool:
+    with tempfile.NamedTemporaryFile(dir=spool_dir, prefix="upload-") as spool:
         for chunk in it:
             if chunk.WhichOneof("part") != "data":
                 raise WireError("an episode upload carries one header")
@@ -151,18 +150,13 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk], max_bytes: int = MAX_EPISODE
         if size != header.total_bytes or digest.hexdigest() != header.sha256:
             raise WireError(f"episode {header.episode_id}: payload does not match its header "
                             f"({size} of {header.total_bytes} bytes or a wrong sha256)")
-        spool.seek(0)
+        spool.flush()
         try:
-            parquet = pq.ParquetFile(pa.PythonFile(spool, mode="r"))
-            meta = parquet.metadata
-            decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-            table = parquet.read() if decoded <= max_decoded_bytes else None
-            episode = None if table is None else table_to_episode(table)
-        except (pa.ArrowException, KeyError, ValueError) as e:
-            raise WireError(f"episode {header.episode_id}: not a pacflow episode ({e})") from None
-    if episode is None:
-        raise WireTooLarge(f"episode {header.episode_id} would decode to {decoded} bytes, over "
-                           f"the limit of {max_decoded_bytes}")
+            episode = decode(spool.name)
+        except WireTooLarge as e:
+            raise WireTooLarge(f"episode {header.episode_id}: {e}") from None
+        except WireError as e:
+            raise WireError(f"episode {header.episode_id}: {e}") from None
     if episode.lineage.episode_id != header.episode_id:
         raise WireError(f"episode {header.episode_id}: payload holds episode "
                         f"{episode.lineage.episode_id}")

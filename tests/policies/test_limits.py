@@ -117,6 +117,64 @@ def test_an_upload_is_spooled_to_disk_not_held_in_memory(tmp_path):
         server.wait(timeout=30)
 
 
+def _parquet_bomb(episode, values: int) -> bytes:
+    """The episode's Parquet file with its first observation replaced by `values` zeros:
+    pyarrow's own dictionary and run-length encoding store it in a few hundred bytes, and the
+    row group's metadata declares a `total_byte_size` of about as little."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from replay.archive import episode_table
+
+    table = episode_table(episode)
+    column = table.schema.get_field_index("observation")
+    rows = table.column(column).to_pylist()
+    huge = pa.array([np.zeros(values, np.float32)], type=pa.list_(pa.float32()))
+    observation = pa.concat_arrays([huge, pa.array(rows[1:], type=pa.list_(pa.float32()))])
+    out = io.BytesIO()
+    pq.write_table(table.set_column(column, "observation", observation), out, compression="zstd")
+    return out.getvalue()
+
+
+def test_an_upload_that_decodes_to_much_more_than_it_stores_is_refused(tmp_path):
+    """`pacflow policy serve` as its own process, `gateway.max_decoded_bytes` 16 MiB, and a
+    Parquet file of a few KiB that decodes to 256 MB. Before, the gateway trusted the metadata's
+    sizes and decoded it in its own memory. Now the helper process (policies/decode.py) runs
+    out of its capped memory, the upload is refused, the gateway's memory does not grow, and the
+    next episode goes through."""
+    from actors.envs import make_env_spec
+
+    bomb_values = 64 << 20  # 256 MB of float32
+    episode = make_episode(spec=make_env_spec(["dm_control:cartpole-swingup"], action_repeat=8))
+    episode = dataclasses.replace(episode, lineage=dataclasses.replace(episode.lineage,
+                                                                       actor_id="robot-7"))
+    bomb = _parquet_bomb(episode, bomb_values)
+    assert len(bomb) < 64 << 10
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "policy", "serve", str(tmp_path / "run"),
+         "--config", "deploy/configs/smoke.yaml", "--plaintext",
+         "--set", f"gateway.max_decoded_bytes={16 * MiB}"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "listening on" in line, line
+        address = line.split("listening on ")[1].split()[0]
+        before = _memory(server.pid)["VmRSS"]
+        with PolicyClient(address, timeout=120) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.upload_payload(episode.lineage.episode_id, "robot-7", bomb)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert "more memory than the gateway allows" in err.value.details()
+            grew = _memory(server.pid)["VmHWM"] - before
+            assert grew < 64 * MiB, f"the gateway's peak RSS grew {grew / MiB:.0f} MiB"
+            reply = client.upload_episode(episode)  # the same episode, honestly encoded
+            assert reply.stored and not reply.duplicate
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_a_stalled_upload_is_cancelled_by_the_server_deadline(tmp_path):
     server, address = _server(tmp_path, GatewayLimits(upload_deadline_seconds=1.0))
     release = threading.Event()
