@@ -158,7 +158,7 @@ def episode_pusher(address: str, run: str, n: int, steps: int) -> None:
     from replay.dataset import ReverbBatchIterator
 
     ray.init(address=address, log_to_driver=False)
-    spec = dataclasses.replace(SPEC, pixels_shape=(84, 84, 3))
+    spec = dataclasses.replace(SPEC, pixels_shape=(240, 320, 3))  # 230 KB per frame
     config = ReplayConfig(n_step=1, min_size_to_sample=1)
     replay = ray.remote(num_cpus=0, max_concurrency=n + 2)(ReplayWorker).remote(
         spec, config, run, ClusterConfig())

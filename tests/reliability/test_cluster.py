@@ -25,6 +25,18 @@ MiB = 1 << 20
 pytestmark = pytest.mark.slow
 
 
+def _mentioning(text: str) -> list[int]:
+    """Processes whose command line mentions `text` (a Ray node's temp dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def _completed(run: Path) -> int:
     state = run / "cycle.json"
     return json.loads(state.read_text())["completed_cycles"] if state.exists() else 0
@@ -96,7 +108,7 @@ def test_s19_episodes_under_object_store_pressure(tmp_path):
          "--num-cpus", "2", "--object-store-memory", str(100 * MiB), "--include-dashboard",
          "false", "--temp-dir", str(temp), "--block"], env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    steps = 30 * MiB // (84 * 84 * 3)
+    steps = 30 * MiB // (240 * 320 * 3)
     try:
         until(lambda: subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
                                      env=env, capture_output=True).returncode == 0,
@@ -109,12 +121,10 @@ def test_s19_episodes_under_object_store_pressure(tmp_path):
         assert pusher.returncode == 0, pusher.stderr[-3000:]
         result = json.loads(pusher.stdout.strip().splitlines()[-1])
         assert head.poll() is None, "the head node died"
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    finally:  # SIGKILL, not `ray stop`'s 30 s of graceful shutdown: nothing here is kept
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+        until(lambda: not _mentioning(str(temp)), "the head node's processes to exit", 60)
         shutil.rmtree(temp, ignore_errors=True)
     assert result["written"] == [steps] * 8 and result["items"] == 8 * steps
     assert result["intact"] and result["sampled_known"]
