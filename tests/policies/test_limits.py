@@ -52,6 +52,17 @@ def _memory(pid: int) -> dict[str, int]:
                 if line.startswith(("VmRSS:", "VmHWM:"))}
 
 
+def _serve_process(tmp_path, setting: str) -> tuple[subprocess.Popen, str]:
+    """`pacflow policy serve` (smoke config, plaintext) as its own process, with one --set."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "policy", "serve", str(tmp_path / "run"),
+         "--config", "deploy/configs/smoke.yaml", "--plaintext", "--set", setting],
+        stdout=subprocess.PIPE, text=True)
+    line = server.stdout.readline()
+    assert "listening on" in line, line
+    return server, line.split("listening on ")[1].split()[0]
+
+
 def _upload(stub, episode_id: str, announced: int, chunks, timeout: float = 60):
     header = pb.EpisodeHeader(episode_id=episode_id, robot_id="robot-7", sha256="0" * 64,
                               total_bytes=announced)
@@ -91,14 +102,8 @@ def test_an_upload_is_spooled_to_disk_not_held_in_memory(tmp_path):
     Before, the upload arrived as a list of parts that was then joined: twice its size."""
     size, spool = 128 * MiB, tmp_path / "spool"
     spool.mkdir()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "policy", "serve", str(tmp_path / "run"),
-         "--config", "deploy/configs/smoke.yaml", "--plaintext",
-         "--set", f"gateway.spool_dir={spool}"], stdout=subprocess.PIPE, text=True)
+    server, address = _serve_process(tmp_path, f"gateway.spool_dir={spool}")
     try:
-        line = server.stdout.readline()
-        assert "listening on" in line, line
-        address = line.split("listening on ")[1].split()[0]
         block = np.random.default_rng(0).bytes(MiB)
         before = _memory(server.pid)["VmRSS"]
         with grpc.insecure_channel(address) as channel:
@@ -152,14 +157,8 @@ def test_an_upload_that_decodes_to_much_more_than_it_stores_is_refused(tmp_path)
                                                                        actor_id="robot-7"))
     bomb = _parquet_bomb(episode, bomb_values)
     assert len(bomb) < 64 << 10
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "policy", "serve", str(tmp_path / "run"),
-         "--config", "deploy/configs/smoke.yaml", "--plaintext",
-         "--set", f"gateway.max_decoded_bytes={16 * MiB}"], stdout=subprocess.PIPE, text=True)
+    server, address = _serve_process(tmp_path, f"gateway.max_decoded_bytes={16 * MiB}")
     try:
-        line = server.stdout.readline()
-        assert "listening on" in line, line
-        address = line.split("listening on ")[1].split()[0]
         before = _memory(server.pid)["VmRSS"]
         with PolicyClient(address, timeout=120) as client:
             with pytest.raises(grpc.RpcError) as err:

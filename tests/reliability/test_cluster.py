@@ -85,8 +85,29 @@ def test_s18_a_collector_past_its_restarts_stops_the_run(tmp_path):
     assert cycle <= _completed(run) <= cycle + 1 < 3  # no cycle after the second death
     good, bad = EpisodeArchive(run / "archive").verify()
     assert bad == [] and good >= 4 * _completed(run)
-    # The run's Ray instance went with it: no worker of it is left behind.
-    until(lambda: not ray_pids("ray::", str(home)), "the run's Ray workers to exit", 60)
+    # The run's Ray instance went with it: no worker, raylet or GCS of it is left behind.
+    until(lambda: not ray_pids("", str(home)), "the run's Ray processes to exit", 60)
+
+
+def _wait_for_head(head: subprocess.Popen, port: int, env: dict, log: Path, temp: Path):
+    """Waits until `ray status` answers at `port`; fails at once if `ray start` exited, and with
+    the tails of its output and of the node's GCS and raylet logs if it never answered."""
+    def up() -> bool:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited with {head.returncode}: {log.read_text()[-3000:]}")
+        try:
+            return subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
+                                  env=env, capture_output=True, timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        until(up, "the head node", timeout=240, poll=1.0)
+    except pytest.fail.Exception:
+        tails = [f"{path}: {path.read_text(errors='replace')[-1500:]}"
+                 for path in sorted(temp.glob("session_latest/logs/*"))
+                 if path.name.startswith(("gcs_server", "raylet")) and path.is_file()]
+        pytest.fail("\n".join(["the head node never answered `ray status`",
+                               f"ray start: {log.read_text()[-2000:]}", *tails]))
 
 
 @pytest.mark.timeout(600)
@@ -103,16 +124,16 @@ def test_s19_episodes_under_object_store_pressure(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-         "--num-cpus", "2", "--object-store-memory", str(100 * MiB), "--include-dashboard",
-         "false", "--temp-dir", str(temp), "--block"], env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "ray-start.log"
+    with log.open("wb") as out:
+        head = subprocess.Popen(
+            ["ray", "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+             "--num-cpus", "2", "--object-store-memory", str(100 * MiB), "--include-dashboard",
+             "false", "--temp-dir", str(temp), "--block"], env=env, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT)
     steps = 30 * MiB // (240 * 320 * 3)
     try:
-        until(lambda: subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
-                                     env=env, capture_output=True).returncode == 0,
-              "the head node", timeout=120, poll=1.0)
+        _wait_for_head(head, port, env, log, temp)
         pusher = subprocess.run(
             [sys.executable, "-m", "tests.reliability.children", "episode-pusher",
              f"127.0.0.1:{port}", str(tmp_path / "run"), "8", str(steps)],
