@@ -1,6 +1,7 @@
 """Reliability scenarios that need a Ray cluster (`../shared/notes/reliability.md` §6, S18 and
 S19), with real processes killed at steps drawn from a seeded RNG."""
 
+import contextlib
 import json
 import os
 import random
@@ -118,9 +119,13 @@ def test_s19_episodes_under_object_store_pressure(tmp_path):
     sampled frames are the episodes', and no node died."""
     home, temp = tmp_path / "home", Path(tempfile.mkdtemp(prefix="pfs"))  # short socket paths
     home.mkdir()
+    # Token authentication, Ray's default, set explicitly: an earlier ray.init in this process
+    # turns it on in os.environ, and `ray start` then needs a token in the new HOME.
     env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -143,7 +148,8 @@ def test_s19_episodes_under_object_store_pressure(tmp_path):
         result = json.loads(pusher.stdout.strip().splitlines()[-1])
         assert head.poll() is None, "the head node died"
     finally:  # SIGKILL, not `ray stop`'s 30 s of graceful shutdown: nothing here is kept
-        os.killpg(head.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         until(lambda: not _mentioning(str(temp)), "the head node's processes to exit", 60)
         shutil.rmtree(temp, ignore_errors=True)
