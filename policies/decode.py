@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 CAP_PER_DECODED_BYTE = 6
 CAP_BASE_BYTES = 256 << 20
 _OK, _TOO_LARGE, _INVALID = b"o", b"t", b"i"
+
+
+class DecoderStopped(RuntimeError):
+    """The helper was killed from outside (SIGKILL or SIGTERM: the gateway's own shutdown, or
+    the kernel's OOM killer), not by the upload: the client should retry it later."""
 
 
 class EpisodeDecoder:
@@ -58,7 +64,7 @@ class EpisodeDecoder:
     def decode(self, path: str) -> Episode:
         """The episode in the Parquet file at `path`. Raises WireTooLarge when it decodes to
         more than max_decoded_bytes (or needs more memory than the cap), WireError when it is
-        not a pacflow episode."""
+        not a pacflow episode, DecoderStopped when the helper was killed from outside."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
@@ -78,6 +84,9 @@ class EpisodeDecoder:
                 raise WireTooLarge(payload.decode())
             code = self._proc.wait(timeout=30)
             self._proc = None
+            if code in (-signal.SIGKILL, -signal.SIGTERM):
+                raise DecoderStopped(f"the decoder process was stopped (signal {-code}) while "
+                                     "decoding; retry the upload")
             raise WireTooLarge(f"the decoder process died while decoding (exit code {code})")
 
     def _start(self) -> subprocess.Popen:

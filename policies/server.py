@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import grpc
 
 from policies.gateway import ActBatcher
-from policies.decode import EpisodeDecoder
+from policies.decode import DecoderStopped, EpisodeDecoder
 from policies.limits import GatewayLimits, StreamSlots, cancel_after
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
@@ -287,6 +287,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                                                limits.max_upload_bytes, limits.spool_dir or None)
             except WireTooLarge as e:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except DecoderStopped as e:  # not the upload's fault: the robot retries it
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
             except WireError as e:
                 if expired.is_set():
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -306,3 +306,48 @@ def test_a_fetch_that_is_not_read_is_cancelled_by_the_server_deadline(tmp_path):
             assert err.value.code() == grpc.StatusCode.CANCELLED
     finally:
         server.stop()
+
+
+def test_a_decoder_killed_from_outside_is_a_retry_not_a_refusal(tmp_path):
+    """SIGKILL of the decoding helper (the gateway's shutdown, or the OOM killer) says nothing
+    about the upload: DecoderStopped (UNAVAILABLE, which robots retry), not WireTooLarge (which
+    they set aside for good). The next decode starts a new helper."""
+    import fcntl
+    import os
+    import signal
+    import struct
+    import termios
+
+    from policies.decode import DecoderStopped, EpisodeDecoder
+
+    episode = make_episode(length=8)
+    archive = EpisodeArchive(tmp_path / "a")
+    archive.write(episode)
+    (path,) = archive.paths()
+    decoder = EpisodeDecoder(1 << 20).start()
+    try:
+        helper = decoder._proc.pid
+        os.kill(helper, signal.SIGSTOP)  # mid-decode, as far as the gateway can tell
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(
+            error=_raised(lambda: decoder.decode(path))))
+        thread.start()
+        stdin = decoder._proc.stdin.fileno()  # the path is sent: the helper holds the upload
+        until(lambda: struct.unpack("i", fcntl.ioctl(stdin, termios.FIONREAD, b"\0" * 4))[0],
+              "the path in the helper's stdin", timeout=30, poll=0.01)
+        os.kill(helper, signal.SIGKILL)
+        thread.join(timeout=60)
+        assert isinstance(result["error"], DecoderStopped), result
+        again = decoder.decode(path)
+        assert again.lineage.episode_id == episode.lineage.episode_id
+        assert decoder._proc.pid != helper
+    finally:
+        decoder.close()
+
+
+def _raised(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001 (the test inspects it)
+        return e
+    return None
