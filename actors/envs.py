@@ -8,6 +8,7 @@ environments were built for.
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import os
 from typing import Sequence
 
@@ -15,6 +16,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
+from actors.robot_spec import RobotSpecError, is_robot_task, robot_spec_of
 from replay.spec import EnvSpec, TaskSpec
 
 
@@ -128,9 +130,21 @@ def make_env_spec(task_names: Sequence[str], action_repeat: int = 1,
                   pixels_shape: tuple[int, ...] = (),
                   instructions: Sequence[str] = ()) -> EnvSpec:
     """The EnvSpec of the tasks in `task_names`; task id i is task_names[i], described by
-    instructions[i] when instructions are given."""
+    instructions[i] when instructions are given. A `robot:<file>` entry is the robot spec in that
+    file (actors/robot_spec.py), named `robot:<its name>`; RobotSpecError names its problem."""
     tasks, lows, highs = [], [], []
     for i, name in enumerate(task_names):
+        if is_robot_task(name):  # a robot's own spec file; its camera must be the run's
+            robot = robot_spec_of(name)
+            if robot.camera and (*robot.camera, 3) != tuple(pixels_shape):
+                raise RobotSpecError(f"{name}: camera {list(robot.camera)} differs from the "
+                                     f"run's env.pixels {list(pixels_shape[:2])}")
+            task = robot.task_spec()
+            tasks.append(dataclasses.replace(task, instruction=instructions[i]) if instructions
+                         else task)
+            lows.append(robot.action_min)
+            highs.append(robot.action_max)
+            continue
         env = make_environment(name, seed=0, action_repeat=action_repeat)
         obs, act = env.observation_spec(), env.action_spec()
         tasks.append(TaskSpec(name, tuple(obs), tuple(int(v.shape[0]) for v in obs.values()),

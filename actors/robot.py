@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from typing import Callable
 
 import dm_env
@@ -77,6 +78,10 @@ class RobotStats:
     max_compute_seconds: float = 0.0  # longest inference + env step within an episode
     estopped: bool = False
     episode_ids: list[str] = dataclasses.field(default_factory=list)
+
+
+class RobotTaskError(RuntimeError):
+    """The policy the robot received has no task for it (`--task`, or its `--spec`'s name)."""
 
 
 def clip_action(action: np.ndarray, spec: dm_env.specs.BoundedArray) -> tuple[np.ndarray, int]:
@@ -187,6 +192,7 @@ class RobotClient:
         self._uploader = Uploader(gateway, config.robot_id, self._spool,
                                   config.upload_retry_seconds, self.stats, security)
         self._policy: PACPolicy | None = None
+        self._cycle = 0  # the run's cycle the current policy collects for
 
     def stop(self) -> None:
         self._stop.set()
@@ -228,7 +234,14 @@ class RobotClient:
         snapshot = self._subscriber.latest()
         if snapshot is not None and self._fresh():
             if self._policy is None or snapshot.version != self._policy.policy_version:
-                self._policy = PACPolicy.from_snapshot(snapshot, seed=snapshot.version)
+                names = EnvSpec.from_dict(snapshot.metadata["env_spec"]).task_names
+                if self.config.task and self.config.task not in names:
+                    raise RobotTaskError(f"policy v{snapshot.version} has no task "
+                                         f"{self.config.task} (its tasks: {', '.join(names)})")
+                seed = zlib.crc32(self.config.robot_id.encode()) + snapshot.version
+                self._policy = PACPolicy.from_snapshot(snapshot, seed=seed)
+                # The run publishes a version for the cycle after the one that trained it.
+                self._cycle = int(snapshot.metadata.get("cycle", -1)) + 1
                 self._warm_up()
                 log.info("%s: running policy v%d", self.config.robot_id, snapshot.version)
             return True
@@ -263,6 +276,10 @@ class RobotClient:
         spec, task_id = self._task()
         task, period = spec.tasks[task_id], self.config.control_period_seconds
         buf, start, ended_by = EpisodeBuffer(), time.time(), None
+        episode_id = uuid.uuid4().hex
+        seed = int(episode_id[:8], 16) & 0x7FFF_FFFF  # recorded; seeds environments that take one
+        if hasattr(self._env, "seed"):
+            self._env.seed(seed)
         timestep, next_tick = self._env.reset(), time.monotonic()
         while True:
             obs, pixels = self._observe(timestep, spec, task)
@@ -282,7 +299,8 @@ class RobotClient:
             next_tick = max(next_tick + period, time.monotonic() - period)  # no catch-up burst
             time.sleep(max(0.0, next_tick - time.monotonic()))
         if buf.length:
-            self._spool_episode(buf.episode(spec, task_id, self._lineage(task.name, start)))
+            self._spool_episode(buf.episode(spec, task_id, self._lineage(
+                task.name, start, episode_id, seed)))
         if ended_by in ("e-stop", "stale"):
             self._enter_safe_idle()
 
@@ -325,10 +343,10 @@ class RobotClient:
             log.error("%s: safe idle (policy stale or server unreachable); episode ended",
                       self.config.robot_id)
 
-    def _lineage(self, task: str, start: float) -> Lineage:
-        return Lineage(run_id=self.config.run_id, cycle=0,
+    def _lineage(self, task: str, start: float, episode_id: str, seed: int) -> Lineage:
+        return Lineage(run_id=self.config.run_id, cycle=self._cycle,
                        policy_version=self._policy.policy_version, actor_id=self.config.robot_id,
-                       task=task, episode_id=uuid.uuid4().hex, seed=0, mode="collect",
+                       task=task, episode_id=episode_id, seed=seed, mode="collect",
                        start_time=start, end_time=time.time())
 
     def _spool_episode(self, episode: Episode) -> None:

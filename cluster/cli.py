@@ -34,7 +34,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"warning: run directory {run} is inside Ray's job working dir, which is "
                   "deleted when the cluster stops; pass --run-dir (an absolute path or s3:// "
                   "URI) to keep the run", file=sys.stderr, flush=True)
-    from cluster.driver import RunDirError, RunFailed, run_experiment
+    from cluster.driver import RunFailed, run_experiment
+    from cluster.preflight import RunDirError
 
     print(f"run directory: {run}", flush=True)
     try:
@@ -50,15 +51,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def load_config_args(args: argparse.Namespace):
     from actors.envs import UnknownTaskError, parse_task_name
+    from actors.robot_spec import RobotSpecError, is_robot_task, robot_spec_of
     from cluster.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.set or [])
         for task in config.env.tasks:
-            parse_task_name(task)
+            robot_spec_of(task) if is_robot_task(task) else parse_task_name(task)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    except UnknownTaskError as e:
+    except (UnknownTaskError, RobotSpecError) as e:
         raise UsageError(f"env.tasks: {e}") from None
     return config
 
@@ -194,7 +196,7 @@ def _bench_learning(args: argparse.Namespace) -> int:
     from cluster.bench import format_report
     from cluster.bench_learning import run_learning_bench
     from cluster.config import ConfigError
-    from cluster.driver import RunDirError
+    from cluster.preflight import RunDirError
 
     if not args.task:
         raise UsageError("bench learning needs --task, e.g. dm_control:cartpole-swingup")

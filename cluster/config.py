@@ -72,6 +72,13 @@ class EnvConfig:
                                 self.camera_id)
 
 
+class RobotTimeout(enum.Enum):
+    """What a cycle does once loop.robot_timeout_seconds pass without enough robot episodes."""
+
+    WAIT = "wait"  # say so and wait on, until they arrive or `pacflow fleet continue RUN`
+    CONTINUE = "continue"  # train on the robot episodes that arrived
+
+
 class LoopMode(enum.Enum):
     """How collection and training take turns."""
 
@@ -103,13 +110,19 @@ class LoopConfig:
     publish_every: int = 0  # async: updates between published versions; 0 = learner_steps_per_cycle
     max_env_steps: int = 0  # async: no collect call starts past this many env steps; 0 = none
     max_learner_steps: int = 0  # async: no update chunk starts past this many updates; 0 = none
+    # Robot runs (env.tasks with robot:<spec> entries): each cycle's collect phase also waits
+    # for this many robot episodes acted by the cycle's version (cluster/robots.py); 0 = none.
+    robot_episodes_per_cycle: int = 0
+    robot_timeout_seconds: float = 0.0  # then loop.robot_on_timeout applies; 0 = wait forever
+    robot_on_timeout: RobotTimeout = RobotTimeout.WAIT  # "wait" or "continue"
 
     def __post_init__(self) -> None:
         for name in ("num_cycles", "episodes_per_cycle", "learner_steps_per_cycle",
                      "eval_episodes", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 1")
-        for name in ("publish_every", "max_env_steps", "max_learner_steps"):
+        for name in ("publish_every", "max_env_steps", "max_learner_steps",
+                     "robot_episodes_per_cycle", "robot_timeout_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 0")
         if self.budget_seconds < 0:
@@ -172,9 +185,9 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.actor_nice <= 19:
             raise ValueError(f"cluster.actor_nice={self.actor_nice} must be in [0, 19]")
-        if self.num_actors < 1 or self.envs_per_actor < 1 or self.learner_workers < 1:
-            raise ValueError("cluster.num_actors, cluster.envs_per_actor and "
-                             "cluster.learner_workers must be >= 1")
+        if self.num_actors < 0 or self.envs_per_actor < 1 or self.learner_workers < 1:
+            raise ValueError("cluster.num_actors must be >= 0 (0: robots only), "
+                             "cluster.envs_per_actor and cluster.learner_workers >= 1")
         if not self.policy_credentials and self.host != "auto" and not is_loopback(self.host):
             raise ValueError(f"cluster.policy_credentials: required when cluster.host "
                              f"({self.host}) is not loopback; make them with `pacflow policy "
@@ -205,6 +218,17 @@ class ExperimentConfig:
     gateway: GatewayLimits = GatewayLimits()  # the policy server's bounds (docs/security.md)
 
     def __post_init__(self) -> None:
+        from actors.robot_spec import is_robot_task
+
+        robots = [t for t in self.env.tasks if is_robot_task(t)]
+        if self.loop.robot_episodes_per_cycle and not robots:
+            raise ValueError("loop.robot_episodes_per_cycle: no robot:<spec> entry in env.tasks")
+        if robots and self.loop.mode is LoopMode.ASYNC:
+            raise ValueError("loop.mode: robot tasks run in cycles (robots switch policies "
+                             "between episodes, a version per cycle)")
+        if self.cluster.num_actors == 0 and len(robots) < len(self.env.tasks):
+            raise ValueError("cluster.num_actors: 0 leaves the simulator tasks in env.tasks "
+                             "with no actor")
         if any(side % self.model.patch_size for side in self.env.pixels):
             raise ValueError(f"model.patch_size={self.model.patch_size} must divide the camera "
                              f"image size env.pixels={list(self.env.pixels)}")

@@ -10,29 +10,29 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import numpy as np
 import ray
-import yaml
 
-from cluster.config import (ClusterConfig, ConfigError, ExperimentConfig, LoopMode,
-                            config_from_dict, config_to_dict)
-from cluster.report import (STATE, CycleRow, format_header, format_row, plot_returns,
-                            read_rows, read_state, write_state)
+from actors.robot_spec import is_robot_task
+from cluster.config import ExperimentConfig, LoopMode
+from cluster.preflight import (check_placement, check_run_dir,
+                               check_storage_reaches_every_node, prepare_run_dir,
+                               run_credentials)
+from cluster.report import CycleRow, format_header, format_row, plot_returns, read_state, \
+    write_state
+from cluster.robots import wait_for_robots
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
-from replay.storage import Storage, StorageError, join
-from policies.security import SecurityError, pack_client_security
+from replay.storage import Storage
 
 log = logging.getLogger(__name__)
-RUN_SUBDIRS = ("archive", "quarantine", "checkpoints", "policies", "replay_checkpoints",
-               "metrics/targets", "report", "logs")
-CONFIG = "config.yaml"  # the resolved config, in run storage
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -40,82 +40,7 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-class RunDirError(ValueError):
-    """The run cannot start as asked: its storage (unreachable, exists without --resume, or
-    differs) or its placement (a resource no node has). One line, exit code 2."""
-
-
-def check_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[CycleRow]:
-    """Checks that an object store can be written, that a new run does not overwrite one, and
-    that a resumed one has the same config; writes nothing; returns the cycles already done."""
-    store = Storage(run)
-    if not store.local:
-        try:
-            store.check_writable()
-        except StorageError as e:
-            raise RunDirError(f"--run-dir: {e}") from None
-    if not resume and store.exists(STATE):
-        raise RunDirError(f"{run} already holds a run; pass --resume to continue it")
-    rows = read_rows(run) if resume and store.exists(STATE) else []
-    if resume and store.exists(CONFIG):
-        def without_num_cycles(d: dict) -> dict:  # the fields a resume may change
-            return {**d, "loop": {k: v for k, v in d["loop"].items()
-                                  if k not in ("num_cycles", "budget_seconds")}}
-
-        stored = join(store.uri, CONFIG)
-        # Through the parser, so fields added since the run started compare as their defaults.
-        try:
-            before = config_to_dict(config_from_dict(yaml.safe_load(store.get_bytes(CONFIG))))
-        except ConfigError as e:  # e.g. a field that this pacflow no longer has
-            raise RunDirError(f"--resume: {stored} no longer parses: {e}") from None
-        if without_num_cycles(config_to_dict(config)) != without_num_cycles(before):
-            raise RunDirError(f"--resume: the config differs from {stored} in more than "
-                              "loop.num_cycles and loop.budget_seconds")
-    return rows
-
-
-def prepare_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[CycleRow]:
-    """Checks the run (check_run_dir), then creates it or updates a resumed one's config;
-    returns the cycles already done."""
-    rows = check_run_dir(config, run, resume)
-    store = Storage(run)
-    if store.local:  # an object store has no empty folders
-        for sub in RUN_SUBDIRS:
-            (Path(store.root) / sub).mkdir(parents=True, exist_ok=True)
-    store.put_bytes(CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
-    return rows
-
-
-def check_storage_reaches_every_node(run: str) -> None:
-    """A plain local path on a multi-node cluster would scatter the run over node disks."""
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    if len(nodes) > 1 and "://" not in run:
-        raise RunDirError(
-            f"--run-dir: {run} is a local path but the Ray cluster has {len(nodes)} nodes, so "
-            "each would write its own part of the run; use an object-store URI (s3://, gs://) "
-            "or, for a filesystem mounted on every node, file://" + run)
-
-
 SLIVER = 0.001  # of a custom resource: enough to pin an actor to the nodes that carry it
-
-
-def check_placement(config: ClusterConfig, mode: LoopMode = LoopMode.CYCLES) -> None:
-    """Refuses custom resources that no node of the cluster has, and more CPUs than the cluster
-    has in all (Ray would wait forever)."""
-    have = ray.cluster_resources()
-    for field in ("server_resource", "actor_resource", "learner_resource"):
-        name = getattr(config, field)
-        if name and name not in have:
-            raise RunDirError(f"cluster.{field}: no node of the Ray cluster has resource "
-                              f"{name!r} (it has: {', '.join(sorted(have))})")
-    asked = config.num_actors * config.actor_cpus + config.learner_cpus * (
-        config.learner_workers if config.learner_workers > 1 else 1) + (
-        config.evaluator_cpus if mode is LoopMode.ASYNC else 0.0)
-    if asked > have.get("CPU", 0.0) + 1e-9:
-        fields = "num_actors * actor_cpus + learner_cpus" + (
-            " + evaluator_cpus" if mode is LoopMode.ASYNC else "")
-        raise RunDirError(f"cluster: the run reserves {asked:g} CPUs ({fields}) but the Ray "
-                          f"cluster has {have.get('CPU', 0.0):g}")
 
 
 def placement(resource: str, driver_node: bool = False) -> dict:
@@ -182,7 +107,7 @@ class Topology:
     def __init__(self, config: ExperimentConfig, run: str,
                  credentials: dict[str, dict[str, bytes]]):
         """`credentials`: {"learner": ..., "actor": ...} from `run_credentials`."""
-        c = config.cluster
+        c, self.run = config.cluster, run
         spec = config.env.spec()
         servers = placement(c.server_resource, driver_node=True)
         restarts = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
@@ -233,15 +158,21 @@ class Topology:
 
 
 def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
-              learner_steps: int, evaluate: bool = True) -> dict:
+              learner_steps: int, evaluate: bool = True,
+              out: Callable[[str], None] = print) -> dict:
     """One collect -> train -> [evaluate] -> publish round; returns what the row needs.
-    `learner_steps` is the learner's total before the cycle."""
-    n, timeout = len(top.actors), config.loop.call_timeout_seconds
-    collected = wait([(f"actor-{i}", a.collect.remote(e, cycle, version,
-                                                      config.loop.version_timeout_seconds))
-                      for i, (a, e) in enumerate(zip(top.actors,
-                                                     split(config.loop.episodes(cycle), n))) if e],
-                     "collect", timeout)
+    `learner_steps` is the learner's total before the cycle. Robot episodes are waited for
+    while the sim actors collect (cluster/robots.py)."""
+    n, timeout, loop = len(top.actors), config.loop.call_timeout_seconds, config.loop
+    calls = [(f"actor-{i}", a.collect.remote(e, cycle, version, loop.version_timeout_seconds))
+             for i, (a, e) in enumerate(zip(top.actors, split(loop.episodes(cycle), n))) if e] \
+        if n else []
+    robots = wait_for_robots(
+        lambda v: wait([("policyserver", top.policy.fleet_progress.remote(v))], "fleet",
+                       timeout)[0],
+        top.run, cycle, version, loop.robot_episodes_per_cycle, loop.robot_timeout_seconds,
+        loop.robot_on_timeout.value, out) if loop.robot_episodes_per_cycle else {}
+    collected = wait(calls, "collect", timeout)
     # Replay checkpoints once its cycle's data is in: a replay server that dies later in the
     # cycle restarts from this checkpoint without losing any of it.
     wait([("replay", top.replay.checkpoint.remote())], "checkpoint", timeout)
@@ -251,11 +182,11 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
     evaluated = wait([(f"actor-{i}", a.evaluate.remote(candidate, m, cycle))
                       for i, (a, m) in enumerate(zip(top.actors,
                                                      split(config.loop.eval_episodes, n)))
-                      if m and evaluate], "evaluate", timeout)
+                      if m and evaluate], "evaluate", timeout) if n else []
     (new_version,) = wait([("learner", top.learner.publish.remote(
         top.policy_address(timeout), version + 1, cycle))], "publish", timeout)
     episodes = [e for r in collected for e in r["episodes"]]
-    return {"episodes": episodes, "collected": collected,
+    return {"episodes": episodes, "collected": collected, "robots": robots,
             "eval": [e for r in evaluated for e in r["episodes"]], "train": train,
             "version": new_version}
 
@@ -329,7 +260,7 @@ class RunRecord:
             "replay": replay,
             "policy_version": version, "eval_by_task": self.last_eval,
             "addresses": self.top.addresses, "restarts": restart_counts(self.run),
-            "busy_fraction": {"actors": self.busy["actors"] / (wall * n),
+            "busy_fraction": {"actors": self.busy["actors"] / (wall * max(n, 1)),
                               "learner": self.busy["learner"] / wall},
             "mode": self.config.loop.mode.value,
             "staleness": {"mean": self.stale_sum / max(self.stale_steps, 1),
@@ -345,38 +276,38 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
                started: float) -> None:
     """collect -> train -> [evaluate] -> publish, one row per cycle, until num_cycles or the
     budget."""
-    budget = config.loop.budget_seconds
+    budget, timeout = config.loop.budget_seconds, config.loop.call_timeout_seconds
+    say = functools.partial(print, file=record.out, flush=True)
+    if version == 0 and any(is_robot_task(t) for t in config.env.tasks):
+        # Robots act only with a published policy: the learner's initial one is v1, made
+        # "before cycle 0" (cycle -1), so robots record its episodes under cycle 0.
+        (version,) = wait([("learner", top.learner.publish.remote(
+            top.policy_address(timeout), 1, -1))], "publish", timeout)
+        say(f"  published v{version}, the initial policy, for the robots")
     for cycle in range(len(record.rows), config.loop.num_cycles):
         t0 = time.time()
         previous = record.rows[-1].seconds if record.rows else 0.0
         last = cycle == config.loop.num_cycles - 1 or (
             budget > 0 and t0 - started + 2 * previous > budget)  # the next would not fit
         result = run_cycle(top, config, cycle, version, record.learner_steps,
-                           config.loop.evaluates(cycle) or last)
+                           config.loop.evaluates(cycle) or last, say)
         version = result["version"]
         for collected in result["collected"]:
             record.collected(collected)
+        robots = result["robots"].values()
+        record.episodes += sum(r["episodes"] for r in robots)
+        returns = [e["return"] for e in result["episodes"]]
+        count = len(returns) + sum(r["episodes"] for r in robots)
         record.learner_busy(result["train"])
         row = CycleRow(cycle=cycle, env_steps=record.env_steps, episodes=record.episodes,
-                       collect_return=float(np.mean([e["return"] for e in result["episodes"]])),
+                       collect_return=(sum(returns) + sum(r["return_sum"] for r in robots)) /
+                       max(count, 1),
                        eval_return=record.evaluated(result["eval"]),
                        learner_steps=int(result["train"]["learner_steps"]),
                        policy_version=version, seconds=time.time() - t0)
         record.add_row(row, result["train"])
         if last:
             break
-
-
-def run_credentials(cluster: ClusterConfig) -> dict[str, dict[str, bytes]]:
-    """The learner's and the actors' policy credentials, read here into memory. Each process
-    gets its own as bytes, never the folder's path: the folder (every client's key and token)
-    need only be readable where the driver and the policy server run. An unreadable file is a
-    RunDirError naming it."""
-    try:
-        return {who: pack_client_security(cluster.policy_client_security(who))
-                for who in ("learner", "actor")}
-    except SecurityError as e:
-        raise RunDirError(f"cluster.policy_credentials: {e}") from None
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str | None = None,

@@ -69,7 +69,7 @@ def _log_to_stderr() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _robot_config(args: argparse.Namespace, robot_id: str):
+def _robot_config(args: argparse.Namespace, robot_id: str, task: str):
     from actors.robot import RobotConfig
 
     try:
@@ -77,16 +77,30 @@ def _robot_config(args: argparse.Namespace, robot_id: str):
             robot_id=robot_id, spool_dir=args.spool or str(Path("spool") / robot_id),
             control_period_seconds=args.control_period,
             staleness_budget_seconds=args.staleness_budget, safe_action=args.safe_action,
-            estop_file=args.estop_file or "", task=args.task or "", run_id=args.run_id,
+            estop_file=args.estop_file or "", task=task, run_id=args.run_id,
             max_episodes=args.max_episodes, upload_retry_seconds=args.upload_retry)
     except ValueError as e:
         raise UsageError(f"robot: {e}") from None
 
 
+def _checked_spec(path: str, environment) -> str:
+    """The task name of the robot spec at `path` once `environment` matches it."""
+    from actors.robot_spec import RobotSpecError, load_robot_spec
+
+    try:
+        spec = load_robot_spec(path)
+    except RobotSpecError as e:
+        raise UsageError(f"--spec: {e}") from None
+    problems = spec.environment_problems(environment)
+    if problems:
+        raise UsageError(f"--spec {path}: {'; '.join(problems)}")
+    return spec.task_name
+
+
 def cmd_robot(args: argparse.Namespace) -> int:
     import torch
 
-    from actors.robot import RobotClient
+    from actors.robot import RobotClient, RobotTaskError
 
     factory = load_env_factory(args.env)
     robot_id = args.robot_id or f"robot-{socket.gethostname()}"
@@ -94,20 +108,28 @@ def cmd_robot(args: argparse.Namespace) -> int:
         raise UsageError(f"--identity {args.identity}: a robot uploads only under its own id "
                          f"({robot_id}); drop --identity or pass --robot-id {args.identity}")
     security = client_security(args, args.gateway, robot_id)
-    config = _robot_config(args, robot_id)
+    config = _robot_config(args, robot_id, args.task or "")
     torch.set_num_threads(1)  # one inference thread: no thread-pool stalls in the control loop
-    _log_to_stderr()
     try:
-        robot = RobotClient(config, args.gateway, factory, security)
-    except SecurityError as e:
-        raise UsageError(str(e)) from None
+        environment = factory()
     except Exception as e:  # the environment factory failed
         raise UsageError(f"--env {args.env}: {type(e).__name__}: {e}") from None
+    if args.spec:
+        task = _checked_spec(args.spec, environment)
+        config = _robot_config(args, robot_id, args.task or task)
+    _log_to_stderr()
+    try:
+        robot = RobotClient(config, args.gateway, lambda: environment, security)
+    except SecurityError as e:
+        raise UsageError(str(e)) from None
     signal.signal(signal.SIGUSR1, lambda *_: robot.estop())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: robot.stop())
     print(f"{robot_id}: gateway {args.gateway}, spool {config.spool_dir}", flush=True)
-    stats = robot.run(drain_seconds=args.drain_seconds)
+    try:
+        stats = robot.run(drain_seconds=args.drain_seconds)
+    except RobotTaskError as e:
+        raise UsageError(f"{robot_id}: {e}") from None
     print(f"{robot_id}: {stats.episodes} episodes, {stats.uploaded} uploaded, "
           f"{stats.safe_idle_entries} safe idles, {stats.actions_clipped} clipped actions, "
           f"max step {stats.max_compute_seconds * 1000:.1f} ms"
@@ -115,6 +137,20 @@ def cmd_robot(args: argparse.Namespace) -> int:
     if args.stats:
         Path(args.stats).write_text(json.dumps(vars(stats)))
     return 3 if stats.estopped else 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from cluster.robots import continue_cycle, fleet_table
+    from replay.storage import Storage
+
+    if not Storage(args.run).exists("config.yaml"):
+        raise UsageError(f"fleet: {args.run} holds no run (no config.yaml)")
+    if args.action == "status":
+        print(fleet_table(args.run))
+    else:
+        print(f"cycle {continue_cycle(args.run)} continues with the robot episodes that "
+              "arrived", flush=True)
+    return 0
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -256,7 +292,10 @@ def add_fleet_commands(sub) -> None:
     robot.add_argument("--safe-action", type=float, default=0.0,
                        help="value of every action dimension in safe idle")
     robot.add_argument("--estop-file", help="e-stop as soon as this file exists (also SIGUSR1)")
-    robot.add_argument("--task", help="task name in the policy's env spec (default: its first)")
+    robot.add_argument("--spec", help="the robot's spec YAML (docs/robots.md): the environment "
+                                      "must match it, and the robot acts on task robot:<name>")
+    robot.add_argument("--task", help="task name in the policy's env spec (default: robot:<name> "
+                                      "of --spec, else the policy's first task)")
     robot.add_argument("--run-id", default="robot", help="lineage run_id of the episodes")
     robot.add_argument("--max-episodes", type=int, default=0, help="0 = until stopped")
     robot.add_argument("--upload-retry", type=float, default=1.0, metavar="SECONDS")
@@ -265,6 +304,11 @@ def add_fleet_commands(sub) -> None:
     robot.add_argument("--stats", help="write the run's counters here as JSON")
     add_credential_flags(robot, "credential identity (default: the robot id)")
     robot.set_defaults(func=cmd_robot)
+
+    fleet = sub.add_parser("fleet", help="a run's robots: what each uploaded; continue a cycle")
+    fleet.add_argument("action", choices=["status", "continue"])
+    fleet.add_argument("run", help="the run's directory or storage URI")
+    fleet.set_defaults(func=cmd_fleet)
 
     policy = sub.add_parser("policy", help="serve, inspect and pin policy versions")
     policy.add_argument("action", choices=["serve", "ls", "publish", "pin", "unpin",

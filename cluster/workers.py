@@ -22,8 +22,10 @@ import torch
 from prometheus_client import Counter, Gauge
 
 from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
+from actors.robot_spec import is_robot_task
 from cluster.config import ClusterConfig, EnvConfig
 from cluster.process import RunProcess, advertised_host, read_address
+from cluster.robots import FleetLedger
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
 from learners.learner import PACLearner
@@ -37,7 +39,7 @@ from policies.snapshot import Snapshot, snapshot_metadata
 from replay.archive import EpisodeArchive
 from replay.config import ReplayConfig
 from replay.dataset import ReverbBatchIterator
-from replay.ingest import EpisodeSink
+from replay.ingest import EpisodeSink, Ingested
 from replay.server import ReplayServer
 from replay.spec import Adder, EnvSpec, Episode
 from replay.storage import Storage, is_remote, join, run_id, scratch_dir
@@ -52,6 +54,11 @@ def actor_tasks(tasks: tuple[str, ...], index: int, num_actors: int) -> list[str
     if len(tasks) >= num_actors:
         return list(tasks[index::num_actors])
     return [tasks[index % len(tasks)]]
+
+
+def sim_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
+    """The entries of env.tasks that sim actors run (robot:<spec> entries are robots')."""
+    return tuple(t for t in tasks if not is_robot_task(t))
 
 
 def summarize(episode: Episode, accepted: bool) -> dict:
@@ -133,10 +140,15 @@ class PolicyServerWorker(RunProcess):
                  replay: "ray.actor.ActorHandle | None" = None, spec: EnvSpec | None = None):
         super().__init__(run, "policyserver")
         handler = None
+        self._ledger = FleetLedger(run)
         if replay is not None and spec is not None:
             sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                ReplayActorAdder(replay), join(run, "quarantine"))
-            handler = functools.partial(sink.ingest, to_replay=True)
+
+            def handler(episode: Episode) -> Ingested:  # the gRPC server's upload threads
+                result = sink.ingest(episode, to_replay=True)
+                self._ledger.record(episode, result)
+                return result
         self._server = PolicyServer(join(run, "policies"), host=advertised_host(cluster_config),
                                     port=self.stable_port(cluster_config.policy_port),
                                     security=cluster_config.policy_server_security(),
@@ -149,6 +161,10 @@ class PolicyServerWorker(RunProcess):
 
     def latest_version(self) -> int:
         return self._server.latest_version
+
+    def fleet_progress(self, version: int) -> dict[str, dict]:
+        """Per robot: accepted episodes acted by `version`, and totals (cluster/robots.py)."""
+        return self._ledger.progress(version)
 
 
 class CollectorWorker(RunProcess):
@@ -171,7 +187,7 @@ class CollectorWorker(RunProcess):
                               registry=registry)
         self._spec = spec
         # Tasks are dealt out round-robin; an actor with several steps them in turn, a wave each.
-        tasks = actor_tasks(env_config.tasks, index, cluster_config.num_actors)
+        tasks = actor_tasks(sim_tasks(env_config.tasks), index, cluster_config.num_actors)
         self._envs = {t: [env_config.make(t, seed + i)
                           for i in range(cluster_config.envs_per_actor)] for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}

@@ -48,8 +48,26 @@ def episode_problems(episode: Episode, spec: EnvSpec) -> list[str]:
         problems.append(f"length {episode.length} outside [1, {MAX_EPISODE_LENGTH}]")
     if not 0 <= episode.task_id < spec.num_tasks:
         problems.append(f"task_id {episode.task_id} outside [0, {spec.num_tasks})")
+    elif not problems:
+        problems += task_problems(episode, spec)
     if episode.terminated == episode.truncated:
         problems.append("exactly one of terminated/truncated must be set")
+    return problems
+
+
+def task_problems(episode: Episode, spec: EnvSpec) -> list[str]:
+    """What does not fit the episode's own task (shapes and types already checked): its name,
+    zero padding past the task's observation and action sizes, the action bounds."""
+    task, problems = spec.tasks[episode.task_id], []
+    if episode.lineage.task != task.name:
+        problems.append(f"lineage.task: {str(episode.lineage.task)[:80]!r} is not task "
+                        f"{episode.task_id} of the run ({task.name})")
+    if np.any(episode.observation[:, task.obs_dim:]):
+        problems.append(f"observation: nonzero values past the {task.obs_dim} of {task.name}")
+    if np.any(episode.action[:, task.action_dim:]):
+        problems.append(f"action: nonzero values past the {task.action_dim} of {task.name}")
+    if np.any(episode.action < spec.action_min) or np.any(episode.action > spec.action_max):
+        problems.append(f"action: values outside [{spec.action_min}, {spec.action_max}]")
     return problems
 
 

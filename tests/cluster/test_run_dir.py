@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cluster.config import config_from_dict, config_to_dict
-from cluster.driver import RunDirError, prepare_run_dir
+from cluster.preflight import RunDirError, prepare_run_dir
 
 BASE = {"env": {"tasks": ["dm_control:cartpole-swingup"]},
         "loop": {"num_cycles": 2, "episodes_per_cycle": 4, "learner_steps_per_cycle": 10}}
@@ -38,7 +38,7 @@ def test_resume_may_change_cycles_and_budget_but_nothing_else(tmp_path):
 def test_a_plain_local_path_is_refused_on_more_than_one_node(monkeypatch, run, refused):
     import ray
 
-    from cluster.driver import check_storage_reaches_every_node
+    from cluster.preflight import check_storage_reaches_every_node
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True},
                                                {"Alive": False}])
