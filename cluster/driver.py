@@ -272,18 +272,28 @@ class RunRecord:
             wait(shipped, "ship_logs", self.config.loop.call_timeout_seconds)
 
 
+def fleet_totals(top: Topology, timeout: float) -> tuple[int, int]:
+    """(episodes, decisions) the run's robots have uploaded, all versions."""
+    (progress,) = wait([("policyserver", top.policy.fleet_progress.remote(0))], "fleet",
+                       timeout)
+    return (sum(p["total"] for p in progress.values()),
+            sum(p["total_steps"] for p in progress.values()))
+
+
 def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, version: int,
                started: float) -> None:
     """collect -> train -> [evaluate] -> publish, one row per cycle, until num_cycles or the
     budget."""
     budget, timeout = config.loop.budget_seconds, config.loop.call_timeout_seconds
     say = functools.partial(print, file=record.out, flush=True)
-    if version == 0 and any(is_robot_task(t) for t in config.env.tasks):
+    robot_run = any(is_robot_task(t) for t in config.env.tasks)
+    if version == 0 and robot_run:
         # Robots act only with a published policy: the learner's initial one is v1, made
         # "before cycle 0" (cycle -1), so robots record its episodes under cycle 0.
         (version,) = wait([("learner", top.learner.publish.remote(
             top.policy_address(timeout), 1, -1))], "publish", timeout)
         say(f"  published v{version}, the initial policy, for the robots")
+    seen = fleet_totals(top, timeout) if robot_run else (0, 0)
     for cycle in range(len(record.rows), config.loop.num_cycles):
         t0 = time.time()
         previous = record.rows[-1].seconds if record.rows else 0.0
@@ -295,7 +305,11 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
         for collected in result["collected"]:
             record.collected(collected)
         robots = result["robots"].values()
-        record.episodes += sum(r["episodes"] for r in robots)
+        if robot_run:  # every robot episode accepted since the last row, of any version
+            now = fleet_totals(top, timeout)
+            record.episodes += now[0] - seen[0]
+            record.env_steps += now[1] - seen[1]  # robots: decisions
+            seen = now
         returns = [e["return"] for e in result["episodes"]]
         count = len(returns) + sum(r["episodes"] for r in robots)
         record.learner_busy(result["train"])

@@ -65,7 +65,8 @@ def load_env_factory(spec: str) -> Callable:
 
 
 def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO,
+    """INFO and up, timestamped; replaces a setup that an environment's imports made."""
+    logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

@@ -30,6 +30,7 @@ class RobotRecord:
     robot_id: str
     episodes: dict[str, int] = dataclasses.field(default_factory=dict)  # version -> accepted
     returns: dict[str, float] = dataclasses.field(default_factory=dict)  # version -> their sum
+    steps: dict[str, int] = dataclasses.field(default_factory=dict)  # version -> decisions
     counted: list[str] = dataclasses.field(default_factory=list)  # episode ids counted
     last_upload: float = 0.0  # unix seconds of the last accepted upload
     last_version: int = 0  # version that acted its last accepted episode
@@ -67,6 +68,7 @@ class FleetLedger:
             version = str(lineage.policy_version)
             robot.episodes[version] = robot.episodes.get(version, 0) + 1
             robot.returns[version] = robot.returns.get(version, 0.0) + episode.episode_return
+            robot.steps[version] = robot.steps.get(version, 0) + episode.length
             robot.counted.append(lineage.episode_id)
             robot.last_upload, robot.last_version = time.time(), lineage.policy_version
         else:
@@ -75,10 +77,13 @@ class FleetLedger:
                               json.dumps(dataclasses.asdict(robot)).encode())
 
     def progress(self, version: int) -> dict[str, dict]:
-        """Per robot: episodes (and their return sum) acted by `version`, total, last upload."""
+        """Per robot: episodes (their return sum and decisions) acted by `version`, total,
+        last upload."""
         key = str(version)
         return {r.robot_id: {"episodes": r.episodes.get(key, 0),
-                             "return_sum": r.returns.get(key, 0.0), "total": r.total,
+                             "return_sum": r.returns.get(key, 0.0),
+                             "steps": r.steps.get(key, 0), "total": r.total,
+                             "total_steps": sum(r.steps.values()),
                              "last_upload": r.last_upload, "last_version": r.last_version,
                              "quarantined": r.quarantined}
                 for r in sorted(self.robots.values(), key=lambda r: r.robot_id)}

@@ -118,6 +118,10 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
     assert all(counts[v] >= 6 for v in (1, 2, 3)), counts
     state = json.loads((run / "cycle.json").read_text())
     assert state["completed_cycles"] == 3 and state["policy_version"] == 4
+    last = state["rows"][-1]  # every robot episode accepted by then, and its decisions
+    assert 18 <= last["episodes"] <= len(lineages)
+    assert last["env_steps"] <= sum(e.length for e in archived.values())
+    assert last["env_steps"] >= last["episodes"] * min(e.length for e in archived.values())
     assert output.count("robot episodes of v") >= 3
     # Each robot's every recorded episode is archived or still in its spool, and the ledger
     # counted each archived one once.
@@ -126,7 +130,10 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
         recorded = {i for s in stats for i in s["episode_ids"]}
         spool = _spooled(tmp_path / f"spool-{robot_id}")
         assert recorded <= set(archived) | spool
-        assert _uploaded(run, robot_id) == sum(lin.actor_id == robot_id for lin in lineages)
+        # The run's end can cut one upload per robot (each sends one at a time) between the
+        # archive and the ledger; a live run counts it when the robot retries.
+        archived_by_robot = sum(lin.actor_id == robot_id for lin in lineages)
+        assert 0 <= archived_by_robot - _uploaded(run, robot_id) <= 1
     status = subprocess.run([*CLI, "fleet", "status", str(run)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert status.returncode == 0, status.stderr
