@@ -23,11 +23,15 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_run(args: argparse.Namespace) -> int:
     from replay.storage import join
 
+    if args.init_from:
+        where = args.init_from if "://" in args.init_from else str(Path(args.init_from).absolute())
+        args.set = [*(args.set or []), f"learner.init_from={where}"]
     config = load_config_args(args)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs --run-dir")
+    first = config.env.tasks[0].split(":", 1)[-1]  # a task, or a robot spec file's path
     run = args.run_dir or join(config.cluster.storage, time.strftime("%Y%m%d-%H%M%S-") +
-                               config.env.tasks[0].split(":")[-1])
+                               Path(first).stem)
     if "://" not in run:
         run = str(Path(run).absolute())
         if "runtime_resources" in Path(run).parts or "working_dir_files" in run:
@@ -229,6 +233,9 @@ def make_parser() -> argparse.ArgumentParser:
                      help="continue the run in --run-dir (loop.num_cycles may grow)")
     run.add_argument("--address", default=None,
                      help="Ray cluster address ('auto' inside a cluster); default: a local one")
+    run.add_argument("--init-from", metavar="SNAPSHOT",
+                     help="start from a stored snapshot's weights (its .json, a path or URI) and "
+                          "collect cycle 0 with it: sets learner.init_from")
     run.set_defaults(func=_cmd_run)
     offline = sub.add_parser("train-offline", help="retrain PAC from an episode archive")
     offline.add_argument("--archive", required=True, help="archive path or URI")

@@ -23,7 +23,7 @@ import ray
 
 from actors.robot_spec import is_robot_task
 from cluster.config import ExperimentConfig, LoopMode
-from cluster.preflight import (check_placement, check_run_dir,
+from cluster.preflight import (check_init_from, check_placement, check_run_dir,
                                check_storage_reaches_every_node, prepare_run_dir,
                                run_credentials)
 from cluster.report import CycleRow, format_header, format_row, plot_returns, read_state, \
@@ -287,12 +287,14 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
     budget, timeout = config.loop.budget_seconds, config.loop.call_timeout_seconds
     say = functools.partial(print, file=record.out, flush=True)
     robot_run = any(is_robot_task(t) for t in config.env.tasks)
-    if version == 0 and robot_run:
-        # Robots act only with a published policy: the learner's initial one is v1, made
-        # "before cycle 0" (cycle -1), so robots record its episodes under cycle 0.
+    if version == 0 and (robot_run or config.learner.init_from):
+        # Robots act only with a published policy, and a fine-tuning run collects cycle 0 with
+        # its base policy: the learner's initial weights are v1, made "before cycle 0" (cycle
+        # -1), so robots record its episodes under cycle 0.
         (version,) = wait([("learner", top.learner.publish.remote(
             top.policy_address(timeout), 1, -1))], "publish", timeout)
-        say(f"  published v{version}, the initial policy, for the robots")
+        say(f"  published v{version}, the initial policy" + (
+            f" ({config.learner.init_from})" if config.learner.init_from else ""))
     seen = fleet_totals(top, timeout) if robot_run else (0, 0)
     for cycle in range(len(record.rows), config.loop.num_cycles):
         t0 = time.time()
@@ -335,6 +337,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
     started = time.time()
     run = Storage(run_dir).uri
     check_run_dir(config, run, resume)
+    check_init_from(config)
     credentials = run_credentials(config.cluster)
     # A new local cluster gets Ray's default, token authentication, without Ray's warning line.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(

@@ -4,6 +4,8 @@ Ray cluster has), and the policy credentials. Each problem is a RunDirError: one
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import ray
@@ -13,10 +15,11 @@ from cluster.config import (ClusterConfig, ConfigError, ExperimentConfig, LoopMo
                             config_from_dict, config_to_dict)
 from cluster.report import STATE, CycleRow, read_rows
 from policies.security import SecurityError, pack_client_security
+from policies.snapshot import read_snapshot_metadata
 from replay.storage import Storage, StorageError, join
 
 RUN_SUBDIRS = ("archive", "quarantine", "checkpoints", "policies", "replay_checkpoints",
-               "metrics/targets", "report", "logs", "fleet")
+               "metrics/targets", "report", "logs")
 CONFIG = "config.yaml"  # the resolved config, in run storage
 
 
@@ -52,6 +55,28 @@ def check_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[Cycl
             raise RunDirError(f"--resume: the config differs from {stored} in more than "
                               "loop.num_cycles and loop.budget_seconds")
     return rows
+
+
+def check_init_from(config: ExperimentConfig) -> None:
+    """`learner.init_from` must be a readable snapshot of the same tasks and network."""
+    path = config.learner.init_from
+    if not path:
+        return
+    try:
+        stored = read_snapshot_metadata(path)["metadata"]
+    except (OSError, KeyError, ValueError) as e:
+        raise RunDirError(f"learner.init_from: cannot read snapshot {path} ({e})") from None
+
+    def plain(d: dict) -> dict:  # as JSON holds it: tuples are lists
+        return json.loads(json.dumps(d))
+
+    for field, ours in (("env_spec", config.env.spec().to_dict()),
+                        ("model_config", dataclasses.asdict(config.model))):
+        theirs, ours = stored.get(field, {}), plain(ours)
+        if theirs != ours:
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise RunDirError(f"learner.init_from: snapshot {path} has another {field} "
+                              f"(differs in {', '.join(differ)})")
 
 
 def prepare_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[CycleRow]:

@@ -35,7 +35,7 @@ from policies.policy import PACPolicy, Policy, RandomPolicy
 from policies.client import PolicyClient, PolicySubscriber
 from policies.security import unpack_client_security
 from policies.server import PolicyServer
-from policies.snapshot import Snapshot, snapshot_metadata
+from policies.snapshot import Snapshot, load_snapshot, snapshot_metadata
 from replay.archive import EpisodeArchive
 from replay.config import ReplayConfig
 from replay.dataset import ReverbBatchIterator
@@ -331,9 +331,17 @@ class LearnerWorker(RunProcess):
         self._learner = PACLearner(spec, model_config, config, self._iterator or iter(()), seed)
         self._spec, self._model_config = spec, model_config
         state = load_latest_good(self._checkpoints)
+        self._lineage = {}
+        if config.init_from:  # recorded in every snapshot this run makes
+            base = load_snapshot(config.init_from)
+            self._lineage = {"init_from": {"snapshot": config.init_from, "version": base.version,
+                                           "sha256": base.sha256}}
         if state is not None:  # a resumed run continues the learner it had
             self._learner.restore(state)
             logging.getLogger(__name__).info("restored learner from %s", state["path"])
+        elif config.init_from:  # checkpointed at once: data-parallel workers restore it too
+            self._learner.load_weights(base.state_dict())
+            save_checkpoint(self._learner.state(), self._checkpoints, 0, -1)
         self._candidate: Snapshot | None = None
         self._last_metrics: dict = {}
 
@@ -394,7 +402,7 @@ class LearnerWorker(RunProcess):
 
     def make_snapshot(self, version: int, cycle: int) -> Snapshot:
         metadata = snapshot_metadata(self._spec.to_dict(), self._model_config, cycle,
-                                     self._learner.num_steps, version - 1)
+                                     self._learner.num_steps, version - 1, **self._lineage)
         self._candidate = Snapshot.from_state_dict(version, self._learner.get_variables(),
                                                    metadata)
         return self._candidate

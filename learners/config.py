@@ -49,6 +49,9 @@ class LearnerConfig:
     bf16_autocast: bool = True  # on CUDA: forward passes in bfloat16 autocast (losses in fp32)
     compile: bool = False  # torch.compile the network's encode/decode methods
     num_threads: int = 2  # torch intra-op threads on CPU (measure: pacflow bench learner)
+    # A stored snapshot (its .json, a path or URI) whose weights a new run starts from, and
+    # publishes as v1: fine-tuning a policy of an earlier run. "" = fresh weights.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -192,6 +192,11 @@ class PACLearner:
                 totals[k] = totals.get(k, 0.0) + v
         return {k: v / max(done, 1) for k, v in totals.items()}
 
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Starts from another network's weights (a snapshot's): online and target alike."""
+        self.model.load_state_dict(state_dict)
+        self.target.load_state_dict(state_dict)
+
     def get_variables(self) -> dict[str, torch.Tensor]:
         """The online network's weights on CPU, ready for a snapshot."""
         return {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}

@@ -1,0 +1,56 @@
+"""Fine-tuning, the stacking paper's second mode: `pacflow run --init-from SNAPSHOT` starts the
+learner from an earlier run's policy, publishes it as v1, collects cycle 0 with it, and records
+it in every snapshot's metadata. A snapshot of another network is refused before anything
+starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import load_config
+from policies.perceiver import PerceiverActorCritic
+from policies.snapshot import Snapshot, load_snapshot, save_snapshot, snapshot_metadata
+from replay.archive import EpisodeArchive
+from replay.storage import Storage
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "cluster.cli", "run", "--config", "deploy/configs/smoke.yaml"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(600)
+def test_a_run_fine_tunes_from_an_earlier_snapshot(tmp_path):
+    config = load_config(ROOT / "deploy/configs/smoke.yaml")
+    spec = config.env.spec()
+    torch.manual_seed(3)
+    weights = PerceiverActorCritic(spec, config.model).state_dict()
+    base = Snapshot.from_state_dict(5, weights, snapshot_metadata(
+        spec.to_dict(), config.model, 4, 1234, 4))
+    path = save_snapshot(base, tmp_path / "earlier" / "policies")
+
+    other = subprocess.run([*CLI, "--init-from", path, "--set", "model.width=32",
+                            "--run-dir", str(tmp_path / "other")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and not (tmp_path / "other").exists()
+    assert other.stderr.strip().splitlines() == [
+        f"pacflow: error: learner.init_from: snapshot {path} has another model_config "
+        "(differs in width)"]
+
+    run = tmp_path / "run"
+    tuned = subprocess.run([*CLI, "--init-from", path, "--set", "loop.num_cycles=1",
+                            "--run-dir", str(run)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=500)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert f"published v1, the initial policy ({path})" in tuned.stdout
+    first, second = (load_snapshot(run / "policies" / f"v00000{v}.json") for v in (1, 2))
+    lineage = {"snapshot": path, "version": 5, "sha256": base.sha256}
+    assert first.metadata["init_from"] == second.metadata["init_from"] == lineage
+    assert all(torch.equal(t, weights[k]) for k, t in first.state_dict().items())
+    assert not all(torch.equal(t, weights[k]) for k, t in second.state_dict().items())
+    collected = [e.lineage for e in EpisodeArchive(run / "archive").episodes()
+                 if e.lineage.mode == "collect"]
+    assert collected and {lin.policy_version for lin in collected} == {1}  # not random v0
+    assert f"init_from: {path}" in Storage(run).get_bytes("config.yaml").decode()
