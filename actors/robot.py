@@ -51,11 +51,12 @@ class RobotConfig:
     run_id: str = "robot"  # lineage run_id of the robot's episodes
     max_episodes: int = 0  # stop after this many finished episodes (0 = run until stopped)
     upload_retry_seconds: float = 1.0  # wait between upload attempts while the gateway is down
+    report_seconds: float = 5.0  # status reports to the gateway (`pacflow fleet status`)
 
     def __post_init__(self) -> None:
         check_name(self.robot_id, "robot_id")  # it names the robot's files and its lineage
         for name in ("control_period_seconds", "staleness_budget_seconds",
-                     "upload_retry_seconds"):
+                     "upload_retry_seconds", "report_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.staleness_budget_seconds <= self.control_period_seconds:
@@ -173,6 +174,43 @@ class Uploader:
         self._stats.uploads_rejected += 1
 
 
+class Reporter:
+    """Sends the robot's status to the gateway every `period` seconds, and once more at stop.
+    Best effort: a gateway that is down is tried again next period; one that keeps no fleet
+    (UNIMPLEMENTED, a standalone `pacflow policy serve`) is not asked again."""
+
+    def __init__(self, gateway: str, security: ClientSecurity, period: float,
+                 status: Callable[[], dict]):
+        self._client = PolicyClient(gateway, timeout=max(period, 1.0), security=security)
+        self._period, self._status, self._stop = period, status, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
+        self._wanted = True
+
+    def start(self) -> "Reporter":
+        self._thread.start()
+        return self
+
+    def _send(self) -> None:
+        if not self._wanted:
+            return
+        try:
+            self._client.report(**self._status())
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.info("the gateway keeps no fleet status; not reporting")
+                self._wanted = False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self._send()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._send()  # the last word: e.g. that it was e-stopped
+        self._client.close()
+
+
 class RobotClient:
     """The robot's control loop.
 
@@ -193,6 +231,7 @@ class RobotClient:
                                   config.upload_retry_seconds, self.stats, security)
         self._policy: PACPolicy | None = None
         self._cycle = 0  # the run's cycle the current policy collects for
+        self._reporter = Reporter(gateway, security, config.report_seconds, self._status)
 
     def stop(self) -> None:
         self._stop.set()
@@ -210,9 +249,19 @@ class RobotClient:
         silent = time.monotonic() - self._subscriber.last_contact
         return silent <= self.config.staleness_budget_seconds
 
+    def _status(self) -> dict:
+        """What `Reporter` sends (RobotStatus)."""
+        return {"robot_id": self.config.robot_id,
+                "acting_version": self._policy.policy_version if self._policy else 0,
+                "spool_depth": self._uploader.pending(), "episodes": self.stats.episodes,
+                "uploaded": self.stats.uploaded,
+                "safe_idle_entries": self.stats.safe_idle_entries,
+                "estopped": self._estop.is_set()}
+
     def run(self, drain_seconds: float = 10.0) -> RobotStats:
         self._subscriber.start()
         self._uploader.start()
+        self._reporter.start()
         try:
             while not (self._stop.is_set() or self._estopped()):
                 if not self._ready():
@@ -227,6 +276,7 @@ class RobotClient:
                 self.stats.estopped = True
             self._subscriber.close()
             self._uploader.stop(drain_seconds if not self._estop.is_set() else 0.0)
+            self._reporter.stop()
         return self.stats
 
     def _ready(self) -> bool:

@@ -79,7 +79,8 @@ def _robot_config(args: argparse.Namespace, robot_id: str, task: str):
             control_period_seconds=args.control_period,
             staleness_budget_seconds=args.staleness_budget, safe_action=args.safe_action,
             estop_file=args.estop_file or "", task=task, run_id=args.run_id,
-            max_episodes=args.max_episodes, upload_retry_seconds=args.upload_retry)
+            max_episodes=args.max_episodes, upload_retry_seconds=args.upload_retry,
+            report_seconds=args.report_every)
     except ValueError as e:
         raise UsageError(f"robot: {e}") from None
 
@@ -300,6 +301,8 @@ def add_fleet_commands(sub) -> None:
     robot.add_argument("--run-id", default="robot", help="lineage run_id of the episodes")
     robot.add_argument("--max-episodes", type=int, default=0, help="0 = until stopped")
     robot.add_argument("--upload-retry", type=float, default=1.0, metavar="SECONDS")
+    robot.add_argument("--report-every", type=float, default=5.0, metavar="SECONDS",
+                       help="status reports to the gateway (pacflow fleet status)")
     robot.add_argument("--drain-seconds", type=float, default=10.0,
                        help="at exit, keep uploading the spool this long")
     robot.add_argument("--stats", help="write the run's counters here as JSON")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from typing import Callable
 
@@ -35,6 +36,8 @@ class RobotRecord:
     last_upload: float = 0.0  # unix seconds of the last accepted upload
     last_version: int = 0  # version that acted its last accepted episode
     quarantined: int = 0  # uploads refused by validation
+    status: dict = dataclasses.field(default_factory=dict)  # its last report (RobotStatus)
+    last_report: float = 0.0  # unix seconds of that report
 
     @property
     def total(self) -> int:
@@ -52,6 +55,7 @@ class FleetLedger:
 
     def __init__(self, run: str):
         self._store = Storage(join(run, FLEET_DIR))
+        self._lock = threading.Lock()  # uploads and reports arrive on gRPC threads
         self.robots: dict[str, RobotRecord] = {}
         if self._store.exists():
             for name in self._store.list_files():
@@ -60,6 +64,10 @@ class FleetLedger:
                     self.robots[record.robot_id] = record
 
     def record(self, episode: Episode, result: Ingested) -> None:
+        with self._lock:
+            self._record(episode, result)
+
+    def _record(self, episode: Episode, result: Ingested) -> None:
         lineage = episode.lineage
         robot = self.robots.setdefault(lineage.actor_id, RobotRecord(lineage.actor_id))
         if result.problems:
@@ -76,16 +84,29 @@ class FleetLedger:
         self._store.put_bytes(f"{robot.robot_id}.json",
                               json.dumps(dataclasses.asdict(robot)).encode())
 
+    def report(self, status: dict) -> None:
+        """A robot's status report (`pacflow robot` sends one every --report-every seconds)."""
+        with self._lock:
+            robot = self.robots.setdefault(status["robot_id"], RobotRecord(status["robot_id"]))
+            robot.status, robot.last_report = dict(status), time.time()
+            self._store.put_bytes(f"{robot.robot_id}.json",
+                                  json.dumps(dataclasses.asdict(robot)).encode())
+
     def progress(self, version: int) -> dict[str, dict]:
         """Per robot: episodes (their return sum and decisions) acted by `version`, total,
         last upload."""
         key = str(version)
+        with self._lock:
+            return self._progress(key)
+
+    def _progress(self, key: str) -> dict[str, dict]:
         return {r.robot_id: {"episodes": r.episodes.get(key, 0),
                              "return_sum": r.returns.get(key, 0.0),
                              "steps": r.steps.get(key, 0), "total": r.total,
                              "total_steps": sum(r.steps.values()),
                              "last_upload": r.last_upload, "last_version": r.last_version,
-                             "quarantined": r.quarantined}
+                             "quarantined": r.quarantined, "status": dict(r.status),
+                             "last_report": r.last_report}
                 for r in sorted(self.robots.values(), key=lambda r: r.robot_id)}
 
 
@@ -133,25 +154,36 @@ def wait_for_robots(fetch: Callable[[int], dict[str, dict]], run: str, cycle: in
         time.sleep(poll_seconds)
 
 
-def fleet_table(run: str, now: float | None = None) -> str:
-    """`pacflow fleet status RUN`: per robot, its uploads to the run as the ledger holds them."""
+def fleet_table(run: str, now: float | None = None, fresh_seconds: float = 15.0) -> str:
+    """`pacflow fleet status RUN`: per robot, from the ledger the run's policy server keeps:
+    connected (a report or upload within `fresh_seconds`), when last seen, the version it acts
+    with and its pin, episodes of the current version and in all, spool depth, safe idles,
+    e-stop, and uploads refused by validation."""
     store, now = Storage(run), time.time() if now is None else now
     if not store.exists(FLEET_DIR):
-        return f"{run}: no robot has uploaded to this run"
+        return f"{run}: no robot has reported to this run"
     cycle = json.loads(store.get_bytes("cycle.json"))["completed_cycles"] \
         if store.exists("cycle.json") else 0
-    versions = [int(n[1:7]) for n in Storage(join(run, "policies")).list_files()
-                if n.startswith("v") and n.endswith(".json")] \
-        if store.exists("policies") else []
+    policies = Storage(join(run, "policies"))
+    versions = [int(n[1:7]) for n in policies.list_files()
+                if n.startswith("v") and n.endswith(".json")] if store.exists("policies") else []
     version = max(versions, default=0)
-    progress = FleetLedger(run).progress(version)
+    pins = json.loads(policies.get_bytes("pins.json")) if policies.exists("pins.json") else {}
     lines = [f"cycle {cycle}, policy v{version}",
-             f"{'robot':<20} {'last upload':>12} {'acting':>7} {f'of v{version}':>7} "
-             f"{'total':>6} {'refused':>8}"]
-    for robot, p in progress.items():
-        age = f"{now - p['last_upload']:.0f} s ago" if p["last_upload"] else "never"
-        lines.append(f"{robot:<20} {age:>12} {'v' + str(p['last_version']):>7} "
-                     f"{p['episodes']:>7} {p['total']:>6} {p['quarantined']:>8}")
+             f"{'robot':<16} {'connected':>9} {'last seen':>10} {'acting':>6} {'pin':>4} "
+             f"{f'of v{version}':>6} {'total':>6} {'spool':>5} {'idles':>5} {'e-stop':>6} "
+             f"{'refused':>7}"]
+    for robot, p in FleetLedger(run).progress(version).items():
+        seen = max(p["last_upload"], p["last_report"])
+        status = p["status"]
+        pin = (pins.get("clients") or {}).get(robot) or pins.get("fleet") or ""
+        lines.append(
+            f"{robot:<16} {'yes' if now - seen <= fresh_seconds else 'no':>9} "
+            f"{f'{now - seen:.0f}s ago' if seen else 'never':>10} "
+            f"{'v' + str(status.get('acting_version', p['last_version'])):>6} "
+            f"{'v' + str(pin) if pin else '-':>4} {p['episodes']:>6} {p['total']:>6} "
+            f"{status.get('spool_depth', '-'):>5} {status.get('safe_idle_entries', '-'):>5} "
+            f"{'yes' if status.get('estopped') else 'no':>6} {p['quarantined']:>7}")
     return "\n".join(lines)
 
 
@@ -163,3 +195,40 @@ def continue_cycle(run: str) -> int:
         if store.exists("cycle.json") else 0
     store.put_bytes(continue_marker(cycle), b"")
     return cycle
+
+
+class FleetCollector:
+    """Prometheus collector: the ledger's per-robot figures, read at every scrape (registered
+    on the run's policy server process)."""
+
+    FIGURES = (  # (metric, help, value of a progress entry)
+        ("pacflow_robot_episodes", "Episodes accepted from the robot, all versions",
+         lambda p: p["total"]),
+        ("pacflow_robot_uploads_refused", "Uploads from the robot that failed validation",
+         lambda p: p["quarantined"]),
+        ("pacflow_robot_last_seen_timestamp_seconds", "Last report or accepted upload",
+         lambda p: max(p["last_upload"], p["last_report"])),
+        ("pacflow_robot_acting_version", "Policy version the robot acts with (its report)",
+         lambda p: p["status"].get("acting_version")),
+        ("pacflow_robot_spool_depth", "Episodes waiting in the robot's spool (its report)",
+         lambda p: p["status"].get("spool_depth")),
+        ("pacflow_robot_safe_idle_entries", "Watchdog trips since the robot process started",
+         lambda p: p["status"].get("safe_idle_entries")),
+        ("pacflow_robot_estopped", "1 when the robot reported an e-stop",
+         lambda p: int(bool(p["status"].get("estopped"))) if p["status"] else None),
+    )
+
+    def __init__(self, ledger: FleetLedger):
+        self._ledger = ledger
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        progress = self._ledger.progress(0)
+        for name, text, value in self.FIGURES:
+            family = GaugeMetricFamily(name, text, labels=["robot"])
+            for robot, p in progress.items():
+                v = value(p)
+                if v is not None:
+                    family.add_metric([robot], float(v))
+            yield family

@@ -25,7 +25,7 @@ from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from actors.robot_spec import is_robot_task
 from cluster.config import ClusterConfig, EnvConfig
 from cluster.process import RunProcess, advertised_host, read_address
-from cluster.robots import FleetLedger
+from cluster.robots import FleetCollector, FleetLedger
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
 from learners.learner import PACLearner
@@ -141,6 +141,7 @@ class PolicyServerWorker(RunProcess):
         super().__init__(run, "policyserver")
         handler = None
         self._ledger = FleetLedger(run)
+        self.registry.register(FleetCollector(self._ledger))
         if replay is not None and spec is not None:
             sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                ReplayActorAdder(replay), join(run, "quarantine"))
@@ -152,7 +153,8 @@ class PolicyServerWorker(RunProcess):
         self._server = PolicyServer(join(run, "policies"), host=advertised_host(cluster_config),
                                     port=self.stable_port(cluster_config.policy_port),
                                     security=cluster_config.policy_server_security(),
-                                    limits=limits, episode_handler=handler)
+                                    limits=limits, episode_handler=handler,
+                                    status_handler=self._ledger.report)
         self._address = self._server.start()
         self.remember_address(self._address)
 

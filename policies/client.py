@@ -97,6 +97,10 @@ class PolicyClient:
     def unpin(self, client_id: str = "") -> pb.PinReply:
         return self._stub.Unpin(pb.PinRequest(client_id=client_id), **self._call)
 
+    def report(self, **status) -> pb.ReportReply:
+        """A robot's status (the RobotStatus fields, policies/proto/policy.proto)."""
+        return self._stub.Report(pb.RobotStatus(**status), **self._call)
+
     def upload_episode(self, episode: Episode, payload: bytes | None = None) -> pb.UploadReply:
         """Uploads one finished episode (idempotent by its episode_id)."""
         payload = episode_bytes(episode) if payload is None else payload

@@ -4,7 +4,7 @@ roles, and the rule that plaintext is only for loopback and only when explicitly
 Roles (a token has exactly one):
     learner   Publish
     actor     Subscribe, Fetch, UploadEpisode, Act   (sim actors inside the cluster)
-    robot     Subscribe, Fetch, UploadEpisode, Act   (robot clients outside it)
+    robot     Subscribe, Fetch, UploadEpisode, Act, Report   (robot clients outside it)
     operator  Pin, Unpin, Fetch, Subscribe, Act   (Subscribe and Act for any client id)
 List is read-only and open to every role. A token also names an identity (e.g. "robot-7", a
 `replay.ids` name, never empty); with client certificates the certificate's common name must be
@@ -45,7 +45,7 @@ ROLES = ("learner", "actor", "robot", "operator")
 ROLE_METHODS = {
     "learner": frozenset({"Publish", "List"}),
     "actor": frozenset({"Subscribe", "Fetch", "UploadEpisode", "Act", "List"}),
-    "robot": frozenset({"Subscribe", "Fetch", "UploadEpisode", "Act", "List"}),
+    "robot": frozenset({"Subscribe", "Fetch", "UploadEpisode", "Act", "List", "Report"}),
     "operator": frozenset({"Pin", "Unpin", "Fetch", "List", "Subscribe", "Act"}),
 }
 # Roles whose Subscribe and Act may name another client id (robots only ever act as themselves).

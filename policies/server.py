@@ -49,6 +49,7 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 EpisodeHandler = Callable[[Episode], Ingested]
+StatusHandler = Callable[[dict], None]  # a robot's RobotStatus as a dict, robot_id checked
 PLAINTEXT_LOOPBACK = ServerSecurity(allow_plaintext=True)  # in-process and single-node runs
 
 PINS = "pins.json"  # fleet and per-client pins, next to the versions
@@ -166,8 +167,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def __init__(self, directory: str | Path, episode_handler: EpisodeHandler | None = None,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
-                 limits: GatewayLimits = GatewayLimits()):
+                 limits: GatewayLimits = GatewayLimits(),
+                 status_handler: StatusHandler | None = None):
         self.store = PolicyStore(directory)
+        self._status_handler = status_handler
         self.limits = limits
         self.slots = StreamSlots(limits.max_streams_total, limits.max_streams_per_identity)
         self._episode_handler = episode_handler
@@ -276,6 +279,19 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         log.warning("unpinned %s", request.client_id or "the fleet")
         return self.store.pins_reply()
 
+    def Report(self, request: pb.RobotStatus, context: grpc.ServicerContext) -> pb.ReportReply:
+        if self._status_handler is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this policy server keeps no fleet")
+        robot_id = _client_id(request.robot_id, context)  # a robot reports only as itself
+        if not robot_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "robot_id: missing")
+        self._status_handler({
+            "robot_id": robot_id, "acting_version": request.acting_version,
+            "spool_depth": request.spool_depth, "episodes": request.episodes,
+            "uploaded": request.uploaded, "safe_idle_entries": request.safe_idle_entries,
+            "estopped": request.estopped})
+        return pb.ReportReply()
+
     def UploadEpisode(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
         if self._episode_handler is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this policy server has no gateway")
@@ -348,11 +364,12 @@ class PolicyServer:
                  episode_handler: EpisodeHandler | None = None,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  security: ServerSecurity = PLAINTEXT_LOOPBACK,
-                 limits: GatewayLimits = GatewayLimits()):
+                 limits: GatewayLimits = GatewayLimits(),
+                 status_handler: StatusHandler | None = None):
         self._credentials = server_credentials(security, host)  # refuses what is not allowed
         self._interceptors = server_interceptors(security)
         self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds,
-                                        limits=limits)
+                                        limits=limits, status_handler=status_handler)
         self._host, self._port = host, port
         self._server: grpc.Server | None = None
 

@@ -44,6 +44,11 @@ class PolicyServiceStub(object):
                 request_serializer=policies_dot_proto_dot_policy__pb2.PinRequest.SerializeToString,
                 response_deserializer=policies_dot_proto_dot_policy__pb2.PinReply.FromString,
                 )
+        self.Report = channel.unary_unary(
+                '/pacflow.policy.v1.PolicyService/Report',
+                request_serializer=policies_dot_proto_dot_policy__pb2.RobotStatus.SerializeToString,
+                response_deserializer=policies_dot_proto_dot_policy__pb2.ReportReply.FromString,
+                )
         self.UploadEpisode = channel.stream_unary(
                 '/pacflow.policy.v1.PolicyService/UploadEpisode',
                 request_serializer=policies_dot_proto_dot_policy__pb2.EpisodeChunk.SerializeToString,
@@ -99,6 +104,13 @@ class PolicyServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """Robot -> server: its status, every few seconds (UNIMPLEMENTED where nothing keeps it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadEpisode(self, request_iterator, context):
         """Robot -> gateway, chunked, idempotent by episode_id.
         """
@@ -144,6 +156,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=policies_dot_proto_dot_policy__pb2.PinRequest.FromString,
                     response_serializer=policies_dot_proto_dot_policy__pb2.PinReply.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=policies_dot_proto_dot_policy__pb2.RobotStatus.FromString,
+                    response_serializer=policies_dot_proto_dot_policy__pb2.ReportReply.SerializeToString,
             ),
             'UploadEpisode': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadEpisode,
@@ -264,6 +281,23 @@ class PolicyService(object):
         return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/Unpin',
             policies_dot_proto_dot_policy__pb2.PinRequest.SerializeToString,
             policies_dot_proto_dot_policy__pb2.PinReply.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/pacflow.policy.v1.PolicyService/Report',
+            policies_dot_proto_dot_policy__pb2.RobotStatus.SerializeToString,
+            policies_dot_proto_dot_policy__pb2.ReportReply.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

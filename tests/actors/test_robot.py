@@ -46,11 +46,12 @@ def gateway(tmp_path):
     spec = make_env_spec(["dm_control:cartpole-swingup"], action_repeat=8)
     archive = EpisodeArchive(tmp_path / "archive")
     sink = EpisodeSink(spec, archive, None, tmp_path / "quarantine")
-    port = _free_port()
+    port, reports = _free_port(), []
 
     def start() -> PolicyServer:
         server = PolicyServer(tmp_path / "policies", port=port, heartbeat_seconds=0.1,
-                              episode_handler=lambda e: sink.ingest(e, to_replay=False))
+                              episode_handler=lambda e: sink.ingest(e, to_replay=False),
+                              status_handler=reports.append)
         server.start()
         return server
 
@@ -59,7 +60,7 @@ def gateway(tmp_path):
     model = PerceiverActorCritic(spec, TINY_MODEL)
     publish(server.address, Snapshot.from_state_dict(
         1, model.state_dict(), snapshot_metadata(spec.to_dict(), TINY_MODEL, 0, 0, 0)))
-    state = {"server": server}
+    state = {"server": server, "reports": reports}
     yield state, start, archive
     state["server"].stop()
 
@@ -112,7 +113,8 @@ def test_gateway_restart_loses_and_duplicates_nothing(gateway, tmp_path):
 def test_estop_file_stops_at_once_with_the_episode_kept(gateway, tmp_path):
     state, _, archive = gateway
     estop, env = tmp_path / "ESTOP", HoldingCartpole()
-    robot = _robot(tmp_path, state["server"].address, env=env, estop_file=str(estop))
+    robot = _robot(tmp_path, state["server"].address, env=env, estop_file=str(estop),
+                   report_seconds=0.2)
     runner = threading.Thread(target=robot.run)
     runner.start()
     _wait(lambda: robot.stats.episodes >= 1, timeout=30)
@@ -132,6 +134,13 @@ def test_estop_file_stops_at_once_with_the_episode_kept(gateway, tmp_path):
     for t, action in env.holds:  # safe action held, from the e-stop on
         if t >= t0:
             np.testing.assert_array_equal(action, np.zeros(1, np.float32))
+    # Its status reports (every 0.2 s) told the gateway; the last one, at stop, the e-stop.
+    reports = state["reports"]
+    assert len(reports) >= 2 and not reports[0]["estopped"]
+    assert reports[-1] == {"robot_id": "robot-1", "acting_version": 1,
+                           "spool_depth": len(list((tmp_path / "spool").glob("*.parquet"))),
+                           "episodes": robot.stats.episodes, "uploaded": robot.stats.uploaded,
+                           "safe_idle_entries": 0, "estopped": True}
 
 
 def test_an_upload_refused_for_good_is_kept_aside_and_the_rest_go_on(gateway, tmp_path):

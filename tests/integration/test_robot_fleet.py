@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,26 @@ def _free_port() -> int:
 def _uploaded(run: Path, robot: str) -> int:
     ledger = run / "fleet" / f"{robot}.json"
     return sum(json.loads(ledger.read_text())["episodes"].values()) if ledger.exists() else 0
+
+
+def _status(run: Path, robot: str) -> dict:
+    """A robot's last status report, as the run's ledger holds it."""
+    ledger = run / "fleet" / f"{robot}.json"
+    return json.loads(ledger.read_text()).get("status", {}) if ledger.exists() else {}
+
+
+def _fleet_status(run: Path) -> str:
+    status = subprocess.run([*CLI, "fleet", "status", str(run)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    return status.stdout
+
+
+def _scrape(run: Path) -> str:
+    """The run's policy server's Prometheus endpoint (its file_sd target)."""
+    (target,) = json.loads((run / "metrics" / "targets" / "policyserver.json").read_text())
+    with urllib.request.urlopen(f"http://{target['targets'][0]}/metrics", timeout=30) as r:
+        return r.read().decode()
 
 
 def _spooled(spool: Path) -> set[str]:
@@ -63,6 +84,7 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
              "--robot-id", robot_id, "--credentials", str(creds), "--spool",
              str(tmp_path / f"spool-{robot_id}"), "--control-period", "0.02",
              "--staleness-budget", "5", "--upload-retry", "0.2", "--drain-seconds", "0",
+             "--report-every", "0.5",
              "--stats", str(tmp_path / f"stats-{tag}.json")],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -86,6 +108,12 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
         victim.wait()
         pending = _spooled(spool2)  # finished, never acknowledged: must arrive once
         robots["robot-2"] = robot("robot-2", "robot-2-restarted")
+        # While the run goes on: the operator's view and the metrics show both robots.
+        until(lambda: driver.poll() is not None or all(
+            _status(run, r).get("episodes", 0) >= 1 for r in ROBOTS), "reports of both robots",
+            timeout=120)
+        view = _fleet_status(run)
+        metrics = _scrape(run) if driver.poll() is None else ""
         assert driver.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         for proc in robots.values():
@@ -134,12 +162,22 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
         # archive and the ledger; a live run counts it when the robot retries.
         archived_by_robot = sum(lin.actor_id == robot_id for lin in lineages)
         assert 0 <= archived_by_robot - _uploaded(run, robot_id) <= 1
-    status = subprocess.run([*CLI, "fleet", "status", str(run)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert status.returncode == 0, status.stderr
+    # The operator's view during the run: both connected, acting with a version, their counts.
     for robot_id in ROBOTS:
-        line = next(x for x in status.stdout.splitlines() if x.startswith(robot_id))
-        assert int(line.split()[-2]) == _uploaded(run, robot_id)
+        (name, connected, seen, _, acting, pin, _, total, spool, idles, estop, refused) = next(
+            x for x in view.splitlines() if x.startswith(robot_id)).split()
+        assert (connected, pin, estop, refused) == ("yes", "-", "no", "0"), view
+        assert acting.startswith("v") and int(acting[1:]) >= 1 and int(total) >= 1, view
+        assert spool.isdigit() and idles.isdigit(), view
+    if metrics:  # the run was still going: its policy server's metrics had the same figures
+        for robot_id in ROBOTS:
+            assert f'pacflow_robot_episodes{{robot="{robot_id}"}}' in metrics
+            assert f'pacflow_robot_spool_depth{{robot="{robot_id}"}}' in metrics
+            assert f'pacflow_robot_estopped{{robot="{robot_id}"}} 0.0' in metrics
+    final = _fleet_status(run)
+    for robot_id in ROBOTS:
+        line = next(x for x in final.splitlines() if x.startswith(robot_id)).split()
+        assert int(line[7]) == _uploaded(run, robot_id), final
 
 
 @pytest.mark.timeout(600)

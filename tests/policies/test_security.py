@@ -262,3 +262,36 @@ def test_packed_credentials_carry_one_identity_and_connect(mtls_server, tmp_path
     with _client(address, security) as client:
         assert client.list().versions == []
     assert unpack_client_security({}, tmp_path / "none") == ClientSecurity()
+
+
+def test_robots_report_only_as_themselves(creds, tmp_path):
+    """Report, the robots' status call: only the robot role, only under its own identity; a
+    server that keeps no fleet answers UNIMPLEMENTED."""
+    good, _ = creds
+    reports = []
+    server = PolicyServer(tmp_path / "policies", port=0, security=ServerSecurity.from_dir(good),
+                          status_handler=reports.append)
+    address = server.start()
+    status = {"acting_version": 3, "spool_depth": 2, "episodes": 5, "uploaded": 3,
+              "safe_idle_entries": 1, "estopped": False}
+    try:
+        with _client(address, ClientSecurity.from_dir(good, "robot-1")) as robot:
+            robot.report(robot_id="robot-1", **status)
+            details = _refused(lambda: robot.report(robot_id="robot-2", **status),
+                               grpc.StatusCode.PERMISSION_DENIED)
+            assert "'robot-1' may not act as client 'robot-2'" in details
+        with _client(address, ClientSecurity.from_dir(good, "learner")) as learner:
+            details = _refused(lambda: learner.report(robot_id="robot-1", **status),
+                               grpc.StatusCode.PERMISSION_DENIED)
+            assert "may not call Report" in details
+    finally:
+        server.stop()
+    assert reports == [{"robot_id": "robot-1", **status}]
+    plain = PolicyServer(tmp_path / "plain", port=0)  # the standalone kind, without a fleet
+    address = plain.start()
+    try:
+        with PolicyClient(address, timeout=5) as robot:
+            _refused(lambda: robot.report(robot_id="robot-1", **status),
+                     grpc.StatusCode.UNIMPLEMENTED)
+    finally:
+        plain.stop()
