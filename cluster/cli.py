@@ -87,9 +87,11 @@ def _cmd_train_offline(args: argparse.Namespace) -> int:
     except (FilterError, ArchiveSchemaError) as e:
         raise UsageError(str(e)) from None
     data = result["data"]
+    evaluated = f"greedy eval return {result['eval_mean']:.1f} over " \
+        f"{len(result['eval_returns'])} episodes" if result["eval_mean"] is not None else \
+        "not evaluated (robot tasks only)"
     print(f"trained {steps} steps on {data['episodes']} episodes (mean return "
-          f"{data['mean_return']:.1f}, best {data['best_return']:.1f}); greedy eval return "
-          f"{result['eval_mean']:.1f} over {len(result['eval_returns'])} episodes")
+          f"{data['mean_return']:.1f}, best {data['best_return']:.1f}); {evaluated}")
     return 0
 
 
@@ -238,7 +240,9 @@ def make_parser() -> argparse.ArgumentParser:
                           "collect cycle 0 with it: sets learner.init_from")
     run.set_defaults(func=_cmd_run)
     offline = sub.add_parser("train-offline", help="retrain PAC from an episode archive")
-    offline.add_argument("--archive", required=True, help="archive path or URI")
+    offline.add_argument("--archive", required=True, action="append",
+                         help="archive path or URI; repeat to train on several (a base policy "
+                              "on all archives so far)")
     offline.add_argument("--config", required=True, help="YAML config (env, model, learner)")
     offline.add_argument("--set", action="append", metavar="KEY=VALUE")
     offline.add_argument("--where", help="episode filter, e.g. \"cycle <= 3\"")

@@ -23,11 +23,12 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from actors.loop import EnvironmentLoop, EpisodeContext
+from actors.robot_spec import is_robot_task
 from cluster.config import EnvConfig, ExperimentConfig, config_to_dict
 from learners.checkpoints import save_checkpoint
 from learners.learner import PACLearner
@@ -179,9 +180,18 @@ def train_in_chunks(learner: PACLearner, steps: int, chunk: int,
 
 def evaluate_by_task(policy: Policy, spec: EnvSpec, config: ExperimentConfig,
                       seed: int) -> dict[str, list[float]]:
-    """Greedy returns of `policy` on every task (loop.eval_episodes each, fixed seeds)."""
+    """Greedy returns of `policy` on every simulator task (loop.eval_episodes each, fixed
+    seeds); robot tasks have no simulator here."""
     return {task: evaluate(policy, spec, task, config.env, config.loop.eval_episodes, seed)
-            for task in config.env.tasks}
+            for task in config.env.tasks if not is_robot_task(task)}
+
+
+def combine(selections: Sequence[Selection]) -> Selection:
+    """Several archives' selections as one training set (ids sorted, each named once)."""
+    pairs = sorted({i: r for s in selections for i, r in zip(s.episode_ids, s.returns)}.items())
+    ids = [i for i, _ in pairs]
+    return Selection(ids, np.asarray([r for _, r in pairs], np.float64),
+                     hashlib.sha256("\n".join(ids).encode()).hexdigest())
 
 
 def _learner_policy(learner: PACLearner, spec: EnvSpec, config: ExperimentConfig,
@@ -191,7 +201,8 @@ def _learner_policy(learner: PACLearner, spec: EnvSpec, config: ExperimentConfig
     return PACPolicy.from_snapshot(snapshot, seed)
 
 
-def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, steps: int,
+def train_offline(config: ExperimentConfig, archive_uri: str | Sequence[str], run_dir: Path,
+                  steps: int,
                   where: str | None = None, seed: int = 0, stream: bool = False,
                   log_every: int = 500, eval_every: int = 0,
                   out: Callable[[str], None] = print) -> dict:
@@ -200,14 +211,23 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
 
     Every `log_every` updates a progress line goes to `out`; with `eval_every` > 0 the policy is
     also evaluated greedily every `eval_every` updates, and `result["curve"]` holds the points.
+    Several archive URIs train on all of them (an episode id found in two is used once), and
+    the snapshot's `trained_on` lists each with its manifest hash and episode count.
     """
+    if all(is_robot_task(t) for t in config.env.tasks):
+        eval_every = 0  # nothing to evaluate here: robot tasks have no simulator
     t0 = time.time()
     for sub in ("checkpoints", "policies", "replay_checkpoints", "report"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    archive = EpisodeArchive(archive_uri)
-    selection = select_episodes(archive, where)
+    uris = [archive_uri] if isinstance(archive_uri, (str, Path)) else list(archive_uri)
+    if stream and len(uris) > 1:
+        raise FilterError("--stream reads one archive; give --archive once")
+    archives = [EpisodeArchive(u) for u in uris]
+    selections = [select_episodes(a, where) for a in archives]
+    selection, archive = combine(selections), archives[0]
     if not selection.episode_ids:
-        raise FilterError(f"no collected episodes in {archive_uri} match {where!r}")
+        raise FilterError(f"no collected episodes in {', '.join(map(str, uris))} match "
+                          f"{where!r}")
     spec = config.env.spec()
     server = ReplayServer(spec, config.replay, run_dir / "replay_checkpoints")
     feeder = None
@@ -216,8 +236,11 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
         if stream:
             feeder = StreamFeeder(archive, selection.episode_ids, spec, adder).start()
         else:
-            for episode_id in selection.episode_ids:
-                adder.add_episode(archive.read(archive.path_of(episode_id)))
+            added = set()
+            for source, chosen in zip(archives, selections):
+                for episode_id in set(chosen.episode_ids) - added:
+                    adder.add_episode(source.read(source.path_of(episode_id)))
+                    added.add(episode_id)
         batches = ReverbBatchIterator(server.address, config.replay, config.learner.batch_size)
         learner = PACLearner(spec, config.model, config.learner, batches, seed=seed)
         progress, curve, last_eval = Progress(steps), [], {}
@@ -246,8 +269,10 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
         server.stop()
     save_checkpoint(learner.state(), run_dir / "checkpoints", step=learner.num_steps, cycle=0)
     returns = selection.returns
-    data = {"archive": str(archive_uri), "manifest_sha256": selection.manifest_hash,
+    data = {"archive": ", ".join(map(str, uris)), "manifest_sha256": selection.manifest_hash,
             "episodes": len(selection.episode_ids), "filter": where or "",
+            "archives": [{"archive": str(u), "manifest_sha256": s.manifest_hash,
+                          "episodes": len(s.episode_ids)} for u, s in zip(uris, selections)],
             "streamed": stream, "episodes_streamed": feeder.num_episodes if feeder else 0,
             "table_items_at_end": table_items}
     snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
@@ -256,12 +281,13 @@ def train_offline(config: ExperimentConfig, archive_uri: str, run_dir: Path, ste
     # The curve's last point evaluated these very weights with the same seeds: reuse it.
     eval_by_task = last_eval.get(steps) or evaluate_by_task(
         PACPolicy.from_snapshot(snapshot, seed), spec, config, seed)
-    eval_returns = [r for returns in eval_by_task.values() for r in returns]
+    eval_returns = [r for returns in eval_by_task.values() for r in returns]  # [] for robots
     result = {"data": {**data, "mean_return": float(returns.mean()),
                        "best_return": float(returns.max())},
               "learner": {k: float(v) for k, v in metrics.items()}, "steps": steps,
               "seed": seed, "alpha": config.learner.alpha, "beta": config.learner.beta,
-              "eval_returns": eval_returns, "eval_mean": float(np.mean(eval_returns)),
+              "eval_returns": eval_returns,
+              "eval_mean": float(np.mean(eval_returns)) if eval_returns else None,
               "eval_by_task": {t: float(np.mean(r)) for t, r in eval_by_task.items()},
               "curve": curve,
               "seconds": time.time() - t0, "config": config_to_dict(config)}

@@ -54,3 +54,34 @@ def test_a_run_fine_tunes_from_an_earlier_snapshot(tmp_path):
                  if e.lineage.mode == "collect"]
     assert collected and {lin.policy_version for lin in collected} == {1}  # not random v0
     assert f"init_from: {path}" in Storage(run).get_bytes("config.yaml").decode()
+
+
+@pytest.mark.timeout(600)
+def test_a_base_policy_retrains_on_several_robot_archives(tmp_path):
+    """The third mode: `pacflow train-offline` with an --archive per earlier run, robot task
+    only (nothing to evaluate in a simulator). An episode archived in both is used once; the
+    snapshot names every archive with its manifest hash and count."""
+    from actors.envs import make_env_spec
+    from tests.fakes import make_episode
+
+    spec = make_env_spec(["robot:deploy/robots/cartpole.yaml"], 8)
+    first, second = EpisodeArchive(tmp_path / "a"), EpisodeArchive(tmp_path / "b")
+    episodes = [make_episode(length=20, spec=spec, seed=i) for i in range(10)]
+    for e in episodes[:6]:
+        first.write(e)
+    for e in episodes[5:]:  # episode 5 is in both
+        second.write(e)
+    out = tmp_path / "base"
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "train-offline", "--archive", str(tmp_path / "a"),
+         "--archive", str(tmp_path / "b"), "--config", "deploy/configs/robot_fleet.yaml",
+         "--steps", "20", "--run-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
+        timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained 20 steps on 10 episodes" in done.stdout
+    assert "not evaluated (robot tasks only)" in done.stdout
+    trained_on = load_snapshot(out / "policies" / "v000001.json").metadata["trained_on"]
+    assert trained_on["episodes"] == 10
+    assert [(a["archive"], a["episodes"]) for a in trained_on["archives"]] == \
+        [(str(tmp_path / "a"), 6), (str(tmp_path / "b"), 5)]
+    assert len({a["manifest_sha256"] for a in trained_on["archives"]}) == 2
