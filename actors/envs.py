@@ -136,12 +136,12 @@ def make_env_spec(task_names: Sequence[str], action_repeat: int = 1,
     for i, name in enumerate(task_names):
         if is_robot_task(name):  # a robot's own spec file; its camera must be the run's
             robot = robot_spec_of(name)
-            if robot.camera and (*robot.camera, 3) != tuple(pixels_shape):
+            if ((*robot.camera, 3) if robot.camera else ()) != tuple(pixels_shape):
                 raise RobotSpecError(f"{name}: camera {list(robot.camera)} differs from the "
                                      f"run's env.pixels {list(pixels_shape[:2])}")
             task = robot.task_spec()
-            tasks.append(dataclasses.replace(task, instruction=instructions[i]) if instructions
-                         else task)
+            tasks.append(dataclasses.replace(task, instruction=instructions[i])
+                         if instructions and instructions[i] else task)
             lows.append(robot.action_min)
             highs.append(robot.action_max)
             continue
@@ -151,6 +151,15 @@ def make_env_spec(task_names: Sequence[str], action_repeat: int = 1,
                               int(act.shape[0]), instructions[i] if instructions else ""))
         lows.append(float(np.min(act.minimum)))
         highs.append(float(np.max(act.maximum)))
+    names = [t.name for t in tasks]
+    for name, task, low, high in zip(task_names, tasks, lows, highs):
+        if names.count(task.name) > 1:
+            raise RobotSpecError(f"{name}: task name {task.name} appears twice in env.tasks")
+        # One action range per run (the policy's bins span it): a robot's is every task's.
+        others = {(a, b) for a, b in zip(lows, highs)} - {(low, high)}
+        if is_robot_task(name) and others:
+            raise RobotSpecError(f"{name}: actions [{low}, {high}] differ from the run's other "
+                                 f"tasks' {' '.join(f'[{a}, {b}]' for a, b in sorted(others))}")
     return EnvSpec(tuple(tasks), min(lows), max(highs), tuple(pixels_shape))
 
 
@@ -158,5 +167,5 @@ def flatten_observation(observation: dict[str, np.ndarray], task: TaskSpec,
                         obs_dim: int) -> np.ndarray:
     """Named arrays -> one (obs_dim,) float32 vector in task order, zero-padded to obs_dim."""
     flat = np.zeros(obs_dim, np.float32)
-    flat[:task.obs_dim] = np.concatenate([observation[k] for k in task.obs_names])
+    flat[:task.obs_dim] = np.concatenate([np.ravel(observation[k]) for k in task.obs_names])
     return flat

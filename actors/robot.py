@@ -27,6 +27,7 @@ import numpy as np
 
 from actors.envs import flatten_observation
 from actors.loop import EpisodeBuffer
+from actors.robot_spec import RobotSpec
 from policies.client import PLAINTEXT, PolicyClient, PolicySubscriber
 from policies.policy import PACPolicy
 from policies.security import ClientSecurity
@@ -199,6 +200,8 @@ class Reporter:
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                 log.info("the gateway keeps no fleet status; not reporting")
                 self._wanted = False
+        except Exception:  # a report is never worth the robot: log it, try next period
+            log.exception("status report failed")
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
@@ -221,8 +224,9 @@ class RobotClient:
 
     def __init__(self, config: RobotConfig, gateway: str,
                  env_factory: Callable[[], dm_env.Environment],
-                 security: ClientSecurity = PLAINTEXT):
-        self.config, self.stats = config, RobotStats()
+                 security: ClientSecurity = PLAINTEXT, robot_spec: RobotSpec | None = None):
+        """`robot_spec`: the robot's own spec file; each policy's task is checked against it."""
+        self.config, self.stats, self._robot_spec = config, RobotStats(), robot_spec
         self._env = env_factory()
         self._stop, self._estop = threading.Event(), threading.Event()
         self._subscriber = PolicySubscriber(gateway, config.robot_id, security)
@@ -284,10 +288,8 @@ class RobotClient:
         snapshot = self._subscriber.latest()
         if snapshot is not None and self._fresh():
             if self._policy is None or snapshot.version != self._policy.policy_version:
-                names = EnvSpec.from_dict(snapshot.metadata["env_spec"]).task_names
-                if self.config.task and self.config.task not in names:
-                    raise RobotTaskError(f"policy v{snapshot.version} has no task "
-                                         f"{self.config.task} (its tasks: {', '.join(names)})")
+                self._check_task(snapshot.version,
+                                 EnvSpec.from_dict(snapshot.metadata["env_spec"]))
                 seed = zlib.crc32(self.config.robot_id.encode()) + snapshot.version
                 self._policy = PACPolicy.from_snapshot(snapshot, seed=seed)
                 # The run publishes a version for the cycle after the one that trained it.
@@ -299,6 +301,25 @@ class RobotClient:
         self.stats.idle_periods += 1
         time.sleep(self.config.control_period_seconds)
         return False
+
+    def _check_task(self, version: int, spec: EnvSpec) -> None:
+        """The policy has the robot's task, as its own spec file declares it."""
+        names = spec.task_names
+        if self.config.task and self.config.task not in names:
+            raise RobotTaskError(f"policy v{version} has no task {self.config.task} (its tasks: "
+                                 f"{', '.join(names)})")
+        if self._robot_spec is None:
+            return
+        theirs = spec.tasks[names.index(self.config.task)] if self.config.task else spec.tasks[0]
+        mine, robot = self._robot_spec.task_spec(), self._robot_spec
+        for field, a, b in (("observation names", theirs.obs_names, mine.obs_names),
+                            ("observation sizes", theirs.obs_sizes, mine.obs_sizes),
+                            ("action size", theirs.action_dim, mine.action_dim),
+                            ("action bounds", (spec.action_min, spec.action_max),
+                             (robot.action_min, robot.action_max))):
+            if a != b:
+                raise RobotTaskError(f"policy v{version}'s task {theirs.name} has {field} {a}, "
+                                     f"the robot's --spec {b}")
 
     def _warm_up(self) -> None:
         """One inference before the episode, so its first step is not the slow first call."""

@@ -62,15 +62,19 @@ class RobotSpec:
         if names != wanted:
             problems.append(f"observations: the environment has {names}, the spec {wanted} "
                             "(names and order must match)")
-        for name, shape, _ in self.observations:
+        for name, shape, dtype in self.observations:
             if name in obs and int(np.prod(obs[name].shape)) != int(np.prod(shape)):
                 problems.append(f"observations.{name}: the environment's shape is "
                                 f"{tuple(obs[name].shape)}, the spec's {shape}")
+            elif name in obs and np.dtype(obs[name].dtype) != np.dtype(dtype):
+                problems.append(f"observations.{name}.dtype: the environment's is "
+                                f"{np.dtype(obs[name].dtype)}, the spec's {dtype}")
         act = env.action_spec()
         if tuple(act.shape) != self.action_shape:
             problems.append(f"actions.shape: the environment's is {tuple(act.shape)}, the "
                             f"spec's {self.action_shape}")
-        elif (np.min(act.minimum), np.max(act.maximum)) != (self.action_min, self.action_max):
+        elif not np.allclose([np.min(act.minimum), np.max(act.maximum)],
+                             np.asarray([self.action_min, self.action_max], act.dtype)):
             problems.append(f"actions: the environment's bounds are [{np.min(act.minimum)}, "
                             f"{np.max(act.maximum)}], the spec's [{self.action_min}, "
                             f"{self.action_max}]")

@@ -229,6 +229,11 @@ class ExperimentConfig:
         if self.cluster.num_actors == 0 and len(robots) < len(self.env.tasks):
             raise ValueError("cluster.num_actors: 0 leaves the simulator tasks in env.tasks "
                              "with no actor")
+        if self.cluster.num_actors == 0 and not self.loop.robot_episodes_per_cycle:
+            raise ValueError("loop.robot_episodes_per_cycle: with cluster.num_actors 0 a cycle "
+                             "would collect nothing; set how many robot episodes it waits for")
+        if self.learner.init_from and self.loop.mode is LoopMode.ASYNC:
+            raise ValueError("learner.init_from: fine-tuning runs in loop.mode cycles")
         if any(side % self.model.patch_size for side in self.env.pixels):
             raise ValueError(f"model.patch_size={self.model.patch_size} must divide the camera "
                              f"image size env.pixels={list(self.env.pixels)}")

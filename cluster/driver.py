@@ -171,7 +171,7 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
         lambda v: wait([("policyserver", top.policy.fleet_progress.remote(v))], "fleet",
                        timeout)[0],
         top.run, cycle, version, loop.robot_episodes_per_cycle, loop.robot_timeout_seconds,
-        loop.robot_on_timeout.value, out) if loop.robot_episodes_per_cycle else {}
+        loop.robot_on_timeout, out) if loop.robot_episodes_per_cycle else {}
     collected = wait(calls, "collect", timeout)
     # Replay checkpoints once its cycle's data is in: a replay server that dies later in the
     # cycle restarts from this checkpoint without losing any of it.
@@ -201,7 +201,7 @@ class RunRecord:
         self.top, self.config, self.run, self.rows, self.out = top, config, run, rows, out
         state = read_state(run) if rows else {}
         self.last_eval: dict[str, float] = state.get("eval_by_task", {})
-        self.extra: dict = {k: state[k] for k in ("collect_rounds",) if k in state}
+        self.extra: dict = {k: state[k] for k in ("collect_rounds", "fleet_seen") if k in state}
         self.env_steps = rows[-1].env_steps if rows else 0
         self.episodes = rows[-1].episodes if rows else 0
         # Seconds inside collect calls, and inside train calls not waiting for data.
@@ -295,7 +295,8 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
             top.policy_address(timeout), 1, -1))], "publish", timeout)
         say(f"  published v{version}, the initial policy" + (
             f" ({config.learner.init_from})" if config.learner.init_from else ""))
-    seen = fleet_totals(top, timeout) if robot_run else (0, 0)
+    # Robot episodes and decisions already in rows (cycle.json keeps them for a resume).
+    seen = tuple(record.extra.get("fleet_seen", (0, 0)))
     for cycle in range(len(record.rows), config.loop.num_cycles):
         t0 = time.time()
         previous = record.rows[-1].seconds if record.rows else 0.0
@@ -311,13 +312,13 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
             now = fleet_totals(top, timeout)
             record.episodes += now[0] - seen[0]
             record.env_steps += now[1] - seen[1]  # robots: decisions
-            seen = now
+            seen = record.extra["fleet_seen"] = now
         returns = [e["return"] for e in result["episodes"]]
         count = len(returns) + sum(r["episodes"] for r in robots)
         record.learner_busy(result["train"])
         row = CycleRow(cycle=cycle, env_steps=record.env_steps, episodes=record.episodes,
                        collect_return=(sum(returns) + sum(r["return_sum"] for r in robots)) /
-                       max(count, 1),
+                       count if count else float("nan"),
                        eval_return=record.evaluated(result["eval"]),
                        learner_steps=int(result["train"]["learner_steps"]),
                        policy_version=version, seconds=time.time() - t0)
@@ -337,7 +338,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
     started = time.time()
     run = Storage(run_dir).uri
     check_run_dir(config, run, resume)
-    check_init_from(config)
+    if not resume:  # a resumed run continues from its own checkpoints
+        check_init_from(config)
     credentials = run_credentials(config.cluster)
     # A new local cluster gets Ray's default, token authentication, without Ray's warning line.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(

@@ -85,8 +85,8 @@ def _robot_config(args: argparse.Namespace, robot_id: str, task: str):
         raise UsageError(f"robot: {e}") from None
 
 
-def _checked_spec(path: str, environment) -> str:
-    """The task name of the robot spec at `path` once `environment` matches it."""
+def _checked_spec(path: str, environment):
+    """The robot spec at `path`, once `environment` matches it."""
     from actors.robot_spec import RobotSpecError, load_robot_spec
 
     try:
@@ -96,7 +96,7 @@ def _checked_spec(path: str, environment) -> str:
     problems = spec.environment_problems(environment)
     if problems:
         raise UsageError(f"--spec {path}: {'; '.join(problems)}")
-    return spec.task_name
+    return spec
 
 
 def cmd_robot(args: argparse.Namespace) -> int:
@@ -116,12 +116,12 @@ def cmd_robot(args: argparse.Namespace) -> int:
         environment = factory()
     except Exception as e:  # the environment factory failed
         raise UsageError(f"--env {args.env}: {type(e).__name__}: {e}") from None
-    if args.spec:
-        task = _checked_spec(args.spec, environment)
-        config = _robot_config(args, robot_id, args.task or task)
+    robot_spec = _checked_spec(args.spec, environment) if args.spec else None
+    if robot_spec is not None:
+        config = _robot_config(args, robot_id, args.task or robot_spec.task_name)
     _log_to_stderr()
     try:
-        robot = RobotClient(config, args.gateway, lambda: environment, security)
+        robot = RobotClient(config, args.gateway, lambda: environment, security, robot_spec)
     except SecurityError as e:
         raise UsageError(str(e)) from None
     signal.signal(signal.SIGUSR1, lambda *_: robot.estop())
@@ -131,6 +131,8 @@ def cmd_robot(args: argparse.Namespace) -> int:
     try:
         stats = robot.run(drain_seconds=args.drain_seconds)
     except RobotTaskError as e:
+        if args.stats:
+            Path(args.stats).write_text(json.dumps(vars(robot.stats)))
         raise UsageError(f"{robot_id}: {e}") from None
     print(f"{robot_id}: {stats.episodes} episodes, {stats.uploaded} uploaded, "
           f"{stats.safe_idle_entries} safe idles, {stats.actions_clipped} clipped actions, "
@@ -150,8 +152,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     if args.action == "status":
         print(fleet_table(args.run))
     else:
-        print(f"cycle {continue_cycle(args.run)} continues with the robot episodes that "
-              "arrived", flush=True)
+        try:
+            cycle = continue_cycle(args.run)
+        except ValueError as e:
+            raise UsageError(f"fleet continue: {e}") from None
+        print(f"cycle {cycle} continues with the robot episodes that arrived", flush=True)
     return 0
 
 

@@ -188,7 +188,8 @@ def evaluate_by_task(policy: Policy, spec: EnvSpec, config: ExperimentConfig,
 
 def combine(selections: Sequence[Selection]) -> Selection:
     """Several archives' selections as one training set (ids sorted, each named once)."""
-    pairs = sorted({i: r for s in selections for i, r in zip(s.episode_ids, s.returns)}.items())
+    first = {i: r for s in reversed(selections) for i, r in zip(s.episode_ids, s.returns)}
+    pairs = sorted(first.items())  # an id in several: the first archive's return
     ids = [i for i, _ in pairs]
     return Selection(ids, np.asarray([r for _, r in pairs], np.float64),
                      hashlib.sha256("\n".join(ids).encode()).hexdigest())
@@ -230,17 +231,17 @@ def train_offline(config: ExperimentConfig, archive_uri: str | Sequence[str], ru
                           f"{where!r}")
     spec = config.env.spec()
     server = ReplayServer(spec, config.replay, run_dir / "replay_checkpoints")
-    feeder = None
+    feeder, added = None, set()  # added: ids loaded (an id in two archives: the first's copy)
     try:
         adder = ReverbSequenceAdder(server.address, config.replay)
         if stream:
             feeder = StreamFeeder(archive, selection.episode_ids, spec, adder).start()
         else:
-            added = set()
             for source, chosen in zip(archives, selections):
-                for episode_id in set(chosen.episode_ids) - added:
-                    adder.add_episode(source.read(source.path_of(episode_id)))
-                    added.add(episode_id)
+                for episode_id in chosen.episode_ids:
+                    if episode_id not in added:
+                        adder.add_episode(source.read(source.path_of(episode_id)))
+                        added.add(episode_id)
         batches = ReverbBatchIterator(server.address, config.replay, config.learner.batch_size)
         learner = PACLearner(spec, config.model, config.learner, batches, seed=seed)
         progress, curve, last_eval = Progress(steps), [], {}
@@ -274,6 +275,7 @@ def train_offline(config: ExperimentConfig, archive_uri: str | Sequence[str], ru
             "archives": [{"archive": str(u), "manifest_sha256": s.manifest_hash,
                           "episodes": len(s.episode_ids)} for u, s in zip(uris, selections)],
             "streamed": stream, "episodes_streamed": feeder.num_episodes if feeder else 0,
+            "episodes_loaded": len(added),
             "table_items_at_end": table_items}
     snapshot = Snapshot.from_state_dict(1, learner.get_variables(), snapshot_metadata(
         spec.to_dict(), config.model, 0, learner.num_steps, 0, trained_on=data))

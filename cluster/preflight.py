@@ -21,6 +21,7 @@ from replay.storage import Storage, StorageError, join
 RUN_SUBDIRS = ("archive", "quarantine", "checkpoints", "policies", "replay_checkpoints",
                "metrics/targets", "report", "logs")
 CONFIG = "config.yaml"  # the resolved config, in run storage
+ENV_SPEC = "env_spec.json"  # the tasks as the run started (robot specs resolved), for --resume
 
 
 class RunDirError(ValueError):
@@ -54,6 +55,12 @@ def check_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[Cycl
         if without_num_cycles(config_to_dict(config)) != without_num_cycles(before):
             raise RunDirError(f"--resume: the config differs from {stored} in more than "
                               "loop.num_cycles and loop.budget_seconds")
+    if resume and store.exists(ENV_SPEC):  # robot spec files live outside the run
+        ours = json.loads(json.dumps(config.env.spec().to_dict()))
+        if json.loads(store.get_bytes(ENV_SPEC)) != ours:
+            raise RunDirError(f"--resume: env.tasks describe other tasks than when the run "
+                              f"started ({join(store.uri, ENV_SPEC)}); a robot spec file "
+                              "changed?")
     return rows
 
 
@@ -88,6 +95,7 @@ def prepare_run_dir(config: ExperimentConfig, run: str, resume: bool) -> list[Cy
         for sub in RUN_SUBDIRS:
             (Path(store.root) / sub).mkdir(parents=True, exist_ok=True)
     store.put_bytes(CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
+    store.put_bytes(ENV_SPEC, json.dumps(config.env.spec().to_dict(), indent=1).encode())
     return rows
 
 
@@ -99,8 +107,6 @@ def check_storage_reaches_every_node(run: str) -> None:
             f"--run-dir: {run} is a local path but the Ray cluster has {len(nodes)} nodes, so "
             "each would write its own part of the run; use an object-store URI (s3://, gs://) "
             "or, for a filesystem mounted on every node, file://" + run)
-
-
 
 
 def check_placement(config: ClusterConfig, mode: LoopMode = LoopMode.CYCLES) -> None:

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+from cluster.config import RobotTimeout
 from replay.ingest import Ingested
 from replay.spec import Episode
 from replay.storage import Storage, join
@@ -36,8 +37,14 @@ class RobotRecord:
     last_upload: float = 0.0  # unix seconds of the last accepted upload
     last_version: int = 0  # version that acted its last accepted episode
     quarantined: int = 0  # uploads refused by validation
-    status: dict = dataclasses.field(default_factory=dict)  # its last report (RobotStatus)
-    last_report: float = 0.0  # unix seconds of that report
+    # Its last status report (RobotStatus) and when it came: `status/<robot>.json`, a small
+    # file of its own, since reports come every few seconds.
+    status: dict = dataclasses.field(default_factory=dict, compare=False)
+    last_report: float = dataclasses.field(default=0.0, compare=False)
+
+    def counts(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("status", "last_report")}
 
     @property
     def total(self) -> int:
@@ -57,11 +64,19 @@ class FleetLedger:
         self._store = Storage(join(run, FLEET_DIR))
         self._lock = threading.Lock()  # uploads and reports arrive on gRPC threads
         self.robots: dict[str, RobotRecord] = {}
-        if self._store.exists():
-            for name in self._store.list_files():
-                if name.endswith(".json"):
-                    record = RobotRecord(**json.loads(self._store.get_bytes(name)))
-                    self.robots[record.robot_id] = record
+        self._counted: dict[str, set[str]] = {}  # robot -> its counted ids, for lookups
+        for store in (self._store, self._store.child("status")):
+            names = store.list_files() if store.exists() else []
+            for name in sorted(n for n in names if n.endswith(".json")):
+                data = json.loads(store.get_bytes(name))
+                robot = self._robot(data.pop("robot_id"))
+                for key, value in data.items():  # counts, or (in status/) the last report
+                    setattr(robot, key, value)
+                self._counted[robot.robot_id] = set(robot.counted)
+
+    def _robot(self, robot_id: str) -> RobotRecord:
+        self._counted.setdefault(robot_id, set())
+        return self.robots.setdefault(robot_id, RobotRecord(robot_id))
 
     def record(self, episode: Episode, result: Ingested) -> None:
         with self._lock:
@@ -69,28 +84,29 @@ class FleetLedger:
 
     def _record(self, episode: Episode, result: Ingested) -> None:
         lineage = episode.lineage
-        robot = self.robots.setdefault(lineage.actor_id, RobotRecord(lineage.actor_id))
+        robot = self._robot(lineage.actor_id)
         if result.problems:
             robot.quarantined += 1
-        elif lineage.episode_id not in robot.counted:  # stored now, or by a write cut short
+        elif lineage.episode_id not in self._counted[robot.robot_id]:  # new, or a cut write
             version = str(lineage.policy_version)
             robot.episodes[version] = robot.episodes.get(version, 0) + 1
             robot.returns[version] = robot.returns.get(version, 0.0) + episode.episode_return
             robot.steps[version] = robot.steps.get(version, 0) + episode.length
             robot.counted.append(lineage.episode_id)
+            self._counted[robot.robot_id].add(lineage.episode_id)
             robot.last_upload, robot.last_version = time.time(), lineage.policy_version
         else:
             return
-        self._store.put_bytes(f"{robot.robot_id}.json",
-                              json.dumps(dataclasses.asdict(robot)).encode())
+        self._store.put_bytes(f"{robot.robot_id}.json", json.dumps(robot.counts()).encode())
 
     def report(self, status: dict) -> None:
         """A robot's status report (`pacflow robot` sends one every --report-every seconds)."""
         with self._lock:
-            robot = self.robots.setdefault(status["robot_id"], RobotRecord(status["robot_id"]))
+            robot = self._robot(status["robot_id"])
             robot.status, robot.last_report = dict(status), time.time()
-            self._store.put_bytes(f"{robot.robot_id}.json",
-                                  json.dumps(dataclasses.asdict(robot)).encode())
+            self._store.put_bytes(f"status/{robot.robot_id}.json", json.dumps({
+                "robot_id": robot.robot_id, "status": robot.status,
+                "last_report": robot.last_report}).encode())
 
     def progress(self, version: int) -> dict[str, dict]:
         """Per robot: episodes (their return sum and decisions) acted by `version`, total,
@@ -115,6 +131,11 @@ def continue_marker(cycle: int) -> str:
     return f"{FLEET_DIR}/continue-{cycle}"
 
 
+def waiting_marker(cycle: int) -> str:
+    """The run storage file that says `cycle` waits past its timeout for the operator."""
+    return f"{FLEET_DIR}/waiting-{cycle}"
+
+
 def progress_line(cycle: int, version: int, need: int, progress: dict[str, dict]) -> str:
     done = sum(p["episodes"] for p in progress.values())
     robots = ", ".join(f"{r} {p['episodes']} (total {p['total']})" for r, p in progress.items())
@@ -123,13 +144,26 @@ def progress_line(cycle: int, version: int, need: int, progress: dict[str, dict]
 
 
 def wait_for_robots(fetch: Callable[[int], dict[str, dict]], run: str, cycle: int,
-                    version: int, need: int, timeout_seconds: float, on_timeout: str,
+                    version: int, need: int, timeout_seconds: float, on_timeout: RobotTimeout,
                     out: Callable[[str], None], poll_seconds: float = 1.0) -> dict[str, dict]:
     """Blocks until `need` episodes acted by `version` are in (`fetch(version)` -> progress),
     printing a line whenever the count changes. Past `timeout_seconds` (0 = never):
     `on_timeout` "continue" returns what arrived; "wait" says so once and goes on waiting
     until enough arrive or `pacflow fleet continue` writes the cycle's marker."""
-    store, started, shown, told = Storage(run), time.monotonic(), "", False
+    store = Storage(run)
+    try:
+        return _wait(fetch, store, run, cycle, version, need, timeout_seconds, on_timeout, out,
+                     poll_seconds)
+    finally:  # the operator's markers count for this wait only
+        for name in (waiting_marker(cycle), continue_marker(cycle)):
+            if store.exists(name):
+                store.fs.delete_file(store.path(name))
+
+
+def _wait(fetch, store: Storage, run: str, cycle: int, version: int, need: int,
+          timeout_seconds: float, on_timeout: RobotTimeout, out: Callable[[str], None],
+          poll_seconds: float) -> dict[str, dict]:
+    started, shown, told = time.monotonic(), "", False
     while True:
         progress = fetch(version)
         line = progress_line(cycle, version, need, progress)
@@ -140,15 +174,17 @@ def wait_for_robots(fetch: Callable[[int], dict[str, dict]], run: str, cycle: in
         if done >= need:
             return progress
         late = timeout_seconds > 0 and time.monotonic() - started > timeout_seconds
-        if late and on_timeout == "continue":
+        if late and on_timeout is RobotTimeout.CONTINUE:
             out(f"  cycle {cycle}: {timeout_seconds:.0f} s passed (loop.robot_timeout_seconds); "
                 f"training on the {done} robot episodes that arrived")
             return progress
         if late and not told:
+            store.put_bytes(waiting_marker(cycle), b"")
             out(f"  cycle {cycle}: {timeout_seconds:.0f} s passed with {done}/{need} robot "
-                f"episodes; waiting on. `pacflow fleet continue {run}` trains on what arrived")
+                f"episodes of v{version} (robots pinned to another version do not count); "
+                f"waiting on. `pacflow fleet continue {run}` trains on what arrived")
             told = True
-        if store.exists(continue_marker(cycle)):
+        if told and store.exists(continue_marker(cycle)):
             out(f"  cycle {cycle}: the operator continued with {done} robot episodes")
             return progress
         time.sleep(poll_seconds)
@@ -188,11 +224,14 @@ def fleet_table(run: str, now: float | None = None, fresh_seconds: float = 15.0)
 
 
 def continue_cycle(run: str) -> int:
-    """`pacflow fleet continue RUN`: the waiting cycle trains on the robot episodes that
-    arrived. Returns the cycle."""
+    """`pacflow fleet continue RUN`: the cycle waiting past its timeout trains on the robot
+    episodes that arrived. Returns the cycle; ValueError when none waits so."""
     store = Storage(run)
     cycle = json.loads(store.get_bytes("cycle.json"))["completed_cycles"] \
         if store.exists("cycle.json") else 0
+    if not store.exists(waiting_marker(cycle)):
+        raise ValueError(f"cycle {cycle} of {run} is not waiting for robots past "
+                         "loop.robot_timeout_seconds; nothing to continue")
     store.put_bytes(continue_marker(cycle), b"")
     return cycle
 

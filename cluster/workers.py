@@ -35,7 +35,7 @@ from policies.policy import PACPolicy, Policy, RandomPolicy
 from policies.client import PolicyClient, PolicySubscriber
 from policies.security import unpack_client_security
 from policies.server import PolicyServer
-from policies.snapshot import Snapshot, load_snapshot, snapshot_metadata
+from policies.snapshot import Snapshot, load_snapshot, read_snapshot_metadata, snapshot_metadata
 from replay.archive import EpisodeArchive
 from replay.config import ReplayConfig
 from replay.dataset import ReverbBatchIterator
@@ -333,19 +333,28 @@ class LearnerWorker(RunProcess):
         self._learner = PACLearner(spec, model_config, config, self._iterator or iter(()), seed)
         self._spec, self._model_config = spec, model_config
         state = load_latest_good(self._checkpoints)
-        self._lineage = {}
-        if config.init_from:  # recorded in every snapshot this run makes
-            base = load_snapshot(config.init_from)
-            self._lineage = {"init_from": {"snapshot": config.init_from, "version": base.version,
-                                           "sha256": base.sha256}}
+        self._lineage = {"init_from": self._base(config.init_from, state is None)} \
+            if config.init_from else {}  # recorded in every snapshot this run makes
         if state is not None:  # a resumed run continues the learner it had
             self._learner.restore(state)
             logging.getLogger(__name__).info("restored learner from %s", state["path"])
         elif config.init_from:  # checkpointed at once: data-parallel workers restore it too
-            self._learner.load_weights(base.state_dict())
+            self._learner.load_weights(load_snapshot(config.init_from).state_dict())
             save_checkpoint(self._learner.state(), self._checkpoints, 0, -1)
         self._candidate: Snapshot | None = None
         self._last_metrics: dict = {}
+
+    @staticmethod
+    def _base(path: str, needed: bool) -> dict:
+        """The lineage of learner.init_from; once the run has checkpoints the snapshot may be
+        gone (a resumed or restarted learner does not read its weights again)."""
+        try:
+            meta = read_snapshot_metadata(path)
+        except (OSError, KeyError, ValueError):
+            if needed:
+                raise
+            return {"snapshot": path}
+        return {"snapshot": path, "version": int(meta["version"]), "sha256": meta["sha256"]}
 
     def train(self, target_steps: int, cycle: int = 0, snapshot_version: int = 0) -> dict:
         """Trains until `target_steps` updates in all (fewer after `stop`), then checkpoints, and

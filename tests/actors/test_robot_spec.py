@@ -108,3 +108,47 @@ def test_run_configs_name_bad_robot_entries(tmp_path):
     assert bad.returncode == 2 and not (tmp_path / "r").exists()
     assert bad.stderr.strip().splitlines() == [
         "pacflow: error: env.tasks: robot spec nosuch.yaml: No such file or directory"]
+
+
+class _Env:
+    """An environment's specs only: what `environment_problems` reads."""
+
+    def __init__(self, obs: dict, low: float, high: float):
+        from dm_env import specs
+
+        self._obs = {k: specs.Array(s, d, k) for k, (s, d) in obs.items()}
+        self._act = specs.BoundedArray((1,), np.float32, low, high)
+
+    def observation_spec(self):
+        return self._obs
+
+    def action_spec(self):
+        return self._act
+
+
+def test_shapes_flatten_dtypes_count_and_float32_bounds_match():
+    from actors.envs import flatten_observation
+    from replay.spec import TaskSpec
+
+    spec = parse_robot_spec({"name": "arm", "observations": {"joints": [2, 3]},
+                             "actions": {"shape": [1], "minimum": -0.3, "maximum": 0.3}})
+    assert spec.environment_problems(_Env({"joints": ((2, 3), np.float32)}, -0.3, 0.3)) == []
+    assert spec.environment_problems(_Env({"joints": ((2, 3), np.float64)}, -0.3, 0.3)) == [
+        "observations.joints.dtype: the environment's is float64, the spec's float32"]
+    flat = flatten_observation({"joints": np.arange(6, dtype=np.float32).reshape(2, 3)},
+                               TaskSpec("robot:arm", ("joints",), (6,), 1), 8)
+    np.testing.assert_array_equal(flat, [0, 1, 2, 3, 4, 5, 0, 0])
+
+
+def test_a_run_refuses_robot_specs_it_cannot_serve(tmp_path):
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(yaml.safe_dump({**_data(), "name": "wide",
+                                    "actions": {"shape": [1], "minimum": -2, "maximum": 2}}))
+    with pytest.raises(RobotSpecError, match=r"actions \[-2.0, 2.0\] differ from the run's"):
+        make_env_spec([f"robot:{wide}", "dm_control:cartpole-balance"], 8)
+    with pytest.raises(RobotSpecError, match=r"camera \[\] differs from the run's env.pixels"):
+        make_env_spec([f"robot:{SPEC}"], 8, pixels_shape=(64, 64, 3))
+    twin = tmp_path / "twin.yaml"
+    twin.write_text(SPEC.read_text())
+    with pytest.raises(RobotSpecError, match="robot:cartpole-standin appears twice"):
+        make_env_spec([f"robot:{SPEC}", f"robot:{twin}"], 8)

@@ -81,7 +81,7 @@ def test_a_base_policy_retrains_on_several_robot_archives(tmp_path):
     assert "trained 20 steps on 10 episodes" in done.stdout
     assert "not evaluated (robot tasks only)" in done.stdout
     trained_on = load_snapshot(out / "policies" / "v000001.json").metadata["trained_on"]
-    assert trained_on["episodes"] == 10
+    assert trained_on["episodes"] == trained_on["episodes_loaded"] == 10
     assert [(a["archive"], a["episodes"]) for a in trained_on["archives"]] == \
         [(str(tmp_path / "a"), 6), (str(tmp_path / "b"), 5)]
     assert len({a["manifest_sha256"] for a in trained_on["archives"]}) == 2

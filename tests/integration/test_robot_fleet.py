@@ -7,6 +7,7 @@ upload count drawn from a seeded RNG) and restarted on the same spool."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -39,8 +40,8 @@ def _uploaded(run: Path, robot: str) -> int:
 
 def _status(run: Path, robot: str) -> dict:
     """A robot's last status report, as the run's ledger holds it."""
-    ledger = run / "fleet" / f"{robot}.json"
-    return json.loads(ledger.read_text()).get("status", {}) if ledger.exists() else {}
+    ledger = run / "fleet" / "status" / f"{robot}.json"
+    return json.loads(ledger.read_text())["status"] if ledger.exists() else {}
 
 
 def _fleet_status(run: Path) -> str:
@@ -112,8 +113,8 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
         until(lambda: driver.poll() is not None or all(
             _status(run, r).get("episodes", 0) >= 1 for r in ROBOTS), "reports of both robots",
             timeout=120)
-        view = _fleet_status(run)
-        metrics = _scrape(run) if driver.poll() is None else ""
+        assert driver.poll() is None, "the run ended before the operator's view was read"
+        view, metrics = _fleet_status(run), _scrape(run)
         assert driver.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         for proc in robots.values():
@@ -150,7 +151,13 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
     assert 18 <= last["episodes"] <= len(lineages)
     assert last["env_steps"] <= sum(e.length for e in archived.values())
     assert last["env_steps"] >= last["episodes"] * min(e.length for e in archived.values())
-    assert output.count("robot episodes of v") >= 3
+    # Each cycle c waited for 6 episodes acted by its own version, v(c+1), before its row.
+    for cycle in range(3):
+        done = re.findall(rf"^  cycle {cycle}: (\d+)/6 robot episodes of v{cycle + 1}:",
+                          output, re.MULTILINE)
+        assert done and int(done[-1]) >= 6, output
+        waited = output.index(f"  cycle {cycle}: {done[-1]}/6")
+        assert waited < output.index(f"\n    {cycle}  "), output
     # Each robot's every recorded episode is archived or still in its spool, and the ledger
     # counted each archived one once.
     for robot_id in ROBOTS:
@@ -169,11 +176,10 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
         assert (connected, pin, estop, refused) == ("yes", "-", "no", "0"), view
         assert acting.startswith("v") and int(acting[1:]) >= 1 and int(total) >= 1, view
         assert spool.isdigit() and idles.isdigit(), view
-    if metrics:  # the run was still going: its policy server's metrics had the same figures
-        for robot_id in ROBOTS:
-            assert f'pacflow_robot_episodes{{robot="{robot_id}"}}' in metrics
-            assert f'pacflow_robot_spool_depth{{robot="{robot_id}"}}' in metrics
-            assert f'pacflow_robot_estopped{{robot="{robot_id}"}} 0.0' in metrics
+    for robot_id in ROBOTS:  # the run's policy server's metrics, read while it ran
+        assert f'pacflow_robot_episodes{{robot="{robot_id}"}}' in metrics
+        assert f'pacflow_robot_spool_depth{{robot="{robot_id}"}}' in metrics
+        assert f'pacflow_robot_estopped{{robot="{robot_id}"}} 0.0' in metrics
     final = _fleet_status(run)
     for robot_id in ROBOTS:
         line = next(x for x in final.splitlines() if x.startswith(robot_id)).split()
