@@ -142,9 +142,14 @@ def test_async_mode_needs_the_sample_to_insert_limiter_and_one_learner():
 @pytest.mark.parametrize("path", sorted(
     str(p) for p in (pathlib.Path(__file__).resolve().parents[2]
                      / "deploy" / "configs").glob("*.yaml")))
-def test_every_shipped_config_parses_and_names_real_tasks(path):
+def test_every_shipped_config_parses_and_names_real_tasks(path, monkeypatch):
     from actors.envs import parse_task_name
+    from actors.robot_spec import is_robot_task, robot_spec_of
 
+    monkeypatch.chdir(pathlib.Path(path).parents[2])  # robot spec paths are relative to the repo
     config = load_config(path)
     for task in config.env.tasks:
-        parse_task_name(task)
+        if is_robot_task(task):
+            assert robot_spec_of(task).task_name.startswith("robot:")
+        else:
+            parse_task_name(task)
