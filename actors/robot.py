@@ -122,8 +122,9 @@ class Uploader:
     def stop(self, drain_seconds: float = 0.0) -> None:
         """Stops after trying to drain the spool for up to drain_seconds."""
         deadline = time.monotonic() + drain_seconds
+        if drain_seconds > 0:
+            self.wake()  # one attempt now; failed ones are retried every retry_seconds, not faster
         while self.pending() and time.monotonic() < deadline:
-            self.wake()
             time.sleep(0.05)
         self._stop.set()
         self._wake.set()
