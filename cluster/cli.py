@@ -148,6 +148,7 @@ def _archive_stats(archive) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from cluster.html_report import write_html_report
     from cluster.report import format_header, format_row, plot_returns, read_rows
 
     from replay.storage import Storage, StorageError, run_id
@@ -164,6 +165,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for row in rows:
         print(format_row(row))
     print(f"report: {plot_returns(rows, run.uri, run_id(run.uri))}")
+    print(f"report: {write_html_report(run.uri)}")
     return 0
 
 
@@ -294,7 +296,8 @@ def make_parser() -> argparse.ArgumentParser:
     from cluster.fleet import add_fleet_commands
 
     add_fleet_commands(sub)
-    report = sub.add_parser("report", help="print a run's cycle table and redraw its plot")
+    report = sub.add_parser("report", help="print a run's cycle table, redraw its plot, "
+                            "write report/index.html")
     report.add_argument("run_dir")
     report.set_defaults(func=_cmd_report)
     return parser
