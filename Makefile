@@ -28,16 +28,18 @@ $(STAMP): pyproject.toml deploy/constraints.txt | $(PY)
 	touch $(STAMP)
 
 # Debian packages the tests need: OSMesa renders MuJoCo camera images on CPU (pixel configs);
-# Chromium opens the run report in tests/integration/test_html_report.py (through playwright).
-APT_PACKAGES := libosmesa6 chromium
+# Chromium opens the run report in tests/integration/test_html_report.py (through playwright);
+# Prometheus (prometheus, promtool) scrapes a run in tests/integration/test_prometheus.py.
+APT_PACKAGES := libosmesa6 chromium prometheus
 system-deps:
-	@{ /sbin/ldconfig -p | grep -q libOSMesa && command -v chromium >/dev/null; } || { \
+	@{ /sbin/ldconfig -p | grep -q libOSMesa && command -v chromium >/dev/null && \
+	   command -v prometheus >/dev/null && command -v promtool >/dev/null; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null 2>&1 || \
 	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); }; \
 	  else \
-	    echo "error: OSMesa or Chromium is missing; run 'apt-get install $(APT_PACKAGES)' as root" >&2; exit 1; \
+	    echo "error: OSMesa, Chromium or Prometheus is missing; run 'apt-get install $(APT_PACKAGES)' as root" >&2; exit 1; \
 	  fi; }
 
 demo: $(STAMP)

@@ -223,6 +223,22 @@ def _bench_learning(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from cluster.discovery import runs_under, watch_file_sd, write_file_sd
+
+    def runs() -> list[str]:
+        return [*args.run, *(r for root in args.under or [] for r in runs_under(root))]
+
+    if not args.run and not args.under:
+        raise UsageError("metrics targets: name a run, or --under a folder of runs")
+    if args.watch:
+        print(f"writing {args.out} every {args.watch:g} s", flush=True)
+        watch_file_sd(runs, args.out, args.watch)
+        return 0
+    print(f"{write_file_sd(runs(), args.out)} targets written to {args.out}", flush=True)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pacflow", description="Distributed PAC training for robot RL.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -296,6 +312,16 @@ def make_parser() -> argparse.ArgumentParser:
     from cluster.fleet import add_fleet_commands
 
     add_fleet_commands(sub)
+    metrics = sub.add_parser("metrics", help="Prometheus file_sd targets of runs in any storage")
+    metrics.add_argument("action", choices=["targets"])
+    metrics.add_argument("run", nargs="*", help="run directories or storage URIs")
+    metrics.add_argument("--under", action="append", metavar="ROOT",
+                         help="every run under this folder or URI, e.g. s3://bucket/runs "
+                              "(listed again each round)")
+    metrics.add_argument("--out", required=True, help="the file_sd JSON file to write")
+    metrics.add_argument("--watch", type=float, metavar="SECONDS",
+                         help="rewrite it this often until stopped (a Prometheus sidecar)")
+    metrics.set_defaults(func=_cmd_metrics)
     report = sub.add_parser("report", help="print a run's cycle table, redraw its plot, "
                             "write report/index.html")
     report.add_argument("run_dir")

@@ -28,6 +28,10 @@ from cluster.preflight import (check_init_from, check_placement, check_run_dir,
                                run_credentials)
 from cluster.report import CycleRow, format_header, format_row, plot_returns, read_state, \
     write_state
+from cluster.discovery import clear_targets
+from cluster.metrics import RunMetrics
+from cluster.process import advertised_host, serve_metrics
+from cluster.progress import CycleProgress, RunView
 from cluster.robots import wait_for_robots
 from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
 from replay.storage import Storage
@@ -159,14 +163,16 @@ class Topology:
 
 def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
               learner_steps: int, evaluate: bool = True,
-              out: Callable[[str], None] = print) -> dict:
+              out: Callable[[str], None] = print, view: RunView | None = None) -> dict:
     """One collect -> train -> [evaluate] -> publish round; returns what the row needs.
     `learner_steps` is the learner's total before the cycle. Robot episodes are waited for
-    while the sim actors collect (cluster/robots.py)."""
+    while the sim actors collect (cluster/robots.py). `view` shows each phase as it starts."""
     n, timeout, loop = len(top.actors), config.loop.call_timeout_seconds, config.loop
+    enter = view.enter if view is not None else lambda *a: None
+    shares = split(loop.episodes(cycle), n) if n else []
+    enter(cycle, "collect", {f"actor-{i}": e for i, e in enumerate(shares) if e})
     calls = [(f"actor-{i}", a.collect.remote(e, cycle, version, loop.version_timeout_seconds))
-             for i, (a, e) in enumerate(zip(top.actors, split(loop.episodes(cycle), n))) if e] \
-        if n else []
+             for i, (a, e) in enumerate(zip(top.actors, shares)) if e]
     robots = wait_for_robots(
         lambda v: wait([("policyserver", top.policy.fleet_progress.remote(v))], "fleet",
                        timeout)[0],
@@ -177,12 +183,16 @@ def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
     # cycle restarts from this checkpoint without losing any of it.
     wait([("replay", top.replay.checkpoint.remote())], "checkpoint", timeout)
     target = learner_steps + config.loop.learner_steps_per_cycle
+    enter(cycle, "train", {"learner": config.loop.learner_steps_per_cycle})
     (train,) = wait([("learner", top.learner.train.remote(target, cycle))], "train", timeout)
     candidate = top.learner.make_snapshot.remote(version + 1, cycle)  # an ObjectRef, put once
+    eval_shares = split(config.loop.eval_episodes, n) if n and evaluate else []
+    enter(cycle, "evaluate", {f"actor-{i}": m for i, m in enumerate(eval_shares) if m})
     evaluated = wait([(f"actor-{i}", a.evaluate.remote(candidate, m, cycle))
                       for i, (a, m) in enumerate(zip(top.actors,
                                                      split(config.loop.eval_episodes, n)))
                       if m and evaluate], "evaluate", timeout) if n else []
+    enter(cycle, "publish")
     (new_version,) = wait([("learner", top.learner.publish.remote(
         top.policy_address(timeout), version + 1, cycle))], "publish", timeout)
     episodes = [e for r in collected for e in r["episodes"]]
@@ -209,6 +219,7 @@ class RunRecord:
         # Staleness of every collected step (versions behind the newest): sum, steps, max.
         self.stale_sum, self.stale_steps, self.stale_max = 0.0, 0, 0
         self.started = time.time()
+        self.view: RunView | None = None  # the run's metrics and live progress
 
     @property
     def learner_steps(self) -> int:
@@ -236,6 +247,11 @@ class RunRecord:
         return float(np.mean([e["return"] for e in episodes])) if episodes else None
 
     def add_row(self, row: CycleRow, train: dict, wait_for_logs: bool = True) -> None:
+        if self.view is not None:
+            metrics = self.view.metrics
+            metrics.env_steps.inc(row.env_steps - (self.rows[-1].env_steps if self.rows else 0))
+            if row.eval_return is not None:
+                metrics.eval_return.set(row.eval_return)
         self.rows.append(row)
         print(format_row(row), file=self.out, flush=True)
         self.save(train, wait_for_logs)
@@ -303,7 +319,7 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
         last = cycle == config.loop.num_cycles - 1 or (
             budget > 0 and t0 - started + 2 * previous > budget)  # the next would not fit
         result = run_cycle(top, config, cycle, version, record.learner_steps,
-                           config.loop.evaluates(cycle) or last, say)
+                           config.loop.evaluates(cycle) or last, say, record.view)
         version = result["version"]
         for collected in result["collected"]:
             record.collected(collected)
@@ -328,7 +344,8 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str | None = None,
-                   out: TextIO = sys.stdout, resume: bool = False) -> list[CycleRow]:
+                   out: TextIO = sys.stdout, resume: bool = False,
+                   progress: bool = True) -> list[CycleRow]:
     """Runs every cycle not yet done; prints a row per cycle; writes the run's storage (a local
     path or an object-store URI).
 
@@ -346,10 +363,15 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         logging.ERROR)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
+    view = None
     try:
         check_storage_reaches_every_node(run)
         check_placement(config.cluster, config.loop.mode)
         rows = prepare_run_dir(config, run, resume)
+        metrics = RunMetrics(serve_metrics(run, "driver", advertised_host(config.cluster)))
+        if rows:
+            metrics.env_steps.inc(rows[-1].env_steps)
+        view = RunView(metrics, CycleProgress(run, out) if progress else None)
         top = Topology(config, run, credentials)
         print(format_header(), file=out, flush=True)
         for row in rows:
@@ -357,6 +379,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         (version,) = wait([("policyserver", top.policy.latest_version.remote())], "start-up",
                           config.loop.call_timeout_seconds)
         record = RunRecord(top, config, run, rows, out)
+        record.view = view
         if config.loop.mode is LoopMode.ASYNC:
             from cluster.async_loop import run_async  # it imports this module
 
@@ -364,5 +387,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         else:
             run_cycles(top, config, record, version, started)
     finally:
+        if view is not None:
+            view.close()
         ray.shutdown()
+        try:  # the run's processes are gone: nothing is left to scrape
+            clear_targets(run)
+        except OSError:  # storage unreachable: the error that ended the run says more
+            pass
     return rows

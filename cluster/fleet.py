@@ -262,11 +262,25 @@ def _serve(args: argparse.Namespace) -> int:
         adder = ReverbSequenceAdder(args.replay, config.replay)
     sink = EpisodeSink(config.env.spec(), EpisodeArchive(run_dir / "archive"), adder,
                        run_dir / "quarantine")
+    host = args.host[0] if args.host else "127.0.0.1"
+    registry = None
+    if args.metrics_port is not None:  # the gateway's own metrics (docs/operations.md)
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from cluster.metrics import quarantine_collector
+
+        registry = CollectorRegistry()
+        registry.register(quarantine_collector(sink))
+        try:
+            metrics, _ = start_http_server(args.metrics_port, addr=host, registry=registry)
+        except OSError as e:
+            raise UsageError(f"--metrics-port {args.metrics_port}: {e.strerror}") from None
+        print(f"metrics on http://{host}:{metrics.server_port}/metrics", flush=True)
     try:
-        host = args.host[0] if args.host else "127.0.0.1"
         server = PolicyServer(run_dir / "policies", host=host, port=args.port,
                               security=_server_security(args), limits=config.gateway,
-                              episode_handler=lambda e: sink.ingest(e, to_replay=True))
+                              episode_handler=lambda e: sink.ingest(e, to_replay=True),
+                              registry=registry)
     except SecurityError as e:
         raise UsageError(str(e)) from None
     stop = threading.Event()
@@ -335,6 +349,9 @@ def add_fleet_commands(sub) -> None:
                         help="serve: address to bind (once); gen-certs: extra server names")
     policy.add_argument("--port", type=int, default=0, help="serve: port (default: a free one)")
     policy.add_argument("--replay", help="serve: Reverb HOST:PORT that uploads also go to")
+    policy.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve: Prometheus metrics on this port of the bound address "
+                             "(0: a free one; default: none)")
     policy.add_argument("--client-ca", help="serve: require client certificates from this CA")
     policy.add_argument("--tokens", help="serve: tokens file (sha256 digests, roles)")
     policy.add_argument("--plaintext", action="store_true",

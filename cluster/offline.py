@@ -262,7 +262,9 @@ def train_offline(config: ExperimentConfig, archive_uri: str | Sequence[str], ru
 
         chunk = math.gcd(log_every, eval_every) if eval_every else log_every
         metrics = train_in_chunks(learner, steps, chunk, after_chunk)
-        batches.close()
+        # The sampling thread must end (and drop its Reverb dataset) before the server stops:
+        # a sampler alive at the in-process server's shutdown aborts the process (SIGABRT).
+        batches.close(wait_seconds=60)
         table_items = server.num_items()
     finally:
         if feeder is not None:

@@ -1,5 +1,6 @@
 """What every long-lived process of a run shares: logging to node scratch shipped to run
-storage, a Prometheus endpoint announced as a file_sd target, and a restart count."""
+storage, a Prometheus endpoint on its node's address announced as a file_sd target, and a
+restart count."""
 
 from __future__ import annotations
 
@@ -9,13 +10,26 @@ import logging
 import uuid
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from cluster.config import ClusterConfig
 from replay.storage import Storage, run_id, scratch_dir
 
 
-def setup_process(run: str, name: str) -> tuple[CollectorRegistry, Path]:
+def serve_metrics(run: str, name: str, host: str = "127.0.0.1") -> CollectorRegistry:
+    """A Prometheus endpoint on a free port of `host` (the node's address on a multi-node
+    run), announced as a file_sd target in `<run>/metrics/targets/<name>.json`."""
+    registry = CollectorRegistry()
+    server, _ = start_http_server(0, addr=host, registry=registry)
+    entry = [{"targets": [f"{host}:{server.server_port}"],
+              "labels": {"component": name.split("-")[0], "instance_name": name,
+                         "run_id": run_id(run), "node_id": node_id()}}]
+    Storage(run).put_bytes(f"metrics/targets/{name}.json", json.dumps(entry).encode())
+    return registry
+
+
+def setup_process(run: str, name: str, host: str = "127.0.0.1"
+                  ) -> tuple[CollectorRegistry, Path]:
     """Logging to node-local scratch and a metrics endpoint announced in run storage; returns
     the registry and the local log file (shipped to `<run>/logs/` by `RunProcess.ship_logs`)."""
     log_path = scratch_dir(run, name) / f"{name}.log"
@@ -23,13 +37,7 @@ def setup_process(run: str, name: str) -> tuple[CollectorRegistry, Path]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
-    registry = CollectorRegistry()
-    server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
-    entry = [{"targets": [f"127.0.0.1:{server.server_port}"],
-              "labels": {"component": name.split("-")[0], "instance_name": name,
-                         "run_id": run_id(run), "node_id": node_id()}}]
-    Storage(run).put_bytes(f"metrics/targets/{name}.json", json.dumps(entry).encode())
-    return registry, log_path
+    return serve_metrics(run, name, host), log_path
 
 
 def advertised_host(config: ClusterConfig) -> str:
@@ -79,14 +87,14 @@ class RunProcess:
     restart count, kept in `<run>/restarts/<name>.json` (Ray restarts an actor by running its
     constructor again, in a fresh process that remembers nothing)."""
 
-    def __init__(self, run: str, name: str):
+    def __init__(self, run: str, name: str, metrics_host: str = "127.0.0.1"):
         self._run, self._name = str(run), name
-        self.registry, self._log_path = setup_process(self._run, name)
+        self.registry, self._log_path = setup_process(self._run, name, metrics_host)
         self.restarts = count_restart(self._run, name)
         self.reconstructed = reconstructed()  # by Ray, after this process died
         atexit.register(self._ship_logs_at_exit)
-        Gauge("pacflow_process_restarts", "Times Ray restarted this process",
-              registry=self.registry).set(self.restarts)
+        Counter("pacflow_process_restarts", "times Ray restarted this process",
+                registry=self.registry).inc(self.restarts)
         if self.restarts:
             logging.getLogger(__name__).warning("%s restarted (%d so far)", name, self.restarts)
 

@@ -190,7 +190,11 @@ def _wait(fetch, store: Storage, run: str, cycle: int, version: int, need: int,
         time.sleep(poll_seconds)
 
 
-def fleet_table(run: str, now: float | None = None, fresh_seconds: float = 15.0) -> str:
+CONNECTED_SECONDS = 15.0  # a robot heard from within this is connected
+
+
+def fleet_table(run: str, now: float | None = None,
+                fresh_seconds: float = CONNECTED_SECONDS) -> str:
     """`pacflow fleet status RUN`: per robot, from the ledger the run's policy server keeps:
     connected (a report or upload within `fresh_seconds`), when last seen, the version it acts
     with and its pin, episodes of the current version and in all, spool depth, safe idles,
@@ -238,36 +242,44 @@ def continue_cycle(run: str) -> int:
 
 class FleetCollector:
     """Prometheus collector: the ledger's per-robot figures, read at every scrape (registered
-    on the run's policy server process)."""
+    on the run's policy server process). Counters are `_total`; a robot's own counts (safe
+    idles) restart when its process restarts."""
 
-    FIGURES = (  # (metric, help, value of a progress entry)
-        ("pacflow_robot_episodes", "Episodes accepted from the robot, all versions",
-         lambda p: p["total"]),
-        ("pacflow_robot_uploads_refused", "Uploads from the robot that failed validation",
-         lambda p: p["quarantined"]),
-        ("pacflow_robot_last_seen_timestamp_seconds", "Last report or accepted upload",
-         lambda p: max(p["last_upload"], p["last_report"])),
-        ("pacflow_robot_acting_version", "Policy version the robot acts with (its report)",
-         lambda p: p["status"].get("acting_version")),
-        ("pacflow_robot_spool_depth", "Episodes waiting in the robot's spool (its report)",
-         lambda p: p["status"].get("spool_depth")),
-        ("pacflow_robot_safe_idle_entries", "Watchdog trips since the robot process started",
-         lambda p: p["status"].get("safe_idle_entries")),
-        ("pacflow_robot_estopped", "1 when the robot reported an e-stop",
-         lambda p: int(bool(p["status"].get("estopped"))) if p["status"] else None),
+    FIGURES = (  # (metric, type, help, value of a progress entry and the time now)
+        ("pacflow_robot_connected", "gauge", "1 when the robot reported or uploaded lately",
+         lambda p, now: float(now - _seen(p) <= CONNECTED_SECONDS)),
+        ("pacflow_robot_last_seen_age_seconds", "gauge", "seconds since its last report or "
+         "accepted upload", lambda p, now: now - _seen(p) if _seen(p) else None),
+        ("pacflow_robot_episodes", "counter", "episodes accepted from the robot, all versions",
+         lambda p, now: p["total"]),
+        ("pacflow_robot_uploads_refused", "counter", "uploads that failed validation",
+         lambda p, now: p["quarantined"]),
+        ("pacflow_robot_acting_version", "gauge", "policy version the robot acts with",
+         lambda p, now: p["status"].get("acting_version")),
+        ("pacflow_robot_spool_depth", "gauge", "episodes waiting in the robot's spool",
+         lambda p, now: p["status"].get("spool_depth")),
+        ("pacflow_robot_safe_idle_entries", "counter", "watchdog trips since the robot "
+         "process started", lambda p, now: p["status"].get("safe_idle_entries")),
+        ("pacflow_robot_estopped", "gauge", "1 when the robot reported an e-stop",
+         lambda p, now: int(bool(p["status"].get("estopped"))) if p["status"] else None),
     )
 
     def __init__(self, ledger: FleetLedger):
         self._ledger = ledger
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        progress = self._ledger.progress(0)
-        for name, text, value in self.FIGURES:
-            family = GaugeMetricFamily(name, text, labels=["robot"])
+        progress, now = self._ledger.progress(0), time.time()
+        for name, kind, text, value in self.FIGURES:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, text, labels=["robot"])
             for robot, p in progress.items():
-                v = value(p)
+                v = value(p, now)
                 if v is not None:
                     family.add_metric([robot], float(v))
             yield family
+
+
+def _seen(p: dict) -> float:
+    return max(p["last_upload"], p["last_report"])

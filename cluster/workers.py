@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from prometheus_client import Counter, Gauge
 
 from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from actors.robot_spec import is_robot_task
 from cluster.config import ClusterConfig, EnvConfig
+from cluster.metrics import (ActorMetrics, FunctionCollector, LearnerMetrics, TimedIterator,
+                             quarantine_collector, replay_collector)
 from cluster.process import RunProcess, advertised_host, read_address
 from cluster.robots import FleetCollector, FleetLedger
 from learners.checkpoints import load_latest_good, save_checkpoint
@@ -74,7 +75,7 @@ class ReplayWorker(RunProcess):
 
     def __init__(self, spec: EnvSpec, config: ReplayConfig, run: str,
                  cluster_config: ClusterConfig):
-        super().__init__(run, "replay")
+        super().__init__(run, "replay", advertised_host(cluster_config))
         if is_remote(run):
             local, stored = scratch_dir(run, "replay") / "replay_checkpoints", \
                 join(run, "replay_checkpoints")
@@ -84,6 +85,8 @@ class ReplayWorker(RunProcess):
                                     port=self.stable_port(cluster_config.replay_port) or None,
                                     storage=stored, exit_on_partial=True)
         self.remember_address(self._server.address)
+        self.registry.register(replay_collector(self._server.rate_stats,
+                                                lambda: self._server.last_checkpoint))
         # Catch up with the archive (episodes archived after the restored checkpoint) while
         # serving; writes from actors go through the same ledger, so nothing is written twice.
         archive = EpisodeArchive(join(run, "archive"))
@@ -138,13 +141,14 @@ class PolicyServerWorker(RunProcess):
     def __init__(self, run: str, cluster_config: ClusterConfig,
                  limits: GatewayLimits = GatewayLimits(),
                  replay: "ray.actor.ActorHandle | None" = None, spec: EnvSpec | None = None):
-        super().__init__(run, "policyserver")
+        super().__init__(run, "policyserver", advertised_host(cluster_config))
         handler = None
         self._ledger = FleetLedger(run)
         self.registry.register(FleetCollector(self._ledger))
         if replay is not None and spec is not None:
             sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                ReplayActorAdder(replay), join(run, "quarantine"))
+            self.registry.register(quarantine_collector(sink))
 
             def handler(episode: Episode) -> Ingested:  # the gRPC server's upload threads
                 result = sink.ingest(episode, to_replay=True)
@@ -154,7 +158,8 @@ class PolicyServerWorker(RunProcess):
                                     port=self.stable_port(cluster_config.policy_port),
                                     security=cluster_config.policy_server_security(),
                                     limits=limits, episode_handler=handler,
-                                    status_handler=self._ledger.report)
+                                    status_handler=self._ledger.report,
+                                    registry=self.registry)
         self._address = self._server.start()
         self.remember_address(self._address)
 
@@ -179,14 +184,7 @@ class CollectorWorker(RunProcess):
         torch.set_num_threads(1)
         os.nice(cluster_config.actor_nice)
         self.actor_id, self._seed = name or f"actor-{index}", seed
-        super().__init__(run, self.actor_id)
-        registry = self.registry
-        self._episodes = Counter("pacflow_actor_episodes", "Episodes finished", ["mode"],
-                                 registry=registry)
-        self._env_steps = Counter("pacflow_actor_env_steps", "Environment steps",
-                                  registry=registry)
-        self._version = Gauge("pacflow_actor_policy_version", "Policy version acting",
-                              registry=registry)
+        super().__init__(run, self.actor_id, advertised_host(cluster_config))
         self._spec = spec
         # Tasks are dealt out round-robin; an actor with several steps them in turn, a wave each.
         tasks = actor_tasks(sim_tasks(env_config.tasks), index, cluster_config.num_actors)
@@ -195,19 +193,21 @@ class CollectorWorker(RunProcess):
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                  ReplayActorAdder(replay), join(run, "quarantine"))
+        self.registry.register(quarantine_collector(self._sink))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         self._subscriber = PolicySubscriber(
             addresses["policy"], self.actor_id,
             unpack_client_security(credentials or {},
                                    scratch_dir(run, self.actor_id) / "credentials"),
             functools.partial(read_address, run, "policyserver")).start()
+        self._metrics = ActorMetrics(self.registry, run, self.actor_id,
+                                     lambda: self._policy.policy_version, self._newest_received)
 
     def _switch_policy(self) -> None:
         """Takes the newest pushed version; called only between waves (episode boundaries)."""
         snapshot = self._subscriber.latest()
         if snapshot is not None and snapshot.version > self._policy.policy_version:
             self._policy = PACPolicy.from_snapshot(snapshot, self._seed + snapshot.version)
-            self._version.set(snapshot.version)
 
     def _env_steps_so_far(self) -> int:
         return sum(e.num_env_steps for envs in self._envs.values() for e in envs)
@@ -215,6 +215,10 @@ class CollectorWorker(RunProcess):
     def _newest_version(self) -> int:
         newest = self._subscriber.latest()
         return newest.version if newest is not None else 0
+
+    def _newest_received(self) -> tuple[int, float]:
+        """(newest version received, when it was received)."""
+        return self._newest_version(), self._subscriber.received_at
 
     def _run_waves(self, policy_fn, num_episodes: int, cycle: int, mode: str,
                    to_replay: bool) -> list[dict]:
@@ -236,9 +240,13 @@ class CollectorWorker(RunProcess):
             seeds = [int(np.random.SeedSequence([self._seed, cycle, MODES.index(mode), i])
                          .generate_state(1)[0]) for i in index]
             ids = [episode_identity(ctx.run_id, mode, cycle, self.actor_id, i) for i in index]
+            steps, started = self._env_steps_so_far(), time.monotonic()
             episodes = loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
                                 episode_ids=ids, newest_version=self._newest_version)
-            summaries += self._write(episodes, to_replay, loop.staleness)
+            written = self._write(episodes, to_replay, loop.staleness)
+            self._metrics.wave(task, self._env_steps_so_far() - steps,
+                               time.monotonic() - started, [(mode, e["return"]) for e in written])
+            summaries += written
         return summaries
 
     def _write(self, episodes: list[Episode], to_replay: bool,
@@ -251,7 +259,6 @@ class CollectorWorker(RunProcess):
             mean, most = staleness.pop(ep.lineage.episode_id, (0.0, 0))
             out.append({**summarize(ep, self._sink.write(ep, to_replay=to_replay)),
                         "staleness": mean, "staleness_max": most})
-            self._episodes.labels(ep.lineage.mode).inc()
         return out
 
     def collect(self, num_episodes: int, cycle: int, min_version: int,
@@ -268,7 +275,6 @@ class CollectorWorker(RunProcess):
 
         summaries = self._run_waves(newest_policy, num_episodes, cycle, "collect", True)
         env_steps = self._env_steps_so_far() - steps_before
-        self._env_steps.inc(env_steps)
         return {"episodes": summaries, "env_steps": env_steps,
                 "quarantined": dict(self._sink.rejected), "seconds": time.monotonic() - t0}
 
@@ -308,19 +314,14 @@ class LearnerWorker(RunProcess):
                  replay_config: ReplayConfig, replay_address: str, run: str, seed: int,
                  cluster_config: ClusterConfig = ClusterConfig(),
                  credentials: dict[str, bytes] | None = None):
-        super().__init__(run, "learner")
+        super().__init__(run, "learner", advertised_host(cluster_config))
         # Only the learner's own credentials, written to this node's scratch.
         self._security = unpack_client_security(credentials or {},
                                                 scratch_dir(run, "learner") / "credentials")
         self._cluster, self._seed = cluster_config, seed
         self._checkpoints = join(run, "checkpoints")
         self._replay = (replay_address, replay_config)
-        registry = self.registry
-        self._steps = Counter("pacflow_learner_steps", "Learner updates", registry=registry)
-        self._loss = Gauge("pacflow_learner_loss", "Mean loss of the last train call",
-                           ["term"], registry=registry)
-        self._stalls = Gauge("pacflow_learner_replay_stalls", "Replay stalls reported so far",
-                             registry=registry)
+        self._metrics = LearnerMetrics(self.registry, run)
         # Data-parallel: the Ray Train workers sample; this replica only restores and snapshots.
         self._iterator = ReverbBatchIterator(replay_address, replay_config, config.batch_size,
                                              pin_memory=torch.cuda.is_available(),
@@ -329,8 +330,12 @@ class LearnerWorker(RunProcess):
             if cluster_config.learner_workers == 1 else None
         if self._iterator is not None:  # read at every scrape: a stall shows while it lasts
             iterator = self._iterator
-            self._stalls.set_function(lambda: iterator.num_stalls)
-        self._learner = PACLearner(spec, model_config, config, self._iterator or iter(()), seed)
+            self.registry.register(FunctionCollector([(
+                "pacflow_learner_replay_stalls", "counter", (),
+                lambda: {(): iterator.num_stalls})]))
+        batches = TimedIterator(self._iterator, self._metrics.waiting) \
+            if self._iterator is not None else iter(())
+        self._learner = PACLearner(spec, model_config, config, batches, seed)
         self._spec, self._model_config = spec, model_config
         state = load_latest_good(self._checkpoints)
         self._lineage = {"init_from": self._base(config.init_from, state is None)} \
@@ -365,19 +370,20 @@ class LearnerWorker(RunProcess):
         t0 = time.monotonic()
         before = self._learner.num_steps
         num_steps = max(target_steps - before, 0)
-        if not num_steps:
-            metrics = {}
-        elif self._cluster.learner_workers > 1:  # rank 0 of the train job checkpointed
-            metrics = self._train_data_parallel(num_steps, cycle)
-        else:
-            metrics = self._learner.run(num_steps)
-            save_checkpoint(self._learner.state(), self._checkpoints,
-                            step=self._learner.num_steps, cycle=cycle)
+        self._metrics.start(before)
+        with self._metrics.training:
+            if not num_steps:
+                metrics = {}
+            elif self._cluster.learner_workers > 1:  # rank 0 of the train job checkpointed
+                metrics = self._train_data_parallel(num_steps, cycle)
+                for step in range(before + 1, self._learner.num_steps + 1):  # call means
+                    self._metrics.on_update(step, metrics)
+            else:
+                metrics = self._learner.run(num_steps, on_update=self._metrics.on_update)
+                save_checkpoint(self._learner.state(), self._checkpoints,
+                                step=self._learner.num_steps, cycle=cycle)
+        self._metrics.finish(self._learner.num_steps)
         self._last_metrics = metrics = metrics or self._last_metrics
-        self._steps.inc(self._learner.num_steps - before)
-        for term in ("loss", "l_imp", "l_bc", "l_q"):
-            if term in metrics:
-                self._loss.labels(term).set(metrics[term])
         done = self._learner.num_steps - before
         if snapshot_version and done:
             self.make_snapshot(snapshot_version, cycle)

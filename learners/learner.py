@@ -177,9 +177,12 @@ class PACLearner:
             return losses.hl_gauss_projection((G + D * q_next).squeeze(1), z, sigma)
         return losses.categorical_projection(G + D * z, p_next, z)
 
-    def run(self, num_steps: int) -> dict[str, float]:
+    def run(self, num_steps: int,
+            on_update: Callable[[int, dict[str, float]], None] | None = None
+            ) -> dict[str, float]:
         """Runs `num_steps` updates, fewer if the batch iterator ends; returns the metrics
-        averaged over the updates done."""
+        averaged over the updates done. `on_update(num_steps, metrics)` follows each update
+        (live metrics)."""
         totals: dict[str, float] = {}
         done = 0
         for _ in range(num_steps):
@@ -188,6 +191,8 @@ class PACLearner:
             except StopIteration:  # e.g. ReverbBatchIterator.interrupt(): the run is ending
                 break
             done += 1
+            if on_update is not None:
+                on_update(self.num_steps, metrics)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
         return {k: v / max(done, 1) for k, v in totals.items()}

@@ -165,6 +165,7 @@ class PolicySubscriber:
         self._stop = threading.Event()
         self._channel: grpc.Channel | None = None
         self.last_contact: float = -float("inf")  # time.monotonic() of the last message
+        self.received_at = 0.0  # time.time() when the latest snapshot was accepted
         self.server_version = 0  # what the server last said this client should run
         self.refused = 0  # snapshots refused
         self.reconnects = 0  # streams that broke (server gone, GOAWAY, ...) and were reopened
@@ -219,6 +220,7 @@ class PolicySubscriber:
             return
         with self._cond:
             self._latest, self._shapes = snapshot, shapes
+            self.received_at = time.time()
             self._cond.notify_all()
 
     def _stream(self, stub: pb_grpc.PolicyServiceStub) -> Iterable:

@@ -15,15 +15,18 @@ import collections
 import json
 import logging
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from policies.gateway import ActBatcher
 from policies.decode import DecoderStopped, EpisodeDecoder
 from policies.limits import GatewayLimits, StreamSlots, cancel_after
+from policies.metrics import ServerMetrics
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.security import ServerSecurity, bound_client_id, caller_identity, \
@@ -168,8 +171,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
                  limits: GatewayLimits = GatewayLimits(),
-                 status_handler: StatusHandler | None = None):
+                 status_handler: StatusHandler | None = None,
+                 registry: CollectorRegistry | None = None):
         self.store = PolicyStore(directory)
+        self.metrics = ServerMetrics(registry, latest=lambda: self.store.latest)
         self._status_handler = status_handler
         self.limits = limits
         self.slots = StreamSlots(limits.max_streams_total, limits.max_streams_per_identity)
@@ -219,7 +224,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def Subscribe(self, request: pb.SubscribeRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
         client_id = _client_id(request.client_id, context)
-        with self.slots.hold(context):
+        with self.slots.hold(context), self.metrics.subscribed():
             yield from self._subscribe(client_id, int(request.after_version),
                                        request.every_version, context)
 
@@ -244,8 +249,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             for version in versions:
                 entry = self._get(version, context)
                 if entry is not None:  # the same chunk messages go to every subscriber
+                    started = time.perf_counter()
                     yield snapshot_header(entry[0], pinned=pinned)
                     yield from entry[1]
+                    self.metrics.pushed(time.perf_counter() - started)
             held = target
 
     def Fetch(self, request: pb.FetchRequest,
@@ -295,6 +302,20 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def UploadEpisode(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
         if self._episode_handler is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this policy server has no gateway")
+        result = self._upload(request_iterator, context)  # an abort raises: refused
+        self.metrics.uploaded("quarantined" if result.quarantined else
+                              "duplicate" if result.duplicate else "stored")
+        return result
+
+    def _upload(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
+        try:
+            return self._receive_upload(request_iterator, context)
+        except BaseException:
+            self.metrics.uploaded("refused")
+            raise
+
+    def _receive_upload(self, request_iterator, context: grpc.ServicerContext
+                        ) -> pb.UploadReply:
         limits = self.limits
         with self.slots.hold(context), \
                 cancel_after(context, limits.upload_deadline_seconds) as expired:
@@ -325,6 +346,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                               duplicate=result.duplicate, quarantined="; ".join(result.problems))
 
     def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActReply:
+        with self.metrics.acting():
+            return self._act(request, context)
+
+    def _act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActReply:
         try:
             timeout = min(context.time_remaining(), self.limits.act_deadline_seconds)
             action, version = self.batcher.act(request, _client_id(request.client_id, context),
@@ -365,11 +390,13 @@ class PolicyServer:
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  security: ServerSecurity = PLAINTEXT_LOOPBACK,
                  limits: GatewayLimits = GatewayLimits(),
-                 status_handler: StatusHandler | None = None):
+                 status_handler: StatusHandler | None = None,
+                 registry: CollectorRegistry | None = None):
         self._credentials = server_credentials(security, host)  # refuses what is not allowed
         self._interceptors = server_interceptors(security)
         self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds,
-                                        limits=limits, status_handler=status_handler)
+                                        limits=limits, status_handler=status_handler,
+                                        registry=registry)
         self._host, self._port = host, port
         self._server: grpc.Server | None = None
 

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,7 @@ class ReplayServer:
         self._check_restored_table()
         # One episode written at a time, and never while a checkpoint is taken (`ingest`).
         self._lock = threading.Lock()
+        self.last_checkpoint = time.time()  # of the newest checkpoint (start: none yet)
         self._writer: ReverbSequenceAdder | None = None
         self._ledger, self.reconciled = self._restored_ledger(), 0
         self._exit_on_partial, self._damaged = exit_on_partial, ""
@@ -287,6 +289,7 @@ class ReplayServer:
                 "samples": int(limiter.sample_stats.completed),
                 "samples_per_insert": float(limiter.samples_per_insert),
                 "min_diff": float(limiter.min_diff), "max_diff": float(limiter.max_diff),
+                "min_size_to_sample": int(limiter.min_size_to_sample),
                 "episodes": len(self._ledger) if self._ledger is not None else -1,
                 "reconciled": self.reconciled}
 
@@ -318,6 +321,7 @@ class ReplayServer:
             if self._ledger is not None:  # None: restored from an older checkpoint without one
                 store.put_bytes(LEDGER, self._ledger.to_bytes())
             store.put_bytes(MANIFEST, json.dumps(_file_hashes(path)).encode())  # atomic, last
+            self.last_checkpoint = time.time()
         finally:
             self._lock.release()
         if self._storage is not None:

@@ -101,6 +101,10 @@ def test_networkpolicy_keeps_replay_inside_and_opens_only_the_policy_port():
     assert open_ports == [int(re.search(r"cluster.policy_port=(\d+)", job).group(1))]
     replay_port = int(re.search(r"cluster.replay_port=(\d+)", job).group(1))
     assert replay_port not in open_ports
+    # Besides pacflow's own pods, only Prometheus pods come in (to scrape the metrics ports).
+    peers = [peer for r in rules for peer in r.get("from", [])]
+    assert [p["podSelector"]["matchLabels"] for p in peers] == [
+        {"app": "pacflow"}, {"app.kubernetes.io/name": "prometheus"}]
 
 
 def test_cluster_launcher_config_passes_rays_schema_and_declares_the_resources():

@@ -72,7 +72,7 @@ def test_a_process_exports_its_stored_restart_count_and_ships_its_log(tmp_path):
     process = RunProcess(str(run), "actor-3")
     try:
         assert process.restarts == 2
-        assert process.registry.get_sample_value("pacflow_process_restarts") == 2.0
+        assert process.registry.get_sample_value("pacflow_process_restarts_total") == 2.0
         logging.getLogger("test").warning("a line to ship")
         process.ship_logs()
         assert "a line to ship" in (run / "logs" / "actor-3.log").read_text()

@@ -177,55 +177,10 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
         assert acting.startswith("v") and int(acting[1:]) >= 1 and int(total) >= 1, view
         assert spool.isdigit() and idles.isdigit(), view
     for robot_id in ROBOTS:  # the run's policy server's metrics, read while it ran
-        assert f'pacflow_robot_episodes{{robot="{robot_id}"}}' in metrics
+        assert f'pacflow_robot_episodes_total{{robot="{robot_id}"}}' in metrics
         assert f'pacflow_robot_spool_depth{{robot="{robot_id}"}}' in metrics
         assert f'pacflow_robot_estopped{{robot="{robot_id}"}} 0.0' in metrics
     final = _fleet_status(run)
     for robot_id in ROBOTS:
         line = next(x for x in final.splitlines() if x.startswith(robot_id)).split()
         assert int(line[7]) == _uploaded(run, robot_id), final
-
-
-@pytest.mark.timeout(600)
-def test_a_run_mixes_a_sim_actor_and_a_robot(tmp_path):
-    """env.tasks with a robot spec and a simulator task: the sim actor collects and evaluates
-    the simulator task while the cycle waits for the robot (plaintext, loopback); the run's
-    folder is named after the spec file."""
-    port, storage = _free_port(), tmp_path / "runs"
-    home = tmp_path / "home"
-    home.mkdir()
-    driver = subprocess.Popen(
-        [*CLI, "run", "--config", "deploy/configs/robot_fleet.yaml",
-         "--set", "env.tasks=[robot:deploy/robots/cartpole.yaml, dm_control:cartpole-swingup]",
-         "--set", "cluster.num_actors=1", "--set", "cluster.actor_cpus=0.5",
-         "--set", "loop.num_cycles=2", "--set", "loop.episodes_per_cycle=2",
-         "--set", "loop.robot_episodes_per_cycle=2", "--set", "loop.eval_episodes=2",
-         "--set", f"cluster.policy_port={port}", "--set", f"cluster.storage={storage}"],
-        cwd=ROOT, env={**os.environ, "HOME": str(home)}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    robot = subprocess.Popen(
-        [*CLI, "robot", "--gateway", f"127.0.0.1:{port}", "--env", "actors.standins:cartpole",
-         "--spec", "deploy/robots/cartpole.yaml", "--robot-id", "robot-1", "--spool",
-         str(tmp_path / "spool"), "--control-period", "0.02", "--drain-seconds", "0"],
-        cwd=ROOT, env={**os.environ, "PACFLOW_STANDIN_TIME_LIMIT": "1.0"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        output, _ = driver.communicate(timeout=500)
-    finally:
-        robot.send_signal(signal.SIGTERM)
-        robot.wait(timeout=60)
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, output[-3000:]
-    (run,) = storage.iterdir()
-    assert run.name.endswith("-cartpole")
-    episodes = list(EpisodeArchive(run / "archive").episodes())
-    by_actor = {(e.lineage.actor_id, e.lineage.task, e.task_id, e.lineage.mode)
-                for e in episodes}
-    assert ("robot-1", "robot:cartpole-standin", 0, "collect") in by_actor
-    assert ("actor-0", "dm_control:cartpole-swingup", 1, "collect") in by_actor
-    assert ("actor-0", "dm_control:cartpole-swingup", 1, "eval") in by_actor
-    assert {a for a, *_ in by_actor} == {"robot-1", "actor-0"}
-    state = json.loads((run / "cycle.json").read_text())
-    assert [r["eval_return"] is not None for r in state["rows"]] == [True, True]
-    assert state["eval_by_task"].keys() == {"dm_control:cartpole-swingup"}

@@ -183,13 +183,15 @@ def test_the_learners_stall_gauge_moves_while_train_waits(tmp_path):
     try:
         worker = LearnerWorker(SPEC, TINY_MODEL, LearnerConfig(batch_size=4), config,
                                server.address, str(tmp_path / "run"), 0)
-        stalls = lambda: worker.registry.get_sample_value("pacflow_learner_replay_stalls")  # noqa: E731
+        stalls = lambda: worker.registry.get_sample_value("pacflow_learner_replay_stalls_total")  # noqa: E731
         trainer = threading.Thread(target=worker.train, args=(1,), daemon=True)
         trainer.start()
         deadline = time.monotonic() + 60
         while not stalls() and time.monotonic() < deadline:
             trainer.join(timeout=0.1)
         assert stalls() >= 1 and trainer.is_alive()  # shown while train() still waits
+        waited = worker.registry.get_sample_value("pacflow_learner_data_wait_seconds_total")
+        assert waited >= 0.5  # the wait in progress counts too (PacflowLearnerStarved)
         ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=6))
         trainer.join(timeout=60)
         assert not trainer.is_alive()

@@ -1,0 +1,59 @@
+"""`pacflow metrics targets`: the file_sd file Prometheus reads, gathered from runs in any
+storage (here a real S3 server, moto's, and a local folder)."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from cluster.discovery import clear_targets, read_targets
+from cluster.process import serve_metrics
+from replay.storage import Storage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _targets(out: Path) -> dict[str, str]:
+    return {e["labels"]["instance_name"]: e["targets"][0] for e in json.loads(out.read_text())}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "metrics", "targets", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ))
+
+
+def test_targets_of_every_run_under_an_s3_prefix(s3_prefix, tmp_path):
+    root, _ = s3_prefix
+    for run, name in (("run-a", "learner"), ("run-a", "actor-0"), ("run-b", "replay")):
+        serve_metrics(f"{root}/{run}", name)  # a real endpoint, announced in S3
+    Storage(f"{root}/not-a-run").put_bytes("notes.txt", b"")
+    out = tmp_path / "sd" / "runs.json"
+    result = _cli("--under", root, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"3 targets written to {out}"
+    found = _targets(out)
+    assert sorted(found) == ["actor-0", "learner", "replay"]
+    labels = {e["labels"]["run_id"] for e in json.loads(out.read_text())}
+    assert labels == {"run-a", "run-b"}
+    # Each target answers with the metrics of its process.
+    with urllib.request.urlopen(f"http://{found['learner']}/metrics", timeout=10) as r:
+        assert r.status == 200
+    # A run that ended (the driver clears its targets) drops out.
+    clear_targets(f"{root}/run-a")
+    assert read_targets(f"{root}/run-a") == []
+    assert _cli("--under", root, "--out", str(out)).returncode == 0
+    assert sorted(_targets(out)) == ["replay"]
+
+
+def test_named_local_runs_and_usage_errors(tmp_path):
+    serve_metrics(str(tmp_path / "run"), "driver")
+    out = tmp_path / "runs.json"
+    assert _cli(str(tmp_path / "run"), "--out", str(out)).returncode == 0
+    assert list(_targets(out)) == ["driver"]
+    missing = _cli("--out", str(out))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == ("pacflow: error: metrics targets: name a run, or --under "
+                                      "a folder of runs")
