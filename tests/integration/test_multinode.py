@@ -113,6 +113,25 @@ def _active_nodes(env: dict, port: int) -> int:
     return len(re.findall(r"node_[0-9a-f]+", active))
 
 
+def _scrape_all(run: str, env: dict, tmp_path: Path) -> tuple[dict, dict] | None:
+    """({process: address}, {process: its /metrics text}) through `pacflow metrics targets`
+    on the run's S3 storage, once every process of the run is listed; None before."""
+    import urllib.request
+
+    out = tmp_path / "targets.json"
+    subprocess.run(["pacflow", "metrics", "targets", run, "--out", str(out)], env=env,
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    entries = {e["labels"]["instance_name"]: e["targets"][0]
+               for e in json.loads(out.read_text())}
+    if not {"driver", "replay", "policyserver", "learner", "actor-0", "actor-1"} <= set(entries):
+        return None
+    texts = {}
+    for name, address in entries.items():
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+            texts[name] = r.read().decode()
+    return entries, texts
+
+
 def _completed(run: str) -> int:
     store = Storage(run)
     return json.loads(store.get_bytes("cycle.json"))["completed_cycles"] \
@@ -152,6 +171,9 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
                 return condition()
 
             until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle} to start")
+            if not killed:  # before any kill: every process's metrics, found through S3
+                addresses, scraped = until(lambda: running(lambda: _scrape_all(run, env, tmp_path)),
+                                "every process's metrics endpoint in the run's targets")
             pids = until(lambda: running(lambda: ray_pids(title, env["HOME"])),
                           f"{title} in cycle {cycle}")
             victim = rng.choice(sorted(pids))
@@ -164,6 +186,14 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
         log.close()
     out = log_path.read_text()
     assert submit.returncode == 0, out[-4000:]
+    # The endpoints bind the node's address (not loopback), each answers with its metrics.
+    import ray.util
+
+    node_ip = ray.util.get_node_ip_address()
+    assert {address.rsplit(":", 1)[0] for address in addresses.values()} == {node_ip}
+    assert "pacflow_learner_updates_total" in scraped["learner"]
+    assert "pacflow_replay_items" in scraped["replay"]
+    assert "pacflow_run_phase" in scraped["driver"]
     assert "Job 'raysubmit_" in out and "succeeded" in out
 
     config = load_config(ROOT / "deploy/configs/smoke.yaml", sets[1::2])
