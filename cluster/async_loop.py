@@ -30,7 +30,7 @@ from cluster.report import CycleRow
 
 @dataclasses.dataclass
 class _Call:
-    kind: str  # "collect", "train" or "eval"
+    kind: str  # "collect", "train", "eval" or "checkpoint"
     name: str  # the process, for errors
     index: int  # the actor's index, or the evaluated version
     started: float  # time.monotonic()
@@ -131,7 +131,12 @@ class AsyncLoop:
         if (row.cycle + 1) % self.loop.eval_every == 0 and not self._busy("eval") \
                 and not self.stopping:
             self._evaluate(self.version)
-            wait([("replay", self.top.replay.checkpoint.remote())], "checkpoint", timeout)
+            if not self._busy("checkpoint"):
+                # Not waited for here: it waits for an episode write in progress, which the
+                # rate limiter may hold until the learner samples again, and only this loop
+                # starts the learner's next train call.
+                self.pending[self.top.replay.checkpoint.remote()] = _Call(
+                    "checkpoint", "replay", 0, time.monotonic())
 
     def _evaluated(self, result: dict) -> None:
         self.longest["eval"] = max(self.longest["eval"], result["seconds"])
@@ -159,7 +164,8 @@ class AsyncLoop:
                 call = self.pending.pop(ref)
                 (result,) = wait([(call.name, ref)], call.kind, timeout)
                 {"collect": self._collected, "train": lambda _, r: self._trained(r),
-                 "eval": lambda _, r: self._evaluated(r)}[call.kind](call, result)
+                 "eval": lambda _, r: self._evaluated(r),
+                 "checkpoint": lambda *_: None}[call.kind](call, result)
         self._finish()
 
     def _finish(self) -> None:

@@ -114,20 +114,19 @@ def _active_nodes(env: dict, port: int) -> int:
 
 
 def _scrape_all(run: str, env: dict, tmp_path: Path) -> tuple[dict, dict] | None:
-    """({process: address}, {process: its /metrics text}) through `pacflow metrics targets`
+    """({process: file_sd entry}, {process: its /metrics text}) through `pacflow metrics targets`
     on the run's S3 storage, once every process of the run is listed; None before."""
     import urllib.request
 
     out = tmp_path / "targets.json"
     subprocess.run(["pacflow", "metrics", "targets", run, "--out", str(out)], env=env,
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
-    entries = {e["labels"]["instance_name"]: e["targets"][0]
-               for e in json.loads(out.read_text())}
+    entries = {e["labels"]["instance_name"]: e for e in json.loads(out.read_text())}
     if not {"driver", "replay", "policyserver", "learner", "actor-0", "actor-1"} <= set(entries):
         return None
     texts = {}
-    for name, address in entries.items():
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+    for name, entry in entries.items():
+        with urllib.request.urlopen(f"http://{entry['targets'][0]}/metrics", timeout=10) as r:
             texts[name] = r.read().decode()
     return entries, texts
 
@@ -172,7 +171,7 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
 
             until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle} to start")
             if not killed:  # before any kill: every process's metrics, found through S3
-                addresses, scraped = until(lambda: running(lambda: _scrape_all(run, env, tmp_path)),
+                entries, scraped = until(lambda: running(lambda: _scrape_all(run, env, tmp_path)),
                                 "every process's metrics endpoint in the run's targets")
             pids = until(lambda: running(lambda: ray_pids(title, env["HOME"])),
                           f"{title} in cycle {cycle}")
@@ -190,7 +189,7 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     import ray.util
 
     node_ip = ray.util.get_node_ip_address()
-    assert {address.rsplit(":", 1)[0] for address in addresses.values()} == {node_ip}
+    assert {e["targets"][0].rsplit(":", 1)[0] for e in entries.values()} == {node_ip}
     assert "pacflow_learner_updates_total" in scraped["learner"]
     assert "pacflow_replay_items" in scraped["replay"]
     assert "pacflow_run_phase" in scraped["driver"]
@@ -218,9 +217,10 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     assert len(collected) == len(expected) == 3 * config.loop.episodes_per_cycle
     assert archive.verify()[1] == []
 
-    # Collectors ran on the worker node, the servers on the head node.
-    targets = {n.removesuffix(".json"): json.loads(store.get_bytes(f"metrics/targets/{n}"))[0]
-               ["labels"]["node_id"] for n in store.list_files("metrics/targets")}
+    # Collectors ran on the worker node, the servers on the head node (the targets as they
+    # were during the run: the driver removes them when it ends).
+    assert store.list_files("metrics/targets") == []
+    targets = {name: e["labels"]["node_id"] for name, e in entries.items()}
     assert targets["replay"] == targets["policyserver"] != targets["actor-0"] == targets["actor-1"]
 
     for name in ("config.yaml", "report/returns.png", "replay_checkpoints/LATEST.json",
