@@ -73,6 +73,9 @@ class AsyncLoop:
         """The next chunk of updates; it ends with a snapshot of the next version."""
         self.next_version += 1
         target = self.learner_steps + self.loop.updates_per_version()
+        if self.record.view is not None:  # actors collect meanwhile: the learner's progress
+            self.record.view.enter(len(self.record.rows), "train",
+                                   {"learner": self.loop.updates_per_version()})
         self._start("train", "learner", self.next_version, self.top.learner.train.remote(
             target, len(self.record.rows), self.next_version))
 

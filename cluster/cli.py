@@ -179,6 +179,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.target == "learning":
         return _bench_learning(args)
+    if args.target == "actors":
+        return _bench_actors(args)
     if args.target == "policy-push":
         from cluster.bench_push import run_push_bench
 
@@ -196,6 +198,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     report = run_learner_bench(args.preset, args.steps, args.batch_size, args.device, args.json,
                                args.threads)
     print(format_report(report))
+    return 0
+
+
+def _bench_actors(args: argparse.Namespace) -> int:
+    from cluster.bench import format_report
+    from cluster.bench_actors import ENV_REPEAT, default_cases, run_actor_bench
+    from policies.perceiver import PRESETS
+
+    cases = default_cases(quick=args.quick)
+    for preset in args.preset or []:
+        if preset not in PRESETS:
+            raise UsageError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    if args.task and args.task not in ENV_REPEAT:
+        raise UsageError(f"--task: actors benchmarks {', '.join(ENV_REPEAT)}, not {args.task!r}")
+    cases = [c for c in cases if (not args.preset or c.preset in args.preset)
+             and (not args.task or c.task == args.task)]
+    print(format_report(run_actor_bench(cases, args.rounds, args.json)))
     return 0
 
 
@@ -291,7 +310,8 @@ def make_parser() -> argparse.ArgumentParser:
     archive.add_argument("destination", nargs="?", help="export: where to write the dataset")
     archive.set_defaults(func=_cmd_archive)
     bench = sub.add_parser("bench", help="measure throughput against a same-run baseline")
-    bench.add_argument("target", choices=["learner", "replay", "policy-push", "learning"])
+    bench.add_argument("target", choices=["learner", "replay", "policy-push", "learning",
+                                          "actors"])
     bench.add_argument("--preset", action="append", default=None,
                        help="model preset: tiny, small, base, large (repeatable; default tiny)")
     bench.add_argument("--steps", type=int, default=30, help="timed updates per case")
@@ -301,6 +321,10 @@ def make_parser() -> argparse.ArgumentParser:
                             "config's, 2)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--json", help="write the results here")
+    bench.add_argument("--quick", action="store_true",
+                       help="actors: cartpole, 1 actor, 1 and 4 envs, tiny, state only")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="actors: timed rounds (waves) per case, after one warm-up")
     bench.add_argument("--task", help="learning: the task, e.g. dm_control:cartpole-swingup")
     bench.add_argument("--budget-minutes", type=float, default=10.0,
                        help="learning: wall-clock budget of each seed's run (default 10)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,10 +65,14 @@ def write_file_sd(runs: list[str], out: str | Path) -> int:
 
 def watch_file_sd(runs: Callable[[], list[str]], out: str | Path, every: float,
                   rounds: int = 0) -> None:
-    """write_file_sd of `runs()` every `every` seconds (`rounds` 0: until interrupted)."""
+    """write_file_sd of `runs()` every `every` seconds (`rounds` 0: until interrupted). A round
+    that cannot read the storage says so on stderr and leaves the file as it was."""
     done = 0
     while True:
-        write_file_sd(runs(), out)
+        try:
+            write_file_sd(runs(), out)
+        except OSError as e:  # storage unreachable for now: the next round tries again
+            print(f"pacflow metrics targets: {e}; {out} unchanged", file=sys.stderr, flush=True)
         done += 1
         if rounds and done >= rounds:
             return

@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, TextIO
@@ -221,6 +222,13 @@ class RunRecord:
         self.started = time.time()
         self.view: RunView | None = None  # the run's metrics and live progress
 
+    def say(self, text: str) -> None:
+        """A line of the run's output (above the live progress on a terminal)."""
+        if self.view is not None:
+            self.view.say(text)
+        else:
+            print(text, file=self.out, flush=True)
+
     @property
     def learner_steps(self) -> int:
         return self.rows[-1].learner_steps if self.rows else 0
@@ -253,17 +261,19 @@ class RunRecord:
             if row.eval_return is not None:
                 metrics.eval_return.set(row.eval_return)
         self.rows.append(row)
-        print(format_row(row), file=self.out, flush=True)
+        self.say(format_row(row))
         self.save(train, wait_for_logs)
 
     def attach_eval(self, version: int, episodes: list[dict]) -> None:
         """An evaluation that finished after its version's row (async): fills that row in."""
         value = self.evaluated(episodes)
+        if self.view is not None and value is not None:
+            self.view.metrics.eval_return.set(value)
         for i, row in enumerate(self.rows):
             if row.policy_version == version:
                 self.rows[i] = dataclasses.replace(row, eval_return=value)
-        print(f"  version {version} evaluated: {value:.1f} (mean of {len(episodes)} greedy "
-              "episodes)", file=self.out, flush=True)
+        self.say(f"  version {version} evaluated: {value:.1f} (mean of {len(episodes)} greedy "
+                 "episodes)")
 
     def save(self, train: dict, wait_for_logs: bool = True) -> None:
         """cycle.json, the report, and every process's log, into run storage."""
@@ -301,7 +311,7 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
     """collect -> train -> [evaluate] -> publish, one row per cycle, until num_cycles or the
     budget."""
     budget, timeout = config.loop.budget_seconds, config.loop.call_timeout_seconds
-    say = functools.partial(print, file=record.out, flush=True)
+    say = record.say
     robot_run = any(is_robot_task(t) for t in config.env.tasks)
     if version == 0 and (robot_run or config.learner.init_from):
         # Robots act only with a published policy, and a fine-tuning run collects cycle 0 with
@@ -343,6 +353,10 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
             break
 
 
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str | None = None,
                    out: TextIO = sys.stdout, resume: bool = False,
                    progress: bool = True) -> list[CycleRow]:
@@ -363,7 +377,12 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         logging.ERROR)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
-    view = None
+    if threading.current_thread() is threading.main_thread():
+        # `ray job stop` or a deleted pod (SIGTERM) ends the run like an error, so its cleanup
+        # below runs (Ray shut down, metrics targets removed) and --resume continues it.
+        # After ray.init, whose own handler would end the process at once.
+        signal.signal(signal.SIGTERM, _terminated)
+    view, top = None, None
     try:
         check_storage_reaches_every_node(run)
         check_placement(config.cluster, config.loop.mode)
@@ -371,7 +390,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         metrics = RunMetrics(serve_metrics(run, "driver", advertised_host(config.cluster)))
         if rows:
             metrics.env_steps.inc(rows[-1].env_steps)
-        view = RunView(metrics, CycleProgress(run, out) if progress else None)
+        view = RunView(metrics, CycleProgress(run, out) if progress else None, out)
         top = Topology(config, run, credentials)
         print(format_header(), file=out, flush=True)
         for row in rows:
@@ -390,8 +409,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         if view is not None:
             view.close()
         ray.shutdown()
-        try:  # the run's processes are gone: nothing is left to scrape
-            clear_targets(run)
+        try:  # this run's processes are gone: nothing is left to scrape
+            if top is not None:  # (a run refused before it started leaves a live one's)
+                clear_targets(run)
         except OSError:  # storage unreachable: the error that ended the run says more
             pass
     return rows

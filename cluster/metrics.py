@@ -34,7 +34,7 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("pacflow_actor_env_steps_total", "counter", "actor",
      "environment steps collected, action repeats counted (label task)"),
     ("pacflow_actor_episodes_total", "counter", "actor",
-     "episodes finished and written (labels mode = collect|eval, task)"),
+     "episodes finished and archived (labels mode = collect|eval, task)"),
     ("pacflow_actor_episode_return", "histogram", "actor",
      "return of each finished episode (labels mode, task)"),
     ("pacflow_actor_policy_version", "gauge", "actor", "policy version the actor acts with"),
@@ -50,7 +50,8 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("pacflow_replay_samples_total", "counter", "replay",
      "items sampled since the replay server started"),
     ("pacflow_replay_rate_limiter_blocked_seconds_total", "counter", "replay",
-     "seconds the rate limiter held inserts or samples, sampled each second (label op)"),
+     "seconds the rate limiter would have held an insert or a sample, whether or not one "
+     "was waiting; sampled each second (label op)"),
     ("pacflow_replay_checkpoint_age_seconds", "gauge", "replay",
      "seconds since the last replay checkpoint (since start when none was taken)"),
     ("pacflow_learner_updates_total", "counter", "learner", "PAC updates done"),
@@ -344,7 +345,8 @@ class ActorMetrics:
                 counts.get(("pacflow_actor_episodes", labels), 0) + 1
             returns.setdefault(("pacflow_actor_episode_return", labels), []).append(value)
         self.counters.add(counts, returns)
-        self._steps_per_second = env_steps / max(seconds, 1e-9)
+        if env_steps:
+            self._steps_per_second = env_steps / max(seconds, 1e-9)
 
 
 def limiter_blocks(stats: dict) -> dict[str, bool]:
@@ -382,9 +384,23 @@ class LimiterClock:
             last = now
 
 
+def _cached(fn: Callable[[], dict], seconds: float) -> Callable[[], dict]:
+    """fn's result, called again only when the last one is older than `seconds`."""
+    lock, last = threading.Lock(), {"at": -float("inf"), "value": None}
+
+    def cached() -> dict:
+        with lock:
+            if time.monotonic() - last["at"] > seconds:
+                last["value"], last["at"] = fn(), time.monotonic()
+            return last["value"]
+    return cached
+
+
 def replay_collector(stats: Callable[[], dict], last_checkpoint: Callable[[], float]
                      ) -> FunctionCollector:
     """Replay's metrics, read from the Reverb server's info at every scrape (ReplayServer)."""
+    stats = _cached(stats, 0.5)  # one server_info call per scrape, not one per metric
+
     def one(key: str) -> Callable[[], dict]:
         return lambda: {(): stats()[key]}
 

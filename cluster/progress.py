@@ -57,6 +57,7 @@ class CycleProgress:
         self._started = time.monotonic()
         self._last_plain = 0.0
         self._live = None
+        self._endpoints: dict[str, str] = {}
         if self._tty:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -76,9 +77,21 @@ class CycleProgress:
                "evaluate": ("pacflow_actor_episodes_total", {"mode": "eval"}, "episodes"),
                "train": ("pacflow_learner_updates_total", {}, "updates")}
 
+    def say(self, text: str) -> None:
+        """A line for the terminal: above the live display while it shows."""
+        if self._tty and self._live:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self._out, flush=True)
+
     def phase(self, cycle: int, name: str, totals: dict[str, int] | None = None) -> None:
-        """A new phase: `totals` is what each process will count in it (none: nothing shown)."""
-        base = {p: self._count(name, p) for p in (totals or {})}
+        """A new phase: `totals` is what each process will count in it (none: nothing shown).
+        Never raises: progress is best effort, the run goes on without it."""
+        try:
+            self._endpoints = endpoints(self._run) if totals else {}
+            base = {p: self._count(name, p) for p in (totals or {})}
+        except Exception:  # storage or an endpoint unreadable now: counted from 0
+            base = {}
         with self._lock:
             self._phase, self._base = (cycle, name, dict(totals or {})), base
             self._started, self._last_plain = time.monotonic(), time.monotonic()
@@ -96,12 +109,16 @@ class CycleProgress:
         if phase not in self.COUNTED:
             return 0.0
         name, labels, _ = self.COUNTED[phase]
-        address = endpoints(self._run).get(process)
-        if address is None:
-            return 0.0
         try:
+            address = self._endpoints.get(process)
+            if address is None:  # announced since the phase began, or moved by a restart
+                self._endpoints = endpoints(self._run)
+                address = self._endpoints.get(process)
+            if address is None:
+                return float("nan")
             return total(self._read(address), name, **labels)
-        except OSError:  # a restarting process: counted at the next poll
+        except Exception:  # a restarting process, a torn reply: counted at the next poll
+            self._endpoints.pop(process, None)
             return float("nan")
 
     def _state(self) -> list[tuple[str, float, int, float]]:
@@ -116,8 +133,11 @@ class CycleProgress:
             now = self._count(name, process)
             if now != now:  # unreadable right now
                 continue
-            start = base.get(process, 0.0)
-            done = max(now - (start if start == start else 0.0), 0.0)
+            start = base.get(process, float("nan"))
+            if start != start:  # unreadable at the phase start: counted from now on
+                with self._lock:
+                    self._base[process] = start = now
+            done = max(now - start, 0.0)
             rows.append((process, min(done, n), n, done / max(elapsed, 1e-9)))
         return rows
 
@@ -164,8 +184,14 @@ class RunView:
     """What the driver shows of a run while it works: the run's metrics (cycle, phase) and the
     live progress. `enter(cycle, phase, totals)` at each phase of a cycle."""
 
-    def __init__(self, metrics: "RunMetrics", progress: CycleProgress | None):
-        self.metrics, self.progress = metrics, progress
+    def __init__(self, metrics: "RunMetrics", progress: CycleProgress | None, out: TextIO):
+        self.metrics, self.progress, self._out = metrics, progress, out
+
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.say(text)
+        else:
+            print(text, file=self._out, flush=True)
 
     def enter(self, cycle: int, phase: str, totals: dict[str, int] | None = None) -> None:
         self.metrics.cycle.set(cycle)

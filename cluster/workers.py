@@ -244,8 +244,11 @@ class CollectorWorker(RunProcess):
             episodes = loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
                                 episode_ids=ids, newest_version=self._newest_version)
             written = self._write(episodes, to_replay, loop.staleness)
-            self._metrics.wave(task, self._env_steps_so_far() - steps,
-                               time.monotonic() - started, [(mode, e["return"]) for e in written])
+            # A call Ray retries after a restart repeats its waves (same ids): those were
+            # counted before the kill, so a wave whose episodes were all archived already is not.
+            new = [(mode, e["return"]) for e in written if e["stored"]]
+            self._metrics.wave(task, self._env_steps_so_far() - steps if new else 0,
+                               time.monotonic() - started, new)
             summaries += written
         return summaries
 
@@ -257,7 +260,8 @@ class CollectorWorker(RunProcess):
         out = []
         for ep in episodes:
             mean, most = staleness.pop(ep.lineage.episode_id, (0.0, 0))
-            out.append({**summarize(ep, self._sink.write(ep, to_replay=to_replay)),
+            result = self._sink.ingest(ep, to_replay=to_replay)
+            out.append({**summarize(ep, not result.problems), "stored": result.stored,
                         "staleness": mean, "staleness_max": most})
         return out
 

@@ -14,6 +14,12 @@ from replay.validation import episode_problems, quarantine
 log = logging.getLogger(__name__)
 
 
+def reason_of(problem: str) -> str:
+    """The field a validation problem names ("reward: non-finite values" -> "reward",
+    "length 0 outside [1, 100000]" -> "length"): a bounded metric label."""
+    return problem.split(":")[0].split(" ")[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Ingested:
     """What happened to one episode."""
@@ -51,7 +57,7 @@ class EpisodeSink:
         problems = episode_problems(episode, self._spec)
         if problems:
             quarantine(episode, problems, self._quarantine_dir)
-            self.rejected[problems[0].split(":")[0]] += 1
+            self.rejected[reason_of(problems[0])] += 1
             log.warning("quarantined episode %s: %s", episode.lineage.episode_id,
                         "; ".join(problems))
             return Ingested(False, False, tuple(problems))

@@ -105,6 +105,8 @@ def test_networkpolicy_keeps_replay_inside_and_opens_only_the_policy_port():
     peers = [peer for r in rules for peer in r.get("from", [])]
     assert [p["podSelector"]["matchLabels"] for p in peers] == [
         {"app": "pacflow"}, {"app.kubernetes.io/name": "prometheus"}]
+    assert peers[1]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"}  # not any namespace's pods
 
 
 def test_cluster_launcher_config_passes_rays_schema_and_declares_the_resources():

@@ -57,3 +57,35 @@ def test_named_local_runs_and_usage_errors(tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.strip() == ("pacflow: error: metrics targets: name a run, or --under "
                                       "a folder of runs")
+
+
+def test_a_standalone_gateway_serves_its_metrics_with_metrics_port(tmp_path):
+    """`pacflow policy serve --metrics-port 0`: the gateway's own metrics on a free port."""
+    import numpy as np
+
+    from cluster.config import load_config
+    from policies.client import PolicyClient
+    from tests.fakes import make_episode
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "policy", "serve", str(tmp_path / "run"),
+         "--config", "deploy/configs/smoke.yaml", "--plaintext", "--metrics-port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        metrics_line, listening = server.stdout.readline(), server.stdout.readline()
+        assert metrics_line.startswith("metrics on http://127.0.0.1:"), metrics_line
+        url = metrics_line.split()[-1]
+        address = listening.split("listening on ")[1].split()[0]
+        spec = load_config(ROOT / "deploy/configs/smoke.yaml").env.spec()
+        bad = make_episode(spec=spec, length=5)
+        bad.reward[1] = np.nan
+        with PolicyClient(address) as client:
+            assert client.upload_episode(bad).quarantined
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        assert "pacflow_policy_published_version 0.0" in text
+        assert 'pacflow_policy_uploads_total{result="quarantined"} 1.0' in text
+        assert 'pacflow_episodes_quarantined_total{reason="reward"} 1.0' in text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -28,7 +28,7 @@ from actors.loop import episode_identity
 from cluster.config import load_config
 from cluster.driver import split
 from replay.archive import EpisodeArchive
-from replay.storage import Storage, run_id
+from replay.storage import Storage, run_id, scratch_dir
 from tests.conftest import s3_environment
 from tests.processes import ray_pids, until
 
@@ -229,7 +229,7 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     assert len(store.list_dirs("checkpoints")) == 3
 
     # The nodes' scratch can go: a resumed run restores the learner and replay from S3 alone.
-    shutil.rmtree(Path(tempfile.gettempdir()) / "pacflow", ignore_errors=True)
+    shutil.rmtree(scratch_dir(run, "replay").parent)  # this run's only: others' stay
     resumed = subprocess.run(
         ["pacflow", "run", "--config", "deploy/configs/smoke.yaml", "--address", gcs,
          "--run-dir", run, "--resume", *sets, "--set", "loop.num_cycles=4"],

@@ -206,14 +206,24 @@ def test_prometheus_scrapes_a_run_every_panel_has_data_and_an_alert_fires(tmp_pa
                     empty.append(f"{panel['title']}: {expr}")
         assert empty == []
 
-        # The actor's counters only grew, across its restart (two endpoints, one series name).
-        for name in ("pacflow_actor_env_steps_total", "pacflow_actor_episodes_total"):
-            series = prom.series(f'sum by (instance) ({name}{{instance_name="actor-0"}})',
-                                 started, end)
-            assert len(series) == 2, series  # the first incarnation, then the restarted one
-            points = sorted((t, float(v)) for s in series for t, v in s["values"])
-            values = [v for _, v in points]
+        # The actor's counters only grew, across its restart: one series (prometheus.yml
+        # names the instance after the process), two endpoints.
+        (restarts,) = prom.series('pacflow_process_restarts_total{instance_name="actor-0"}',
+                                  started, end)
+        assert [float(v) for _, v in restarts["values"]][::len(restarts["values"]) - 1] == \
+            [0.0, 1.0]  # as PacflowRestartLoop reads it: increase() sees the restart
+        assert prom.series('increase(pacflow_process_restarts_total{instance_name="actor-0"}'
+                           '[1m]) > 0', started, end)
+        actor0 = [e for e in EpisodeArchive(run / "archive").episodes()
+                  if e.lineage.actor_id == "actor-0"]
+        for name, final in (("pacflow_actor_env_steps_total", 1000 * len(actor0)),
+                            ("pacflow_actor_episodes_total", len(actor0))):
+            (series,) = prom.series(f'sum({name}{{instance_name="actor-0"}})', started, end)
+            values = [float(v) for _, v in series["values"]]
             assert values == sorted(values), f"{name} went down: {values}"
+            # Nothing counted twice although Ray repeated the killed actor's call: each
+            # archived episode once (a cartpole episode is 1000 env steps).
+            assert values[-1] == final, (name, values[-1], final)
         # A run mixing a sim task and a robot (env.tasks): the sim actor collects and evaluates
         # the simulator task while each cycle waits for the robot; the folder is named after
         # the spec file.

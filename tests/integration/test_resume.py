@@ -1,6 +1,7 @@
 """`pacflow run --resume` continues a stopped run: cycles, learner, replay and versions."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from cluster.config import load_config
 from replay.archive import EpisodeArchive
 from replay.server import ReplayServer
 from replay.spec import EnvSpec
+from tests.processes import until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -23,10 +25,26 @@ def _run(run_dir, *extra):
         timeout=600)
 
 
-def test_resume_adds_cycles_to_a_finished_run(tmp_path):
+def test_resume_adds_cycles_to_a_stopped_run(tmp_path):
+    """The first run is stopped by SIGTERM (as `ray job stop` stops it) once its first cycle is
+    in: it exits 143 and removes its metrics targets; the resume finishes the second cycle."""
     run_dir = tmp_path / "run"
-    first = _run(run_dir, "--set", "loop.num_cycles=1")
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "run", "--config", "deploy/configs/smoke.yaml",
+         "--run-dir", str(run_dir), "--set", "loop.num_cycles=1000"], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: first.poll() is None and (run_dir / "cycle.json").exists() and
+              json.loads((run_dir / "cycle.json").read_text())["completed_cycles"] >= 1 or
+              first.poll() is not None, "the first cycle", timeout=300)
+        assert list((run_dir / "metrics" / "targets").iterdir())  # scraped while it runs
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 143, stderr[-3000:]
+    assert list((run_dir / "metrics" / "targets").iterdir()) == []
 
     again = _run(run_dir, "--set", "loop.num_cycles=1")  # a second run into the same dir
     assert again.returncode == 2 and "pass --resume" in again.stderr

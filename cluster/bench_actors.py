@@ -1,0 +1,148 @@
+"""`pacflow bench actors`: environment steps per second of the acting loop against the raw
+simulator, on the same cores in the same run.
+
+ours: what a collector does per wave (cluster/workers.py CollectorWorker): EnvironmentLoop with
+      one batched PAC policy call per step for all envs of the actor (a fresh network of the
+      preset), then every finished episode validated, archived to Parquet and written to a
+      Reverb server in another process (ReverbSequenceAdder, as replay's ingest writes it).
+raw:  the same environments (same task, action repeat and camera) stepped with uniform random
+      actions: no policy, no buffers, no writes.
+Rounds alternate ours and raw; each round is one wave (one episode per env). With N actors,
+N processes run the same side at the same time (a barrier per round) and their steps are
+summed. Ratio = ours / raw: 1.0 means the loop costs nothing over the simulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ENV_REPEAT = {"dm_control:cartpole-swingup": 8, "dm_control:walker-walk": 2}  # demo configs'
+PIXELS = (64, 64)  # the camera of the pixel cases
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorCase:
+    task: str  # dm_control task
+    actors: int  # processes stepping at once
+    envs: int  # environments per actor (one batched policy call per step for all)
+    preset: str  # model preset of the policy (policies/perceiver.py PRESETS)
+    pixels: bool  # observe a 64x64 camera image too
+
+    @property
+    def name(self) -> str:
+        return (f"task={self.task.split(':')[-1]},actors={self.actors},envs={self.envs},"
+                f"preset={self.preset},pixels={int(self.pixels)}")
+
+
+def default_cases(quick: bool = False) -> list[ActorCase]:
+    """The issue's grid: 2 tasks x 1|2 actors x 1|4|16 envs x tiny|small x state|pixels; quick:
+    cartpole, 1 actor, 1 and 4 envs, tiny, state only."""
+    if quick:
+        return [ActorCase("dm_control:cartpole-swingup", 1, k, "tiny", False) for k in (1, 4)]
+    return [ActorCase(t, a, k, p, px) for t in ENV_REPEAT for a in (1, 2) for k in (1, 4, 16)
+            for p in ("tiny", "small") for px in (False, True)]
+
+
+def _side(case: ActorCase, index: int, rounds: int, address: str, barrier, results) -> None:
+    """One actor process: `rounds` x (a raw wave, an acting wave), each side started together
+    with the other actors' (barrier); puts [(side, steps, seconds)] on `results`."""
+    import torch
+
+    from actors.loop import EnvironmentLoop, EpisodeContext
+    from cluster.config import EnvConfig
+    from policies.perceiver import PRESETS, PerceiverActorCritic, PerceiverConfig
+    from policies.policy import PACPolicy
+    from replay.adders import ReverbSequenceAdder
+    from replay.archive import EpisodeArchive
+    from replay.config import ReplayConfig
+    from replay.ingest import EpisodeSink
+
+    torch.set_num_threads(1)  # an actor's share, as in the run (cluster/workers.py)
+    env_config = EnvConfig((case.task,), ENV_REPEAT[case.task],
+                           PIXELS if case.pixels else ())
+    spec = env_config.spec()
+    envs = [env_config.make(case.task, 1000 * index + i) for i in range(case.envs)]
+    model = PerceiverActorCritic(spec, PerceiverConfig(**PRESETS[case.preset], v_max=400.0))
+    policy = PACPolicy(model, 1, seed=index)
+    loop = EnvironmentLoop(envs, spec)
+    tmp = tempfile.mkdtemp(prefix="bench-actors-")
+    sink = EpisodeSink(spec, EpisodeArchive(Path(tmp) / "archive"),
+                       ReverbSequenceAdder(address, ReplayConfig(n_step=3)),
+                       Path(tmp) / "quarantine")
+    task = spec.tasks[0]
+    rng = np.random.default_rng(index)
+    out = []
+    for r in range(rounds):
+        barrier.wait()
+        t0, steps = time.perf_counter(), sum(e.num_env_steps for e in envs)
+        for i, env in enumerate(envs):  # raw: the same envs, random actions, nothing kept
+            env.seed(r * 100 + i)
+            timestep = env.reset()
+            while not timestep.last():
+                timestep = env.step(rng.uniform(-1, 1, task.action_dim).astype(np.float32))
+        out.append(("raw", sum(e.num_env_steps for e in envs) - steps,
+                    time.perf_counter() - t0))
+        barrier.wait()
+        t0, steps = time.perf_counter(), sum(e.num_env_steps for e in envs)
+        ctx = EpisodeContext("bench", r, f"actor-{index}", case.task, 0, "collect")
+        for episode in loop.run(policy, [r * 100 + i for i in range(case.envs)], ctx, False):
+            sink.write(episode, to_replay=True)
+        out.append(("ours", sum(e.num_env_steps for e in envs) - steps,
+                    time.perf_counter() - t0))
+    results.put(out)
+
+
+def bench_case(case: ActorCase, rounds: int = 3) -> dict:
+    """Env steps per second of both sides (all actors together), over `rounds` rounds after
+    a warm-up round that is not counted."""
+    from cluster.bench_replay import replay_process
+    from cluster.config import EnvConfig
+    from replay.config import ReplayConfig
+
+    spec = EnvConfig((case.task,), ENV_REPEAT[case.task], PIXELS if case.pixels else ()).spec()
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp, \
+            replay_process(spec, ReplayConfig(n_step=3), str(Path(tmp) / "ckpt")) as address:
+        barrier, results = ctx.Barrier(case.actors), ctx.Queue()
+        procs = [ctx.Process(target=_side, args=(case, i, rounds + 1, address, barrier, results))
+                 for i in range(case.actors)]
+        for p in procs:
+            p.start()
+        per_actor = [results.get(timeout=3600) for _ in procs]
+        for p in procs:
+            p.join(60)
+    rates, counted = {}, {}
+    for side in ("raw", "ours"):
+        steps = seconds = 0.0
+        for r in range(1, rounds + 1):  # round 0 warms up (imports, first inference)
+            rows = [a[2 * r + (side == "ours")] for a in per_actor]
+            steps += sum(s for _, s, _ in rows)
+            seconds += max(t for _, _, t in rows)  # the actors ran side by side
+        rates[side], counted[side] = steps / seconds, int(steps)
+    return {"case": case.name, "metric": "env_steps_per_second", "value": rates["ours"],
+            "unit": "env steps/s", "baseline": rates["raw"], "ratio": rates["ours"] / rates["raw"],
+            "env_steps": counted}
+
+
+def run_actor_bench(cases: list[ActorCase], rounds: int = 3, json_path: str | None = None,
+                    out=print) -> dict:
+    from cluster.bench import machine
+
+    results = []
+    for case in cases:
+        results.append(bench_case(case, rounds))
+        r = results[-1]
+        out(f"{r['case']:<60} {r['value']:>9.0f} {r['baseline']:>9.0f} {r['ratio']:>6.3f}")
+    report = {"benchmark": "actors", "machine": machine(), "rounds": rounds,
+              "baseline": "the same environments stepped with random actions, no policy, "
+                          "no writes", "results": results}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
+    return report

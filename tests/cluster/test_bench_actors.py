@@ -1,0 +1,40 @@
+"""`pacflow bench actors` measures both sides on the same environments and writes JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_bench_actors_json_two_actors_side_by_side(tmp_path):
+    from cluster import bench_actors
+    from cluster.bench_actors import ActorCase, run_actor_bench
+
+    out = tmp_path / "actors.json"
+    case = ActorCase("dm_control:cartpole-swingup", actors=2, envs=2, preset="tiny",
+                     pixels=False)
+    report = run_actor_bench([case], rounds=1, json_path=str(out), out=lambda _: None)
+    assert json.loads(out.read_text()) == report
+    (row,) = report["results"]
+    assert row["case"] == "task=cartpole-swingup,actors=2,envs=2,preset=tiny,pixels=0"
+    # Both sides stepped whole episodes: 2 actors x 2 envs x 1000 steps in the timed round.
+    assert row["env_steps"] == {"raw": 4000, "ours": 4000}
+    assert row["value"] > 0 and row["baseline"] > 0
+    assert row["ratio"] == pytest.approx(row["value"] / row["baseline"])
+    assert 0 < row["ratio"] < 1.5  # the loop does the raw side's stepping and more
+    assert bench_actors.default_cases(quick=True) == [
+        ActorCase("dm_control:cartpole-swingup", 1, k, "tiny", False) for k in (1, 4)]
+    assert len(bench_actors.default_cases()) == 48
+
+
+def test_bench_actors_refuses_an_unknown_task():
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "actors", "--task",
+                             "dm_control:cheetah-run"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("pacflow: error: --task: actors benchmarks ")
