@@ -70,6 +70,15 @@ class HoldingCartpole:
 
     def __init__(self):
         self._env, self.holds = cartpole(seed=1, time_limit=1.0), []  # [(monotonic, action)]
+        self.steps_in_episode = 0
+
+    def reset(self):
+        self.steps_in_episode = 0
+        return self._env.reset()
+
+    def step(self, action):
+        self.steps_in_episode += 1
+        return self._env.step(action)
 
     def hold(self, action: np.ndarray) -> None:
         self.holds.append((time.monotonic(), np.array(action)))
@@ -117,7 +126,8 @@ def test_estop_file_stops_at_once_with_the_episode_kept(gateway, tmp_path):
                    report_seconds=0.2)
     runner = threading.Thread(target=robot.run)
     runner.start()
-    _wait(lambda: robot.stats.episodes >= 1, timeout=30)
+    # Mid-episode: its wall-clock limit (1 s) gives a whole one about 12 steps.
+    _wait(lambda: robot.stats.episodes >= 1 and 2 <= env.steps_in_episode <= 5, timeout=30)
     t0 = time.monotonic()
     estop.touch()
     runner.join(timeout=10)
