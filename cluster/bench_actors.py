@@ -72,10 +72,10 @@ def _side(case: ActorCase, index: int, rounds: int, address: str, barrier, resul
     model = PerceiverActorCritic(spec, PerceiverConfig(**PRESETS[case.preset], v_max=400.0))
     policy = PACPolicy(model, 1, seed=index)
     loop = EnvironmentLoop(envs, spec)
-    tmp = tempfile.mkdtemp(prefix="bench-actors-")
-    sink = EpisodeSink(spec, EpisodeArchive(Path(tmp) / "archive"),
+    tmp = tempfile.TemporaryDirectory(prefix="bench-actors-")  # removed when the process ends
+    sink = EpisodeSink(spec, EpisodeArchive(Path(tmp.name) / "archive"),
                        ReverbSequenceAdder(address, ReplayConfig(n_step=3)),
-                       Path(tmp) / "quarantine")
+                       Path(tmp.name) / "quarantine")
     task = spec.tasks[0]
     rng = np.random.default_rng(index)
     out = []

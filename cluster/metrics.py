@@ -148,9 +148,6 @@ class PersistentCounters:
                 "histograms": [[n, ls, v] for (n, ls), v in histograms.items()]}).encode())
             self._counters, self._histograms = counters, histograms
 
-    def value(self, name: str, **labels: str) -> float:
-        return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
-
     def collect(self) -> Iterator:
         with self._lock:
             counters, histograms = dict(self._counters), dict(self._histograms)
