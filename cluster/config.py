@@ -181,6 +181,10 @@ class ClusterConfig:
     # runs mTLS + tokens, the learner and actors use its "learner" and "actor" credentials.
     # "" = plaintext, allowed only while `host` is a loopback address.
     policy_credentials: str = ""
+    # At a run's end, each metrics endpoint that Prometheus has scraped waits up to this many
+    # seconds for one more scrape, so the final counts are stored (0: end at once). Keep it
+    # above the scrape interval (deploy/prometheus/prometheus.yml: 5 s).
+    final_scrape_seconds: float = 15.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.actor_nice <= 19:

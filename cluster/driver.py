@@ -21,6 +21,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 import ray
+from prometheus_client import CollectorRegistry
 
 from actors.robot_spec import is_robot_task
 from cluster.config import ExperimentConfig, LoopMode
@@ -353,6 +354,16 @@ def run_cycles(top: Topology, config: ExperimentConfig, record: RunRecord, versi
             break
 
 
+def final_scrape(top: Topology, registry: CollectorRegistry, timeout: float) -> None:
+    """Lets Prometheus read every process's final values before the run ends: each endpoint
+    that has been scraped waits up to `timeout` s for one more scrape (ScrapeClock)."""
+    if timeout <= 0:
+        return
+    refs = [handle.final_scrape.remote(timeout) for _, handle in top.named()]
+    registry.scrape_clock.final_scrape(timeout)
+    ray.wait(refs, num_returns=len(refs), timeout=timeout + 5)  # a dead process counts as done
+
+
 def _terminated(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -387,7 +398,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         check_storage_reaches_every_node(run)
         check_placement(config.cluster, config.loop.mode)
         rows = prepare_run_dir(config, run, resume)
-        metrics = RunMetrics(serve_metrics(run, "driver", advertised_host(config.cluster)))
+        registry = serve_metrics(run, "driver", advertised_host(config.cluster))
+        metrics = RunMetrics(registry)
         if rows:
             metrics.env_steps.inc(rows[-1].env_steps)
         view = RunView(metrics, CycleProgress(run, out) if progress else None, out)
@@ -405,6 +417,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
             run_async(top, config, record, version, started)
         else:
             run_cycles(top, config, record, version, started)
+        final_scrape(top, registry, config.cluster.final_scrape_seconds)
     finally:
         if view is not None:
             view.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -16,10 +18,37 @@ from cluster.config import ClusterConfig
 from replay.storage import Storage, run_id, scratch_dir
 
 
+class ScrapeClock:
+    """A collector with no metrics that notes when each scrape begins (registered first, so a
+    scrape that began after a value was set reads it): `final_scrape` lets a process end only
+    once Prometheus has read its final counts."""
+
+    def __init__(self):
+        self._scraped = threading.Condition()
+        self._last = None  # time.monotonic() at the start of the newest scrape; None: never
+
+    def collect(self):
+        with self._scraped:
+            self._last = time.monotonic()
+            self._scraped.notify_all()
+        return []
+
+    def final_scrape(self, timeout: float) -> bool:
+        """Waits up to `timeout` s for a scrape that begins after this call, if anything has
+        ever scraped this endpoint (else returns at once); whether one came."""
+        now = time.monotonic()
+        with self._scraped:
+            return self._last is not None and self._scraped.wait_for(
+                lambda: self._last > now, timeout)
+
+
 def serve_metrics(run: str, name: str, host: str = "127.0.0.1") -> CollectorRegistry:
     """A Prometheus endpoint on a free port of `host` (the node's address on a multi-node
-    run), announced as a file_sd target in `<run>/metrics/targets/<name>.json`."""
+    run), announced as a file_sd target in `<run>/metrics/targets/<name>.json`. The registry's
+    `scrape_clock` is its ScrapeClock."""
     registry = CollectorRegistry()
+    registry.scrape_clock = ScrapeClock()
+    registry.register(registry.scrape_clock)
     server, _ = start_http_server(0, addr=host, registry=registry)
     entry = [{"targets": [f"{host}:{server.server_port}"],
               "labels": {"component": name.split("-")[0], "instance_name": name,
@@ -116,6 +145,11 @@ class RunProcess:
         `<run>/addresses/<name>.json` (read_address; clients find a restarted server by it)."""
         Storage(self._run).put_bytes(f"addresses/{self._name}.json", json.dumps(
             {"address": address, "incarnation": uuid.uuid4().hex}).encode())
+
+    def final_scrape(self, timeout: float) -> bool:
+        """At the run's end: waits for Prometheus to read this process's final values
+        (ScrapeClock.final_scrape)."""
+        return self.registry.scrape_clock.final_scrape(timeout)
 
     def ship_logs(self) -> None:
         """Copies this process's log to `<run>/logs/<name>.log` (called after every cycle)."""

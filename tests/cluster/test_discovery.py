@@ -89,3 +89,40 @@ def test_a_standalone_gateway_serves_its_metrics_with_metrics_port(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_ending_process_waits_for_one_scrape_after_its_final_values(tmp_path):
+    """ScrapeClock: a process Prometheus scrapes ends only after one more scrape, so the
+    final counts are stored; a process nothing scrapes ends at once."""
+    import threading
+    import time
+
+    from prometheus_client import Counter
+
+    run = str(tmp_path / "run")
+    registry = serve_metrics(run, "actor-0")
+    started = time.monotonic()
+    assert registry.scrape_clock.final_scrape(30) is False  # never scraped: no wait
+    assert time.monotonic() - started < 5
+    url = f"http://{read_targets(run)[0]['targets'][0]}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    steps = Counter("pacflow_actor_env_steps", "", registry=registry)
+    assert "pacflow_actor_env_steps_total 0.0" in scrape()
+    steps.inc(1000)  # the final value
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(
+        registry.scrape_clock.final_scrape(60)))
+    waiter.start()
+    texts = []
+    while waiter.is_alive():  # Prometheus scraping until the process is done
+        texts.append(scrape())
+    assert result == [True]
+    assert "pacflow_actor_env_steps_total 1000.0" in texts[-1]
+    # Scraped before but not again: it gives up after its timeout.
+    started = time.monotonic()
+    assert registry.scrape_clock.final_scrape(0.5) is False
+    assert time.monotonic() - started >= 0.5

@@ -192,7 +192,9 @@ def test_prometheus_scrapes_a_run_every_panel_has_data_and_an_alert_fires(tmp_pa
     try:
         text = "".join(output)
         assert driver.returncode == 0, text[-4000:]
-        end = time.time()
+        # Up to a second after the driver's end, so the range's last step (1 s apart) comes
+        # after the final scrape the run waited for (cluster.final_scrape_seconds).
+        end = time.time() + 1
 
         # Every panel's expression has data for this run: a finite value at some time.
         dash = json.loads((ROOT / "deploy/grafana/pacflow.json").read_text())
@@ -223,7 +225,10 @@ def test_prometheus_scrapes_a_run_every_panel_has_data_and_an_alert_fires(tmp_pa
             assert values == sorted(values), f"{name} went down: {values}"
             # Nothing counted twice although Ray repeated the killed actor's call: each
             # archived episode once (a cartpole episode is 1000 env steps).
-            assert values[-1] == final, (name, values[-1], final)
+            assert values[-1] == final, (name, values[-1], final, [
+                (s["metric"], s["values"][-3:]) for s in prom.series(
+                    f'{name}{{instance_name="actor-0"}}', started, end)], sorted(
+                (e.lineage.cycle, e.lineage.mode) for e in actor0))
         # A run mixing a sim task and a robot (env.tasks): the sim actor collects and evaluates
         # the simulator task while each cycle waits for the robot; the folder is named after
         # the spec file.
