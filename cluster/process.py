@@ -13,19 +13,27 @@ import uuid
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from cluster.config import ClusterConfig
 from replay.storage import Storage, run_id, scratch_dir
 
 
 class ScrapeClock:
-    """A collector with no metrics that notes when each scrape begins (registered first, so a
-    scrape that began after a value was set reads it): `final_scrape` lets a process end only
-    once Prometheus has read its final counts."""
+    """A collector with no samples that notes when each full scrape begins (registered first,
+    so a scrape that began after a value was set reads it): `final_scrape` lets a process end
+    only once Prometheus has read its final counts. A scrape restricted to named metrics
+    (`/metrics?name[]=...`, as the driver's live progress reads) does not count: this
+    collector's own name is never among them."""
+
+    NAME = "pacflow_scrape_clock"
 
     def __init__(self):
         self._scraped = threading.Condition()
         self._last = None  # time.monotonic() at the start of the newest scrape; None: never
+
+    def describe(self):
+        return [GaugeMetricFamily(self.NAME, "never exported")]
 
     def collect(self):
         with self._scraped:
@@ -34,12 +42,14 @@ class ScrapeClock:
         return []
 
     def final_scrape(self, timeout: float) -> bool:
-        """Waits up to `timeout` s for a scrape that begins after this call, if anything has
-        ever scraped this endpoint (else returns at once); whether one came."""
+        """Waits up to `timeout` s for a scrape that begins after this call, if something
+        scraped this endpoint in the last `timeout` s (a scraper is at work; else returns at
+        once); whether one came."""
         now = time.monotonic()
         with self._scraped:
-            return self._last is not None and self._scraped.wait_for(
-                lambda: self._last > now, timeout)
+            if self._last is None or now - self._last > timeout:
+                return False
+            return self._scraped.wait_for(lambda: self._last > now, timeout)
 
 
 def serve_metrics(run: str, name: str, host: str = "127.0.0.1") -> CollectorRegistry:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Callable, TextIO
 
@@ -23,8 +24,12 @@ if TYPE_CHECKING:
 
 
 def scrape(address: str, timeout: float = 2.0) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of one /metrics endpoint."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as r:
+    """{(sample name, sorted labels): value} of the metrics progress shows (COUNTED), from
+    one /metrics endpoint (a restricted scrape: not what a process's final scrape waits
+    for, cluster/process.py ScrapeClock)."""
+    names = sorted({name for name, _, _ in CycleProgress.COUNTED.values()})
+    query = urllib.parse.urlencode([("name[]", n) for n in names])
+    with urllib.request.urlopen(f"http://{address}/metrics?{query}", timeout=timeout) as r:
         text = r.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}

@@ -1,10 +1,24 @@
-"""Fixtures shared across packages: a real S3 server (moto's) on loopback."""
+"""Fixtures shared across packages: a real S3 server (moto's) on loopback. And which tests
+share a pytest-xdist worker (`make test` runs two)."""
 
 import logging
 import uuid
 
 import pyarrow.fs as pafs
 import pytest
+
+# Tests that start Ray clusters (one local cluster at a time: they share fixed per-machine
+# ports such as the dashboard agent's), time benchmarks, or run whole systems: one worker runs
+# them all, in order; the library packages' tests (no Ray: test_import_boundaries) run on the
+# other worker beside them.
+SERIAL = ("tests/integration/", "tests/reliability/", "tests/cluster/")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SERIAL):
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
 
 BUCKET = "pacflow-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -93,26 +93,30 @@ def test_a_standalone_gateway_serves_its_metrics_with_metrics_port(tmp_path):
 
 def test_an_ending_process_waits_for_one_scrape_after_its_final_values(tmp_path):
     """ScrapeClock: a process Prometheus scrapes ends only after one more scrape, so the
-    final counts are stored; a process nothing scrapes ends at once."""
+    final counts are stored; a process nothing scrapes, or only the live progress (a scrape
+    restricted to named metrics), or nothing for longer than the timeout, ends at once."""
     import threading
     import time
 
     from prometheus_client import Counter
 
+    from cluster.progress import scrape as progress_scrape
+
     run = str(tmp_path / "run")
     registry = serve_metrics(run, "actor-0")
+    address = read_targets(run)[0]["targets"][0]
+    steps = Counter("pacflow_actor_episodes", "", registry=registry)
+    assert progress_scrape(address)[("pacflow_actor_episodes_total", ())] == 0.0
     started = time.monotonic()
-    assert registry.scrape_clock.final_scrape(30) is False  # never scraped: no wait
+    assert registry.scrape_clock.final_scrape(30) is False  # no full scrape yet: no wait
     assert time.monotonic() - started < 5
-    url = f"http://{read_targets(run)[0]['targets'][0]}/metrics"
 
     def scrape() -> str:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
             return r.read().decode()
 
-    steps = Counter("pacflow_actor_env_steps", "", registry=registry)
-    assert "pacflow_actor_env_steps_total 0.0" in scrape()
-    steps.inc(1000)  # the final value
+    assert "pacflow_actor_episodes_total 0.0" in scrape()
+    steps.inc(4)  # the final value
     result = []
     waiter = threading.Thread(target=lambda: result.append(
         registry.scrape_clock.final_scrape(60)))
@@ -121,8 +125,12 @@ def test_an_ending_process_waits_for_one_scrape_after_its_final_values(tmp_path)
     while waiter.is_alive():  # Prometheus scraping until the process is done
         texts.append(scrape())
     assert result == [True]
-    assert "pacflow_actor_env_steps_total 1000.0" in texts[-1]
-    # Scraped before but not again: it gives up after its timeout.
+    assert "pacflow_actor_episodes_total 4.0" in texts[-1]
+    # Scraped just now but not again: it gives up after its timeout.
     started = time.monotonic()
     assert registry.scrape_clock.final_scrape(0.5) is False
     assert time.monotonic() - started >= 0.5
+    # The last scrape is older than the timeout: no scraper at work, no wait.
+    started = time.monotonic()
+    assert registry.scrape_clock.final_scrape(0.2) is False
+    assert time.monotonic() - started < 0.2

@@ -22,7 +22,7 @@ def test_iqm_trims_a_quarter_from_each_end():
 
 
 def test_budgeted_learning_bench_writes_curves_against_random(tmp_path):
-    budget_minutes = 0.75
+    budget_minutes = 0.5
     out = tmp_path / "learning.json"
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "bench", "learning",

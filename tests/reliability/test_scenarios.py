@@ -230,29 +230,43 @@ def test_s6_replay_frozen_while_the_learner_samples(tmp_path):
         proc.wait(timeout=30)
 
 
-@pytest.mark.timeout(180)
-def test_s17_an_idle_stream_keeps_its_connection(tmp_path):
-    """The clients' keepalive (policies/client.py) against the server's ping policy
-    (policies/server.py): a Subscribe stream with no data for 60 s (heartbeats off, the worst
-    case) gets no GOAWAY too_many_pings and no reconnect, and the next version arrives on it.
-    Without the server's `min_ping_interval_without_data_ms` it broke after 31 s."""
+@pytest.fixture(scope="module", autouse=True)
+def idle_stream(tmp_path_factory):
+    """S17's Subscribe stream, opened when this module starts, so that its 60 idle seconds
+    pass while the scenarios above run (they never touch it): (server address, subscriber,
+    time.monotonic() when the stream was open)."""
     from policies.client import PolicySubscriber, publish
     from tests.policies.test_limits import _snapshot
 
-    proc = _child("policy-server", str(tmp_path / "policies"), "3600")
+    proc = _child("policy-server", str(tmp_path_factory.mktemp("s17") / "policies"), "3600")
+    subscriber = None
     try:
         address = proc.stdout.readline().strip()
         publish(address, _snapshot(1))
         subscriber = PolicySubscriber(address, "robot-0").start()
         assert subscriber.wait_for_version(1, timeout=30).version == 1  # the stream is open
-        start = time.monotonic()
-        while time.monotonic() - start < 60:  # nothing travels but the client's pings
-            assert subscriber.reconnects == 0, f"broke after {time.monotonic() - start:.0f} s"
-            time.sleep(1)
-        publish(address, _snapshot(2))
-        assert subscriber.wait_for_version(2, timeout=30).version == 2
-        assert subscriber.reconnects == 0
-        subscriber.close()
+        yield address, subscriber, time.monotonic()
     finally:
+        if subscriber is not None:
+            subscriber.close()
         proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(180)
+def test_s17_an_idle_stream_keeps_its_connection(idle_stream):
+    """The clients' keepalive (policies/client.py) against the server's ping policy
+    (policies/server.py): a Subscribe stream with no data for 60 s (heartbeats off, the worst
+    case) gets no GOAWAY too_many_pings and no reconnect, and the next version arrives on it.
+    Without the server's `min_ping_interval_without_data_ms` it broke after 31 s."""
+    from policies.client import publish
+    from tests.policies.test_limits import _snapshot
+
+    address, subscriber, start = idle_stream
+    assert subscriber.reconnects == 0, "broke while the scenarios above ran"
+    while time.monotonic() - start < 60:  # nothing travels but the client's pings
+        assert subscriber.reconnects == 0, f"broke after {time.monotonic() - start:.0f} s"
+        time.sleep(1)
+    publish(address, _snapshot(2))
+    assert subscriber.wait_for_version(2, timeout=30).version == 2
+    assert subscriber.reconnects == 0
