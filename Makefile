@@ -46,9 +46,9 @@ demo: $(STAMP)
 	$(VENV)/bin/pacflow run --config deploy/configs/cartpole.yaml
 
 # Two workers: tests that start Ray clusters, benchmarks and whole-system runs stay on one, in
-# order (tests/conftest.py, xdist group "serial"); the unit tests run beside them on the other.
+# order (tests/conftest.py SERIAL); the other tests run beside them on the other worker.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadscope --durations=25 tests
 
 test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests

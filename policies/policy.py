@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Protocol
 
 import numpy as np
@@ -45,13 +47,51 @@ class RandomPolicy:
         return self._centres[bins]
 
 
-class PACPolicy:
-    """Samples (or, greedy, takes the per-dimension mode of) the PAC policy head."""
+class PolicyLogits(torch.nn.Module):
+    """observation (B, obs_dim), task_id (B,)[, pixels (B, H, W, 3)] -> policy logits (B, A, K):
+    the part of the network acting needs, as one module (to trace)."""
 
-    def __init__(self, model: PerceiverActorCritic, policy_version: PolicyVersion, seed: int):
+    def __init__(self, model: PerceiverActorCritic):
+        super().__init__()
+        self.model = model
+
+    def forward(self, observation: torch.Tensor, task_id: torch.Tensor,
+                pixels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.policy_logits(self.model.encode(observation, task_id, pixels))
+
+
+def trace_policy_logits(model: PerceiverActorCritic, *example: torch.Tensor
+                        ) -> torch.jit.ScriptModule:
+    """PolicyLogits as a frozen TorchScript trace for the example's shapes (batch size
+    included): no Python per operation, which is most of a small network's cost on a CPU
+    (tiny preset, batch 1: about half; docs/benchmarks.md). The weights are copied in: the
+    trace does not follow later changes to `model`."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes become constants
+        traced = torch.jit.trace(PolicyLogits(model).eval(), example, check_trace=False)
+        return torch.jit.freeze(traced)
+
+
+# Traces copy the weights and help where Python dominates: small networks, few batch sizes.
+TRACE_MAX_PARAMETERS = 20_000_000  # larger networks run eagerly (their compute dominates)
+TRACE_MAX_SHAPES = 8  # batch sizes traced per policy; others run eagerly (a gateway's batches)
+
+
+class PACPolicy:
+    """Samples (or, greedy, takes the per-dimension mode of) the PAC policy head.
+
+    A network of up to TRACE_MAX_PARAMETERS runs as a frozen trace per batch size and camera
+    (trace_policy_logits), made at its first use; a policy is one version, so its model must
+    not change after it acts."""
+
+    def __init__(self, model: PerceiverActorCritic, policy_version: PolicyVersion, seed: int,
+                 traced: bool = True):
         self.model = model.eval()
         self.policy_version = policy_version
         self._generator = torch.Generator().manual_seed(seed)
+        self._traced = traced and sum(p.numel() for p in model.parameters()) \
+            <= TRACE_MAX_PARAMETERS
+        self._logits: dict[tuple[int, bool], torch.nn.Module] = {}
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, seed: int) -> "PACPolicy":
@@ -65,13 +105,27 @@ class PACPolicy:
                                 f"{str(e).splitlines()[0]}") from e
         return cls(model, snapshot.version, seed)
 
+    def _policy_logits(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = (inputs[0].shape[0], len(inputs) == 3)
+        module = self._logits.get(key)
+        if module is None:
+            module = PolicyLogits(self.model)
+            if self._traced and len(self._logits) < TRACE_MAX_SHAPES:
+                try:
+                    module = trace_policy_logits(self.model, *inputs)
+                except Exception as e:  # an operation TorchScript cannot trace: run eagerly
+                    logging.getLogger(__name__).warning("policy runs untraced: %s", e)
+            self._logits[key] = module
+        return module(*inputs)
+
     @torch.inference_mode()
     def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool,
             pixels: np.ndarray | None = None) -> np.ndarray:
         obs = torch.from_numpy(np.ascontiguousarray(observation, np.float32))
         task = torch.from_numpy(np.asarray(task_id, np.int64))
-        img = None if pixels is None else torch.from_numpy(np.ascontiguousarray(pixels))
-        logits = self.model.policy_logits(self.model.encode(obs, task, img))  # (B, A, K)
+        inputs = (obs, task) if pixels is None else \
+            (obs, task, torch.from_numpy(np.ascontiguousarray(pixels)))
+        logits = self._policy_logits(*inputs)  # (B, A, K)
         if greedy:
             bins = logits.argmax(-1)
         else:

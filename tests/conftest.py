@@ -7,17 +7,24 @@ import uuid
 import pyarrow.fs as pafs
 import pytest
 
-# Tests that start Ray clusters (one local cluster at a time: they share fixed per-machine
-# ports such as the dashboard agent's), time benchmarks, or run whole systems: one worker runs
-# them all, in order; the library packages' tests (no Ray: test_import_boundaries) run on the
-# other worker beside them.
-SERIAL = ("tests/integration/", "tests/reliability/", "tests/cluster/")
+# Tests that start Ray clusters, time benchmarks, or run whole systems (they compete for the
+# 2 cores with timeouts of their own): one pytest-xdist worker runs them all, in order; the
+# library packages' tests (no Ray: test_import_boundaries) run on the other worker beside them.
+SERIAL = ("tests/integration/", "tests/reliability/", "tests/cluster/test_cli.py",
+          "tests/cluster/test_ddp.py", "tests/cluster/test_bench",
+          "tests/cluster/test_replay_serve")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.startswith(SERIAL):
-            item.add_marker(pytest.mark.xdist_group("serial"))
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with one scope for every SERIAL test and one per other test
+    (xdist's own loadgroup does not see groups under pytest 9: it renames `item._nodeid`)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "serial" if nodeid.startswith(SERIAL) else nodeid
+
+    return SerialScope(config, log)
 
 
 BUCKET = "pacflow-test"

@@ -1,5 +1,6 @@
 """Shapes and the late-fusion property of the Perceiver actor-critic."""
 
+import pytest
 import torch
 
 from policies.perceiver import PerceiverActorCritic
@@ -91,3 +92,42 @@ def test_normalisation_statistics_travel_in_the_state_dict():
     torch.testing.assert_close(z1, z2)
     normed = model.normalizer(obs, task)
     assert normed.mean(0).abs().max() < 1e-4 and (normed.std(0) - 1).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("spec_name", ["state", "pixels", "two_tasks"])
+def test_the_traced_policy_acts_as_the_network_does(spec_name):
+    """PACPolicy runs a frozen trace per batch size: its logits are the eager network's, and
+    greedy actions are identical, for every batch size it meets (a wave's envs end at
+    different steps) and with a camera or padded tasks."""
+    import dataclasses
+
+    import numpy as np
+
+    from policies.policy import PACPolicy, PolicyLogits
+    from replay.spec import EnvSpec, TaskSpec
+    from tests.fakes import PIXEL_SPEC
+
+    spec = {"state": SPEC, "pixels": PIXEL_SPEC, "two_tasks": dataclasses.replace(
+        SPEC, tasks=(*SPEC.tasks, TaskSpec("dm_control:other", ("x",), (2,), 1, "")))}[spec_name]
+    assert isinstance(spec, EnvSpec)
+    torch.manual_seed(0)
+    model = PerceiverActorCritic(spec, TINY_MODEL).eval()
+    policy = PACPolicy(model, 1, seed=0)
+    eager = PolicyLogits(model)
+    rng = np.random.default_rng(0)
+    for batch in (3, 1, 3):
+        obs = rng.normal(size=(batch, spec.obs_dim)).astype(np.float32) * 5
+        task = np.arange(batch) % len(spec.tasks)
+        pixels = rng.integers(0, 256, (batch, *spec.pixels_shape), np.uint8) \
+            if spec.pixels_shape else None
+        inputs = (torch.from_numpy(obs), torch.from_numpy(task)) + \
+            ((torch.from_numpy(pixels),) if pixels is not None else ())
+        with torch.no_grad():
+            expected = eager(*inputs)
+            traced = policy._policy_logits(*inputs)
+        assert torch.allclose(traced, expected, atol=1e-5)
+        bins = expected.argmax(-1)
+        assert np.array_equal(policy.act(obs, task, True, pixels),
+                              model.bins_to_action(bins).numpy())
+    assert sorted(policy._logits) == [(1, spec_name == "pixels"), (3, spec_name == "pixels")]
+    assert all(isinstance(m, torch.jit.ScriptModule) for m in policy._logits.values())
