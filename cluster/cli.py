@@ -181,6 +181,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _bench_learning(args)
     if args.target == "actors":
         return _bench_actors(args)
+    if args.target == "samplers":
+        from cluster.bench_samplers import run_sampler_bench
+
+        counts = tuple(args.samplers or (1, 2, 4))
+        if min(counts) < 1:
+            raise UsageError("--samplers must be >= 1")
+        print(format_report(run_sampler_bench(counts, args.batch_size or 1024,
+                                              json_path=args.json)))
+        return 0
     if args.target == "policy-push":
         from cluster.bench_push import run_push_bench
 
@@ -195,7 +204,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if args.threads and min(args.threads) < 1:
         raise UsageError("--threads must be >= 1")
-    report = run_learner_bench(args.preset, args.steps, args.batch_size, args.device, args.json,
+    report = run_learner_bench(args.preset, args.steps, args.batch_size or 128, args.device,
+                               args.json,
                                args.threads)
     print(format_report(report))
     return 0
@@ -311,11 +321,14 @@ def make_parser() -> argparse.ArgumentParser:
     archive.set_defaults(func=_cmd_archive)
     bench = sub.add_parser("bench", help="measure throughput against a same-run baseline")
     bench.add_argument("target", choices=["learner", "replay", "policy-push", "learning",
-                                          "actors"])
+                                          "actors", "samplers"])
     bench.add_argument("--preset", action="append", default=None,
                        help="model preset: tiny, small, base, large (repeatable; default tiny)")
     bench.add_argument("--steps", type=int, default=30, help="timed updates per case")
-    bench.add_argument("--batch-size", type=int, default=128)
+    bench.add_argument("--batch-size", type=int, default=None,
+                       help="learner: default 128; samplers: default 1024")
+    bench.add_argument("--samplers", type=int, action="append", default=None,
+                       help="samplers: sampling processes at once (repeatable; default 1 2 4)")
     bench.add_argument("--threads", type=int, action="append", default=None,
                        help="learner: torch CPU threads to measure (repeatable; default the "
                             "config's, 2)")

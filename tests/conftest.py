@@ -1,5 +1,5 @@
-"""Fixtures shared across packages: a real S3 server (moto's) on loopback. And which tests
-share a pytest-xdist worker (`make test` runs two)."""
+"""Fixtures shared across packages: a real S3 server (moto's) on loopback. And how `make test`
+deals the tests out to its two pytest-xdist workers."""
 
 import logging
 import uuid
@@ -7,24 +7,23 @@ import uuid
 import pyarrow.fs as pafs
 import pytest
 
-# Tests that start Ray clusters, time benchmarks, or run whole systems (they compete for the
-# 2 cores with timeouts of their own): one pytest-xdist worker runs them all, in order; the
-# library packages' tests (no Ray: test_import_boundaries) run on the other worker beside them.
-SERIAL = ("tests/integration/", "tests/reliability/", "tests/cluster/test_cli.py",
-          "tests/cluster/test_ddp.py", "tests/cluster/test_bench",
-          "tests/cluster/test_replay_serve")
+# `make test` runs two pytest-xdist workers, a test module at a time each (--dist loadscope:
+# a module's fixtures, such as a run shared by its tests, are made once). The modules that read
+# the session's smoke run share one scope, so it runs once too.
+SMOKE_RUN_READERS = ("tests/integration/test_html_report.py", "tests/integration/test_offline.py",
+                     "tests/integration/test_smoke_run.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scope scheduling with one scope for every SERIAL test and one per other test
-    (xdist's own loadgroup does not see groups under pytest 9: it renames `item._nodeid`)."""
+    """xdist's scope (module) scheduling, with the smoke run's readers as one scope."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class SerialScope(LoadScopeScheduling):
+    class Scopes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "serial" if nodeid.startswith(SERIAL) else nodeid
+            return "smoke" if nodeid.startswith(SMOKE_RUN_READERS) else \
+                super()._split_scope(nodeid)
 
-    return SerialScope(config, log)
+    return Scopes(config, log)
 
 
 BUCKET = "pacflow-test"
