@@ -45,8 +45,8 @@ system-deps:
 demo: $(STAMP)
 	$(VENV)/bin/pacflow run --config deploy/configs/cartpole.yaml
 
-# Two workers, a test module at a time each (tests/conftest.py): on 2 cores the whole-system
-# tests spend much of their time waiting (process start-up, kills, restarts, timeouts).
+# Two workers: tests that start Ray clusters, benchmarks and whole-system runs stay on one, in
+# order (tests/conftest.py SERIAL); the other tests run beside them on the other worker.
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadscope --durations=25 tests
 

@@ -1,5 +1,5 @@
-"""`pacflow bench samplers`: the JSON of 1 and 2 sampling processes against one Reverb server,
-with the 1-sampler rate of the same run as the baseline. Tiny counts; no timing is asserted."""
+"""`pacflow bench samplers`: the JSON of sampling processes against one Reverb server, with the
+1-sampler rate of the same run as the baseline. Tiny counts; no timing is asserted."""
 
 import json
 import os
@@ -19,16 +19,16 @@ pytestmark = pytest.mark.slow
 
 def test_bench_samplers_json(tmp_path):
     out = tmp_path / "samplers.json"
-    report = run_sampler_bench((2,), batch_size=16, batches=3, episodes=2, json_path=str(out))
+    # One sampler process (each imports TensorFlow: 2 s of a CPU); 1 is always measured.
+    report = run_sampler_bench((1,), batch_size=16, batches=3, episodes=2, json_path=str(out))
     assert json.loads(out.read_text()) == report
     assert report["benchmark"] == "samplers" and "cores" in report["machine"]
     assert report["table_items"] == 2 * 125
-    one, two = report["results"]  # 1 is always measured: it is the baseline
+    (one,) = report["results"]
     size = item_bytes(BENCH_SPEC, 5)  # the demo's items: cartpole, n-step 5
-    assert (one["case"], two["case"]) == (f"samplers=1,batch=16,item={size}B",
-                                          f"samplers=2,batch=16,item={size}B")
-    assert one["value"] == one["baseline"] == two["baseline"] > 0 and one["ratio"] == 1.0
-    assert two["value"] > 0 and two["ratio"] == pytest.approx(two["value"] / one["value"])
+    assert one["case"] == f"samplers=1,batch=16,item={size}B"
+    assert one["value"] == one["baseline"] > 0 and one["ratio"] == 1.0
+    assert one["unit"] == "1/s" and one["metric"] == "sample_items_per_s"
     assert "sample_items_per_s" in format_report(report)
 
 
