@@ -205,8 +205,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads and min(args.threads) < 1:
         raise UsageError("--threads must be >= 1")
     report = run_learner_bench(args.preset, args.steps, args.batch_size or 128, args.device,
-                               args.json,
-                               args.threads)
+                               args.json, args.threads)
     print(format_report(report))
     return 0
 

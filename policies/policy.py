@@ -84,13 +84,11 @@ class PACPolicy:
     (trace_policy_logits), made at its first use; a policy is one version, so its model must
     not change after it acts."""
 
-    def __init__(self, model: PerceiverActorCritic, policy_version: PolicyVersion, seed: int,
-                 traced: bool = True):
+    def __init__(self, model: PerceiverActorCritic, policy_version: PolicyVersion, seed: int):
         self.model = model.eval()
         self.policy_version = policy_version
         self._generator = torch.Generator().manual_seed(seed)
-        self._traced = traced and sum(p.numel() for p in model.parameters()) \
-            <= TRACE_MAX_PARAMETERS
+        self._traced = sum(p.numel() for p in model.parameters()) <= TRACE_MAX_PARAMETERS
         self._logits: dict[tuple[int, bool], torch.nn.Module] = {}
 
     @classmethod

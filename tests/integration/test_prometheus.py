@@ -225,10 +225,7 @@ def test_prometheus_scrapes_a_run_every_panel_has_data_and_an_alert_fires(tmp_pa
             assert values == sorted(values), f"{name} went down: {values}"
             # Nothing counted twice although Ray repeated the killed actor's call: each
             # archived episode once (a cartpole episode is 1000 env steps).
-            assert values[-1] == final, (name, values[-1], final, [
-                (s["metric"], s["values"][-3:]) for s in prom.series(
-                    f'{name}{{instance_name="actor-0"}}', started, end)], sorted(
-                (e.lineage.cycle, e.lineage.mode) for e in actor0))
+            assert values[-1] == final, (name, values[-1], final)
         # A run mixing a sim task and a robot (env.tasks): the sim actor collects and evaluates
         # the simulator task while each cycle waits for the robot; the folder is named after
         # the spec file.
