@@ -2,11 +2,13 @@
 
 Ours: a real `PolicyServer` on loopback in the driver; a publisher process (the learner's role)
 calls `policies.client.publish`; S subscriber processes each run a `PolicySubscriber`, which
-receives the pushed chunks, checks the sha256, decodes the weights (finite values, same names and
-shapes) and only then holds the version. Each subscriber waits in `wait_for_version` on a thread
-armed before the publish and stamps `time.time()` when it returns; the case time is the last
-stamp minus the publisher's stamp just before Publish (one machine, one clock, no Ray RPC inside
-the interval).
+receives the version while the server receives and stores it, checks the sha256 and every
+tensor (finite values; names and shapes against the held version) and holds it once the server
+says it is stored. Twice: streamed (data parts over gRPC, what a subscriber on another host gets)
+and with local_read (the server's file through the shared page cache, what a subscriber on the
+server's host gets). Each subscriber waits in `wait_for_version` on a thread armed before the
+publish and stamps `time.time()` when it returns; the case time is the last stamp minus the
+publisher's stamp just before Publish (one machine, one clock, no Ray RPC inside the interval).
 
 Baseline, in the same run and processes: the publisher `ray.put`s the same safetensors bytes and
 calls every subscriber with the ref; each `ray.get`s it and runs the same checks (sha256, decode)
@@ -24,7 +26,6 @@ import ctypes
 import gc
 import json
 import logging
-import resource
 import shutil
 import statistics
 import struct
@@ -48,11 +49,15 @@ SIZES = (1_000_000, 10_000_000, 100_000_000)  # float32 parameters per snapshot
 SUBSCRIBERS = (4, 16)
 REPEATS = 5  # timed versions per case, after one warm-up version
 WAIT_SECONDS = 600.0  # per version; a stuck subscriber fails the bench instead of hanging it
-# Peak RSS growth of one subscriber process taking a new version, in snapshot sizes: held
-# version, received chunks, joined blob, decoded tensors and allocator slack (measured 5.6 at
-# 100M params: 2.6 GB RSS for a 0.4 GB snapshot). So 16 x 100M does not fit a 24 GiB box.
-SUBSCRIBER_PEAK_FACTOR = 6.0
-DRIVER_FACTOR = 6.0  # server (every version of the case + its Publish decode) and publisher
+# Peak memory of one subscriber process taking a new version, in snapshot sizes: the held
+# version and the one arriving (one buffer each, tensors are views into it), plus gRPC's and the
+# allocator's slack. The baseline's subscriber drops its held version first and then holds the
+# got bytes and their decoded copy: also 2.
+SUBSCRIBER_PEAK_FACTOR = 2.5
+LOCAL_PEAK_FACTOR = 0.5  # local_read: the pages are the server's page cache, shared
+LOCAL_METRIC = "seconds_until_all_hold_local_read"
+DRIVER_FACTOR = 9.0  # server (3 cached versions + one in flight, buffer and frames each),
+#                      publisher (its weights, one snapshot) and Ray's object store
 
 
 def make_weights(num_params: int) -> bytearray:
@@ -111,10 +116,12 @@ class SubscriberWorker:
         self._held: Snapshot | None = None  # the baseline's held version
         self._waiter: threading.Thread | None = None
         self._result: dict = {}
+        self._base_rss = 0
 
-    def subscribe(self, address: str) -> None:
+    def subscribe(self, address: str, local_read: bool) -> None:
         self.release()
-        self._sub = PolicySubscriber(address, self._client_id).start()
+        self._base_rss = _status_bytes("VmRSS")  # before any version of this case
+        self._sub = PolicySubscriber(address, self._client_id, local_read=local_read).start()
 
     def arm(self, version: int) -> None:
         """Starts waiting for `version` on a thread; returns once the wait has begun."""
@@ -124,11 +131,13 @@ class SubscriberWorker:
             started.set()
             try:
                 self._sub.wait_for_version(version, timeout=WAIT_SECONDS)
-                self._result = {"held_at": time.time()}
+                self._result = {"held_at": time.time(), **_memory_since(before),
+                                "peak_over_base": _status_bytes("VmHWM") - self._base_rss}
             except TimeoutError as e:
                 self._result = {"error": str(e)}
 
         self._result = {}
+        before = _reset_peak()
         self._waiter = threading.Thread(target=wait, daemon=True)
         self._waiter.start()
         started.wait()
@@ -137,9 +146,11 @@ class SubscriberWorker:
         """The armed wait's outcome and what this subscriber holds now."""
         self._waiter.join()
         snapshot = self._sub.latest()
-        return {**self._result, **_holding(snapshot)}
+        return {**self._result, **_holding(snapshot), "local_read": self._sub.local_read}
 
     def take_from_store(self, refs: list, version: int, sha256: str) -> dict:
+        self._held = None  # in Ray's favour: it never holds two versions
+        before = _reset_peak()
         start = time.time()
         snapshot = Snapshot(version, {}, ray.get(refs[0]))
         got = time.time()
@@ -148,7 +159,7 @@ class SubscriberWorker:
         self._held = snapshot
         held_at = time.time()
         return {"held_at": held_at, "get_s": got - start, "check_s": held_at - got,
-                **_holding(snapshot)}
+                **_memory_since(before), **_holding(snapshot)}
 
     def release(self) -> None:
         if self._sub is not None:
@@ -166,10 +177,29 @@ def _release_memory() -> None:
         pass
 
 
+def _status_bytes(field: str) -> int:
+    """A `/proc/self/status` memory field (kB) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> int:
+    """Resets this process's peak RSS (Linux: clear_refs 5) and returns its RSS now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
+
+
+def _memory_since(rss_before: int) -> dict:
+    """Peak RSS since `_reset_peak`, and its growth over the RSS then."""
+    peak = _status_bytes("VmHWM")
+    return {"peak_rss": peak, "peak_growth": peak - rss_before}
+
+
 def _holding(snapshot: Snapshot | None) -> dict:
     return {"version": snapshot.version if snapshot else 0,
-            "sha256": snapshot.sha256 if snapshot else "",
-            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "sha256": snapshot.sha256 if snapshot else ""}
 
 
 def _check_held(held: list[dict], version: int, sha256: str, what: str) -> None:
@@ -179,15 +209,19 @@ def _check_held(held: list[dict], version: int, sha256: str, what: str) -> None:
                            f"v{version}: {wrong[0]}")
 
 
-def _time_ours(publisher, subscribers: list, address: str, version: int) -> dict:
+def _time_ours(publisher, subscribers: list, address: str, version: int,
+               local_read: bool) -> dict:
     ray.get([s.arm.remote(version) for s in subscribers])
     sent = ray.get(publisher.publish.remote(address, version))
     held = ray.get([s.held.remote() for s in subscribers])
     _check_held(held, version, sent["sha256"], "policy push")
+    if any(h["local_read"] != local_read for h in held):  # a fallback would mislabel the case
+        raise RuntimeError(f"policy push: a subscriber's local_read is not {local_read}")
     stamps = [h["held_at"] - sent["start"] for h in held]
     return {"all_s": max(stamps), "first_s": min(stamps),
             "publish_s": sent["returned"] - sent["start"],
-            "max_rss": max(h["max_rss"] for h in held)}
+            "peak_growth": max(h["peak_growth"] for h in held),
+            "peak_over_base": max(h["peak_over_base"] for h in held)}
 
 
 def _time_ray(publisher, subscribers: list, version: int) -> dict:
@@ -196,7 +230,8 @@ def _time_ray(publisher, subscribers: list, version: int) -> dict:
     stamps = [h["held_at"] - sent["start"] for h in sent["held"]]
     return {"all_s": max(stamps), "put_s": sent["put_done"] - sent["start"],
             "get_s": max(h["get_s"] for h in sent["held"]),
-            "check_s": max(h["check_s"] for h in sent["held"])}
+            "check_s": max(h["check_s"] for h in sent["held"]),
+            "peak_growth": max(h["peak_growth"] for h in sent["held"])}
 
 
 def _median(samples: list[dict], key: str) -> float:
@@ -204,28 +239,36 @@ def _median(samples: list[dict], key: str) -> float:
 
 
 def bench_case(publisher, subscribers: list, num_bytes: int, repeats: int,
-               directory: Path) -> dict:
-    """Ours then the baseline for one (size, subscriber count); raw timings per repeat."""
+               directory: Path, modes: tuple[str, ...] = ("stream", "local"),
+               baseline: bool = True) -> dict:
+    """Ours, streamed (data parts, what a subscriber on another host gets) and read locally
+    (local_read: the server's file through the shared page cache, what a subscriber on the
+    server's host gets), then the baseline, for one (size, subscriber count)."""
     server = PolicyServer(directory, host="127.0.0.1", port=0)
     address = server.start()
+    runs, version = {}, 1
     try:
-        ray.get([s.subscribe.remote(address) for s in subscribers])
-        ours = [_time_ours(publisher, subscribers, address, v) for v in range(1, repeats + 2)]
-        ray.get([s.release.remote() for s in subscribers])  # frees the gRPC-held versions
-        first = repeats + 2  # baseline versions continue the numbering
-        base = [_time_ray(publisher, subscribers, v) for v in range(first, first + repeats + 1)]
+        for mode in modes:
+            ray.get([s.subscribe.remote(address, mode == "local") for s in subscribers])
+            runs[mode] = [_time_ours(publisher, subscribers, address, v, mode == "local")
+                          for v in range(version, version + repeats + 1)]
+            ray.get([s.release.remote() for s in subscribers])  # frees the held versions
+            version += repeats + 1
+        base = [_time_ray(publisher, subscribers, v)
+                for v in range(version, version + repeats + 1)] if baseline else []
         ray.get([s.release.remote() for s in subscribers])
     finally:
         server.stop()
-        shutil.rmtree(directory, ignore_errors=True)  # up to repeats + 1 versions on disk
+        shutil.rmtree(directory, ignore_errors=True)  # up to 2 x (repeats + 1) versions on disk
         del server
         _release_memory()
-    return {"ours": ours[1:], "base": base[1:], "bytes": num_bytes,
-            "subscribers": len(subscribers)}
+    return {"ours": runs.get("stream", [])[1:], "local": runs["local"][1:], "base": base[1:],
+            "bytes": num_bytes, "subscribers": len(subscribers)}
 
 
 def push_results(case: str, r: dict) -> list[dict]:
-    """The DESIGN §6 rows for one case: latency and delivered bandwidth, each against Ray."""
+    """The DESIGN §6 rows for one case: latency and delivered bandwidth of the streamed push,
+    and latency of the local read, each against Ray."""
     ours_s, base_s = _median(r["ours"], "all_s"), _median(r["base"], "all_s")
     delivered_gb = r["bytes"] * r["subscribers"] / 1e9
     detail = {
@@ -238,30 +281,51 @@ def push_results(case: str, r: dict) -> list[dict]:
         "baseline_put_s": _median(r["base"], "put_s"),
         "baseline_slowest_get_s": _median(r["base"], "get_s"),  # ray.get, per subscriber
         "baseline_slowest_check_s": _median(r["base"], "check_s"),  # sha256 + decode
-        "subscriber_max_rss_bytes": max(s["max_rss"] for s in r["ours"]),
+        # The largest subscriber's peak RSS while it took a version, over its RSS before the
+        # case's first version (so: every version it held, buffers, gRPC's), in snapshots.
+        "subscriber_peak_over_snapshot": max(s["peak_over_base"] for s in r["ours"]) / r["bytes"],
+        # Peak RSS growth while taking one version, over the RSS just before (ours then holds
+        # the previous version and its spare buffer; the baseline holds nothing). Mapped file
+        # and object store pages a process touches count in its RSS, though they are shared.
+        "subscriber_peak_growth_bytes": max(s["peak_growth"] for s in r["ours"]),
+        "baseline_subscriber_peak_growth_bytes": max(s["peak_growth"] for s in r["base"]),
     }
     return [
         {"case": case, "metric": "seconds_until_all_hold", "value": ours_s, "unit": "s",
          "baseline": base_s, "ratio": base_s / ours_s, "detail": detail},
         {"case": case, "metric": "delivered_gb_per_s", "value": delivered_gb / ours_s,
          "unit": "GB/s", "baseline": delivered_gb / base_s, "ratio": base_s / ours_s},
+        local_row(case, r, base_s),
     ]
+
+
+def local_row(case: str, r: dict, base_s: float | None) -> dict:
+    """The local_read latency row (against Ray when the baseline ran)."""
+    local_s = _median(r["local"], "all_s")
+    return {"case": case, "metric": LOCAL_METRIC, "value": local_s,
+            "unit": "s", "baseline": base_s, "ratio": base_s / local_s if base_s else None,
+            "detail": {"bytes": r["bytes"], "subscribers": r["subscribers"],
+                       "local_samples_s": [s["all_s"] for s in r["local"]],
+                       "local_publish_rpc_s": _median(r["local"], "publish_s"),
+                       "local_subscriber_peak_growth_bytes":
+                           max(s["peak_growth"] for s in r["local"])}}
 
 
 def _label(num_params: int) -> str:
     return f"{num_params / 1e6:g}M" if num_params >= 1_000_000 else f"{num_params / 1e3:g}k"
 
 
-def _memory_shortfall(num_bytes: int, num_subscribers: int) -> str | None:
-    need = (SUBSCRIBER_PEAK_FACTOR * num_subscribers + DRIVER_FACTOR) * num_bytes
+def _memory_shortfall(num_bytes: int, num_subscribers: int,
+                      per_subscriber: float = SUBSCRIBER_PEAK_FACTOR) -> str | None:
+    need = (per_subscriber * num_subscribers + DRIVER_FACTOR) * num_bytes
     available = psutil.virtual_memory().available
     if need > 0.8 * available:  # headroom for whatever else shares the machine
         return f"needs ~{need / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
     return None
 
 
-def _skipped_row(case: str, reason: str) -> dict:
-    return {"case": case, "metric": "seconds_until_all_hold", "value": None, "unit": "s",
+def _skipped_row(case: str, reason: str, metric: str = "seconds_until_all_hold") -> dict:
+    return {"case": case, "metric": metric, "value": None, "unit": "s",
             "baseline": None, "ratio": None, "detail": {"skipped": reason}}
 
 
@@ -287,14 +351,21 @@ def run_push_bench(json_path: str | None, sizes: tuple[int, ...] = SIZES,
                 num_bytes = ray.get(publisher.prepare.remote(num_params))
                 for count in subscribers:
                     case = f"params={_label(num_params)},subscribers={count}"
+                    folder = Path(tmp) / case.replace(",", "_").replace("=", "-")
                     shortfall = _memory_shortfall(num_bytes, count)
-                    if shortfall:
-                        log.warning("skipping %s: %s", case, shortfall)
-                        results.append(_skipped_row(case, shortfall))
+                    if not shortfall:
+                        r = bench_case(publisher, workers[:count], num_bytes, repeats, folder)
+                        results += push_results(case, r)
                         continue
-                    r = bench_case(publisher, workers[:count], num_bytes, repeats,
-                                   Path(tmp) / case.replace(",", "_").replace("=", "-"))
-                    results += push_results(case, r)
+                    log.warning("streamed push and Ray baseline of %s: %s", case, shortfall)
+                    results.append(_skipped_row(case, shortfall))
+                    shortfall = _memory_shortfall(num_bytes, count, LOCAL_PEAK_FACTOR)
+                    if shortfall:  # not even subscribers that share the server's pages fit
+                        results.append(_skipped_row(case, shortfall, LOCAL_METRIC))
+                        continue
+                    r = bench_case(publisher, workers[:count], num_bytes, repeats, folder,
+                                   modes=("local",), baseline=False)
+                    results.append(local_row(case, r, None))
     finally:
         ray.shutdown()
     report = {"benchmark": "policy-push", "machine": machine(), "results": results}

@@ -199,7 +199,8 @@ class CollectorWorker(RunProcess):
             addresses["policy"], self.actor_id,
             unpack_client_security(credentials or {},
                                    scratch_dir(run, self.actor_id) / "credentials"),
-            functools.partial(read_address, run, "policyserver")).start()
+            functools.partial(read_address, run, "policyserver"),
+            local_read=True).start()  # on the server's host: its files, no copy
         self._metrics = ActorMetrics(self.registry, run, self.actor_id,
                                      lambda: self._policy.policy_version, self._newest_received)
 

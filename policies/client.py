@@ -15,8 +15,9 @@ from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.security import ClientSecurity, channel_credentials
 from policies.snapshot import Snapshot, SnapshotError
-from policies.wire import WireError, episode_bytes, episode_chunks, read_snapshots, \
-    snapshot_chunks
+from policies.stream import LocalReadError, SpareBuffer, parse_frame, publish_frames, \
+    read_snapshots
+from policies.wire import WireError, episode_bytes, episode_chunks
 from replay.spec import Episode
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,21 @@ CHANNEL_OPTIONS = [
 
 
 PLAINTEXT = ClientSecurity()
+SERVICE = "/pacflow.policy.v1.PolicyService/"
+
+
+def _frame_calls(channel: grpc.Channel) -> dict[str, grpc.MultiCallable]:
+    """Publish, Subscribe and Fetch carrying raw frames (policies/stream.py): a data part's bytes
+    are not copied out of the received message."""
+    return {
+        "Publish": channel.stream_unary(SERVICE + "Publish",
+                                        response_deserializer=pb.PublishReply.FromString),
+        "Subscribe": channel.unary_stream(
+            SERVICE + "Subscribe", request_serializer=pb.SubscribeRequest.SerializeToString,
+            response_deserializer=parse_frame),
+        "Fetch": channel.unary_stream(SERVICE + "Fetch",
+                                      request_serializer=pb.FetchRequest.SerializeToString,
+                                      response_deserializer=parse_frame)}
 
 
 def open_channel(address: str, security: ClientSecurity = PLAINTEXT) -> grpc.Channel:
@@ -66,6 +82,7 @@ class PolicyClient:
                  security: ClientSecurity = PLAINTEXT, wait_for_ready: bool = False):
         self._channel = open_channel(address, security)
         self._stub = pb_grpc.PolicyServiceStub(self._channel)
+        self._frames = _frame_calls(self._channel)
         # wait_for_ready: a call waits (within its timeout) for a server that is not up yet,
         # e.g. one Ray is restarting, instead of failing at once.
         self._call = {"timeout": timeout, "wait_for_ready": wait_for_ready}
@@ -80,13 +97,14 @@ class PolicyClient:
         self._channel.close()
 
     def publish(self, snapshot: Snapshot) -> int:
-        """Sends a snapshot in chunks; returns the version the server now serves."""
-        return int(self._stub.Publish(snapshot_chunks(snapshot), **self._call).version)
+        """Sends a snapshot in chunks, hashed as they go; returns the version the server now
+        serves (once it is stored durably)."""
+        return int(self._frames["Publish"](publish_frames(snapshot), **self._call).version)
 
     def fetch(self, version: int = 0) -> Snapshot:
         """A version (0: the one the fleet should run), hash-checked."""
-        chunks = self._stub.Fetch(pb.FetchRequest(version=version), **self._call)
-        return next(read_snapshots(chunks))[0]
+        parts = self._frames["Fetch"](pb.FetchRequest(version=version), **self._call)
+        return next(read_snapshots(parts))[0]
 
     def list(self) -> pb.ListReply:
         return self._stub.List(pb.ListRequest(), **self._call)
@@ -134,7 +152,8 @@ def fetch(address: str, version: int = 0, timeout: float = RPC_TIMEOUT_SECONDS,
 
 
 def weight_shapes(snapshot: Snapshot) -> dict[str, tuple[int, ...]]:
-    """Decodes the weights (refusing non-finite values) -> {name: shape}."""
+    """Decodes the weights (refusing non-finite values) -> {name: shape}. A received snapshot
+    was checked while it arrived (`SnapshotReceiver`): `snapshot.shapes()` suffices there."""
     return {k: tuple(v.shape) for k, v in snapshot.state_dict().items()}
 
 
@@ -145,7 +164,9 @@ class PolicySubscriber:
     weights whose names or shapes differ from the held version's, and a version that goes
     backwards unless the server marks it pinned (an operator's rollback). Reconnects with backoff,
     resuming after the version it holds. `last_contact` is when the server last spoke (a version
-    or a heartbeat): robots derive staleness from it.
+    or a heartbeat): robots derive staleness from it. A new version arrives while the server is
+    still receiving it from the learner, into one buffer, checked as it comes; it is held only
+    when the server says it is stored (else it is dropped, `dropped`).
 
     Usage:
         sub = PolicySubscriber(address, client_id="actor-0").start()
@@ -154,11 +175,15 @@ class PolicySubscriber:
     """
 
     def __init__(self, address: str, client_id: str, security: ClientSecurity = PLAINTEXT,
-                 resolve: Callable[[], tuple[str, str] | None] | None = None):
+                 resolve: Callable[[], tuple[str, str] | None] | None = None,
+                 local_read: bool = False):
         # resolve: the server's current (address, incarnation), asked after the stream breaks,
         # so a server restarted elsewhere is found again
         self._address, self._client_id, self._security = address, client_id, security
         self._resolve = resolve
+        # local_read: ask for the server's weights file instead of data parts (a subscriber on
+        # the server's host: no copy, the page cache is shared); off after a file it cannot use
+        self.local_read = local_read
         self._cond = threading.Condition()
         self._latest: Snapshot | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
@@ -168,6 +193,8 @@ class PolicySubscriber:
         self.received_at = 0.0  # time.time() when the latest snapshot was accepted
         self.server_version = 0  # what the server last said this client should run
         self.refused = 0  # snapshots refused
+        self.dropped = 0  # publishes relayed while in flight that the server did not store
+        self._buffers = SpareBuffer()  # the previous version's buffer, to fill again
         self.reconnects = 0  # streams that broke (server gone, GOAWAY, ...) and were reopened
         self._thread = threading.Thread(target=self._run, name=f"subscribe-{client_id}",
                                         daemon=True)
@@ -208,7 +235,7 @@ class PolicySubscriber:
             reason = f"version regression v{snapshot.version} <= v{held}"
         else:
             try:
-                shapes = weight_shapes(snapshot)
+                shapes = snapshot.shapes()  # finite values were checked as the bytes arrived
                 if self._shapes is not None and shapes != self._shapes:
                     changed = sorted(set(shapes.items()) ^ set(self._shapes.items()))[:3]
                     reason = f"weights differ in names or shapes from v{held}: {changed}"
@@ -219,16 +246,25 @@ class PolicySubscriber:
             log.error("%s: refused snapshot v%d: %s", self._client_id, snapshot.version, reason)
             return
         with self._cond:
+            previous = self._latest
             self._latest, self._shapes = snapshot, shapes
             self.received_at = time.time()
             self._cond.notify_all()
+        if previous is not None:  # its buffer receives the version after next, if unused then
+            self._buffers.give(memoryview(previous.weights).obj)
 
-    def _stream(self, stub: pb_grpc.PolicyServiceStub) -> Iterable:
+    def _stream(self) -> Iterable:
         held = self.latest()
         request = pb.SubscribeRequest(after_version=held.version if held else 0,
-                                      client_id=self._client_id)
-        return read_snapshots(self._touching(stub.Subscribe(request, wait_for_ready=True)),
-                              on_heartbeat=self._heartbeat)
+                                      client_id=self._client_id, local_read=self.local_read)
+        parts = _frame_calls(self._channel)["Subscribe"](request, wait_for_ready=True)
+        return read_snapshots(self._touching(parts), on_heartbeat=self._heartbeat,
+                              on_dropped=self._dropped, allocate=self._buffers.take)
+
+    def _dropped(self, end: pb.SnapshotEnd) -> None:
+        self.dropped += 1
+        log.warning("%s: the server did not store v%d, dropped it: %s", self._client_id,
+                    end.version, end.reason)
 
     def _touching(self, chunks: Iterable[pb.SnapshotChunk]) -> Iterable[pb.SnapshotChunk]:
         """Sets `last_contact` on every message: a heartbeat, a header, and each data part (a long
@@ -242,9 +278,13 @@ class PolicySubscriber:
         while not self._stop.is_set():
             try:
                 self._channel = open_channel(self._address, self._security)
-                for snapshot, header in self._stream(pb_grpc.PolicyServiceStub(self._channel)):
+                for snapshot, header in self._stream():
                     self._accept(snapshot, header)
                     backoff = 0.1
+            except LocalReadError as e:
+                self.local_read = False
+                log.warning("%s: cannot read the policy server's files (%s); receiving data "
+                            "parts instead", self._client_id, e)
             except (WireError, SnapshotError) as e:
                 self.refused += 1
                 log.error("%s: refused a snapshot stream: %s", self._client_id, e)

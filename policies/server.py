@@ -11,7 +11,6 @@ restarted server serves what it had.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import threading
@@ -31,14 +30,13 @@ from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.security import ServerSecurity, bound_client_id, caller_identity, \
     server_credentials, server_interceptors
-from policies.snapshot import Snapshot, SnapshotError, load_snapshot, read_snapshot_metadata, \
-    save_snapshot, snapshot_paths
-from policies.wire import MAX_SNAPSHOT_BYTES, WireError, WireTooLarge, data_chunks, \
-    read_episode, read_snapshots, snapshot_header
+from policies.snapshot import Snapshot, SnapshotError
+from policies.store import PolicyStore, PublishBusy
+from policies.stream import Frame, end_frame, header_frame, heartbeat_frame
+from policies.wire import MAX_SNAPSHOT_BYTES, WireError, WireTooLarge, read_episode
 from replay.ids import InvalidIdError
 from replay.ingest import Ingested
 from replay.spec import Episode
-from replay.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -54,115 +52,7 @@ SERVER_OPTIONS = [
 EpisodeHandler = Callable[[Episode], Ingested]
 StatusHandler = Callable[[dict], None]  # a robot's RobotStatus as a dict, robot_id checked
 PLAINTEXT_LOOPBACK = ServerSecurity(allow_plaintext=True)  # in-process and single-node runs
-
-PINS = "pins.json"  # fleet and per-client pins, next to the versions
-
-
-class PolicyStore:
-    """Versions and pins, behind one condition variable.
-
-    Every version's metadata stays in memory; weights only for the newest `cached_versions`
-    versions touched (with their wire chunks, encoded once and sent to every subscriber).
-    Older ones are read back from disk, hash-checked, when asked for, so a long run of a large
-    model does not hold every version it ever published.
-    """
-
-    def __init__(self, directory: str | Path, cached_versions: int = 3):
-        self.store = Storage(directory)
-        self.cond = threading.Condition()
-        self.infos: dict[int, pb.VersionInfo] = {}
-        self._cache: collections.OrderedDict[int, tuple[Snapshot, list]] = \
-            collections.OrderedDict()
-        self._cached_versions = cached_versions
-        self._load_lock, self._publish_lock = threading.Lock(), threading.Lock()
-        for meta_path in snapshot_paths(self.store.uri):
-            meta = read_snapshot_metadata(meta_path)
-            size = self.store.fs.get_file_info(
-                self.store.path(f"v{int(meta['version']):06d}.safetensors")).size
-            self.infos[int(meta["version"])] = _info(int(meta["version"]), meta["sha256"],
-                                                     meta["metadata"], size)
-        data = json.loads(self.store.get_bytes(PINS)) if self.store.exists(PINS) else {}
-        self.fleet_pin: int = int(data.get("fleet", 0))
-        self.client_pins: dict[str, int] = {k: int(v) for k, v in data.get("clients", {}).items()}
-
-    @property
-    def latest(self) -> int:
-        return max(self.infos, default=0)
-
-    def target(self, client_id: str) -> int:
-        """The version `client_id` should run: its pin, else the fleet pin, else the latest."""
-        return self.client_pins.get(client_id) or self.fleet_pin or self.latest
-
-    def get(self, version: int) -> tuple[Snapshot, list[pb.SnapshotChunk]] | None:
-        """(snapshot, its data chunks), or None when there is no such version. Raises
-        SnapshotError or OSError when the stored version is damaged or gone."""
-        with self.cond:
-            if version not in self.infos:
-                return None
-            if version in self._cache:
-                self._cache.move_to_end(version)
-                return self._cache[version]
-        with self._load_lock:  # one disk read per version, however many callers miss
-            with self.cond:
-                if version in self._cache:
-                    return self._cache[version]
-            snapshot = load_snapshot(join(self.store.uri, f"v{version:06d}.json"))  # hash-checked
-            return self._remember(snapshot)
-
-    def _remember(self, snapshot: Snapshot) -> tuple[Snapshot, list[pb.SnapshotChunk]]:
-        entry = (snapshot, list(data_chunks(snapshot.weights)))  # encoded outside the lock
-        with self.cond:
-            self._cache[snapshot.version] = entry
-            while len(self._cache) > self._cached_versions:
-                self._cache.popitem(last=False)
-        return entry
-
-    def add(self, snapshot: Snapshot) -> None:
-        """Stores a new latest version. Disk writes and encoding happen outside `cond`, so
-        subscribers keep their heartbeats while a large snapshot is saved."""
-        with self._publish_lock:
-            if snapshot.version <= self.latest:
-                raise ValueError(f"version {snapshot.version} does not advance latest "
-                                 f"{self.latest}")
-            save_snapshot(snapshot, self.store.uri)
-            self._remember(snapshot)
-            with self.cond:
-                self.infos[snapshot.version] = _info(snapshot.version, snapshot.sha256,
-                                                     snapshot.metadata, len(snapshot.weights))
-                self.cond.notify_all()
-
-    def pin(self, version: int, client_id: str) -> None:
-        with self.cond:
-            if version not in self.infos:
-                raise KeyError(f"no policy version {version} to pin")
-            if client_id:
-                self.client_pins[client_id] = version
-            else:
-                self.fleet_pin = version
-            self._save_pins()
-
-    def unpin(self, client_id: str) -> None:
-        with self.cond:
-            if client_id:
-                self.client_pins.pop(client_id, None)
-            else:
-                self.fleet_pin = 0
-            self._save_pins()
-
-    def _save_pins(self) -> None:
-        self.store.put_bytes(PINS, json.dumps({"fleet": self.fleet_pin,
-                                               "clients": self.client_pins}).encode())
-        self.cond.notify_all()
-
-    def pins_reply(self) -> pb.PinReply:
-        with self.cond:
-            return pb.PinReply(fleet_pin=self.fleet_pin, client_pins=self.client_pins)
-
-
-def _info(version: int, sha256: str, metadata, size: int) -> pb.VersionInfo:
-    return pb.VersionInfo(version=version, sha256=sha256, total_bytes=size,
-                          metadata_json=json.dumps(dict(metadata)))
-
+SERVICE = "pacflow.policy.v1.PolicyService"
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     """The service: versions, pins, subscriber streams, and the gateway's upload and Act."""
@@ -207,34 +97,41 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self._decoder.close()
 
     def Publish(self, request_iterator, context: grpc.ServicerContext) -> pb.PublishReply:
+        """Receives raw frames (`add_policy_service`): relayed to subscribers while they arrive,
+        stored, and only then committed (policies/store.py)."""
         try:
-            received = list(read_snapshots(request_iterator, self._max_snapshot_bytes))
-            if len(received) != 1:
-                raise WireError(f"a Publish call carries one snapshot, got {len(received)}")
-            snapshot = received[0][0]
-            snapshot.state_dict()  # decodes, and refuses non-finite weights
-            self.store.add(snapshot)
+            wait = min(context.time_remaining() or 60.0, 60.0)
+            snapshot = self.store.receive(request_iterator, self._max_snapshot_bytes, wait)
         except (WireError, SnapshotError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PublishBusy as e:
+            context.abort(grpc.StatusCode.ABORTED, str(e))
         except ValueError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        log.info("published policy v%d (%d bytes)", snapshot.version, len(snapshot.weights))
+        log.info("published policy v%d (%d bytes)", snapshot.version, snapshot.num_bytes)
         return pb.PublishReply(version=snapshot.version)
 
     def Subscribe(self, request: pb.SubscribeRequest,
-                  context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
+                  context: grpc.ServicerContext) -> Iterator[Frame]:
         client_id = _client_id(request.client_id, context)
         with self.slots.hold(context), self.metrics.subscribed():
             yield from self._subscribe(client_id, int(request.after_version),
-                                       request.every_version, context)
+                                       request.every_version, context,
+                                       request.local_read and self.store.store.local)
 
     def _subscribe(self, client_id: str, held: int, every_version: bool,
-                   context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
+                   context: grpc.ServicerContext, local: bool) -> Iterator[Frame]:
         store = self.store
+
+        def inflight():  # a publish this client should receive while it arrives
+            relay = store.inflight
+            return relay if relay is not None and relay.version > held and \
+                store.follows_latest(client_id) else None
+
         while context.is_active():
             with store.cond:
                 store.cond.wait_for(
-                    lambda: self._stopping or store.target(client_id) != held,
+                    lambda: self._stopping or store.target(client_id) != held or inflight(),
                     timeout=self._heartbeat)
                 if self._stopping:
                     return
@@ -243,27 +140,35 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 newer = [v for v in sorted(store.infos) if held < v <= target]
                 newer = newer[-self.limits.max_backlog_versions:]  # a far-behind one skips
                 versions = newer if every_version and not pinned and newer else [target]
+                relay = inflight() if target == held else None
+            if relay is not None:
+                started = time.perf_counter()
+                for frame in relay.frames(context.is_active, self._heartbeat, local):
+                    yield frame
+                if store.target(client_id) == relay.version:  # committed: it holds it now
+                    held = relay.version
+                    self.metrics.pushed(time.perf_counter() - started)
+                continue
             if target == held or not target:
-                yield pb.SnapshotChunk(heartbeat=pb.Heartbeat(latest_version=target))
+                yield heartbeat_frame(target)
                 continue
             for version in versions:
                 entry = self._get(version, context)
-                if entry is not None:  # the same chunk messages go to every subscriber
+                if entry is not None:  # the same data frames go to every subscriber
                     started = time.perf_counter()
-                    yield snapshot_header(entry[0], pinned=pinned)
-                    yield from entry[1]
+                    yield from _stored_frames(*entry, pinned=pinned, local_path=local and
+                                              store.store.path(f"v{version:06d}.safetensors"))
                     self.metrics.pushed(time.perf_counter() - started)
             held = target
 
     def Fetch(self, request: pb.FetchRequest,
-              context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
+              context: grpc.ServicerContext) -> Iterator[Frame]:
         with self.slots.hold(context), cancel_after(context, self.limits.fetch_deadline_seconds):
             version = int(request.version) or self.store.target("")
             entry = self._get(version, context)
             if entry is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
-            yield snapshot_header(entry[0])
-            yield from entry[1]
+            yield from _stored_frames(*entry)
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
         with self.store.cond:
@@ -363,6 +268,33 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         return pb.ActReply(action=action.tolist(), policy_version=version)
 
 
+def _stored_frames(snapshot: Snapshot, data: list[Frame], pinned: bool = False,
+                   local_path: str | bool = "") -> Iterator[Frame]:
+    """A stored version's stream: header (with its sha256), data frames, committed end; with
+    `local_path`, the header names the file and no data frames follow."""
+    yield header_frame(snapshot.version, json.dumps(dict(snapshot.metadata)), snapshot.num_bytes,
+                       snapshot.sha256, pinned, local_path or "")
+    if not local_path:
+        yield from data
+    yield end_frame(snapshot.version, snapshot.sha256)
+
+
+def add_policy_service(servicer: PolicyServicer, server: grpc.Server) -> None:
+    """Registers the service. Publish, Subscribe and Fetch carry raw frames (serialized
+    SnapshotChunks, policies/stream.py), so the server relays a publisher's frames to every
+    subscriber without parsing or re-encoding them; the other methods use the generated code."""
+    raw = grpc.method_handlers_generic_handler(SERVICE, {
+        "Publish": grpc.stream_unary_rpc_method_handler(
+            servicer.Publish, response_serializer=pb.PublishReply.SerializeToString),
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe, request_deserializer=pb.SubscribeRequest.FromString),
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            servicer.Fetch, request_deserializer=pb.FetchRequest.FromString),
+    })
+    server.add_generic_rpc_handlers((raw,))  # consulted first: shadows the generated three
+    pb_grpc.add_PolicyServiceServicer_to_server(servicer, server)
+
+
 def _client_id(requested: str, context: grpc.ServicerContext) -> str:
     """The client id the call runs as (`security.bound_client_id`); aborts the call with
     PERMISSION_DENIED when the caller may not act as `requested`, INVALID_ARGUMENT when it is
@@ -405,7 +337,7 @@ class PolicyServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                                    options=SERVER_OPTIONS, interceptors=self._interceptors,
                                    maximum_concurrent_rpcs=threads)
-        pb_grpc.add_PolicyServiceServicer_to_server(self._servicer, self._server)
+        add_policy_service(self._servicer, self._server)
         bind = f"{self._host}:{self._port}"
         port = self._server.add_insecure_port(bind) if self._credentials is None else \
             self._server.add_secure_port(bind, self._credentials)

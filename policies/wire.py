@@ -1,23 +1,20 @@
-"""What travels over the policy service: snapshots and episodes in chunks, pure functions.
+"""What travels over the policy service: limits, and episodes in chunks, pure functions.
 
-A snapshot stream is a header (version, metadata, sha256, size) followed by data parts; the
-receiver refuses a blob that is larger than announced, larger than its limit, or whose hash is
-wrong, before anything is decoded. Episodes travel the same way as the Parquet bytes of the
-archive's per-episode file, so the gateway stores exactly what it received.
+Episodes travel as a header then the Parquet bytes of the archive's per-episode file, so the
+gateway stores exactly what it received. Snapshot streams are in policies/stream.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tempfile
 from typing import Callable, Iterable, Iterator
 
 import pyarrow.parquet as pq
 
 from policies.proto import policy_pb2 as pb
-from policies.snapshot import Snapshot, SnapshotError
+from policies.snapshot import SnapshotError
 from replay.archive import episode_table
 from replay.ids import episode_id_problem, name_problem
 from replay.spec import Episode
@@ -33,70 +30,6 @@ class WireError(ValueError):
 
 class WireTooLarge(WireError):
     """A stream over a size limit (answered with RESOURCE_EXHAUSTED, not INVALID_ARGUMENT)."""
-
-
-def snapshot_header(snapshot: Snapshot, pinned: bool = False) -> pb.SnapshotChunk:
-    """The first part of a snapshot stream."""
-    return pb.SnapshotChunk(header=pb.SnapshotHeader(
-        version=snapshot.version, metadata_json=json.dumps(dict(snapshot.metadata)),
-        sha256=snapshot.sha256, total_bytes=len(snapshot.weights), pinned=pinned))
-
-
-def data_chunks(blob: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SnapshotChunk]:
-    """The data parts of a snapshot stream, at most chunk_bytes each."""
-    view = memoryview(blob)
-    for start in range(0, len(blob), chunk_bytes):
-        yield pb.SnapshotChunk(data=bytes(view[start:start + chunk_bytes]))
-
-
-def snapshot_chunks(snapshot: Snapshot, pinned: bool = False,
-                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.SnapshotChunk]:
-    """A snapshot as a header then data parts of at most chunk_bytes."""
-    yield snapshot_header(snapshot, pinned)
-    yield from data_chunks(snapshot.weights, chunk_bytes)
-
-
-def read_snapshots(chunks: Iterable[pb.SnapshotChunk], max_bytes: int = MAX_SNAPSHOT_BYTES,
-                   on_heartbeat: Callable[[pb.Heartbeat], None] | None = None,
-                   ) -> Iterator[tuple[Snapshot, pb.SnapshotHeader]]:
-    """Reassembles (snapshot, header) pairs from a chunk stream, passing heartbeats to
-    `on_heartbeat`. Raises WireError or SnapshotError on a bad snapshot."""
-    header, parts, size = None, [], 0
-    for chunk in chunks:
-        kind = chunk.WhichOneof("part")
-        if kind == "heartbeat":
-            if on_heartbeat is not None:
-                on_heartbeat(chunk.heartbeat)
-            continue
-        if kind == "header":
-            if header is not None:
-                raise WireError(f"snapshot v{header.version} ended after {size} of "
-                                f"{header.total_bytes} bytes")
-            header, parts, size = chunk.header, [], 0
-            if header.total_bytes > max_bytes:
-                raise WireError(f"snapshot v{header.version} is {header.total_bytes} bytes, "
-                                f"over the limit of {max_bytes}")
-        elif header is None:
-            raise WireError("snapshot data arrived before its header")
-        else:
-            data = chunk.data  # each attribute read copies the bytes
-            parts.append(data)
-            size += len(data)
-            if size > header.total_bytes:
-                raise WireError(f"snapshot v{header.version} is longer than its announced "
-                                f"{header.total_bytes} bytes")
-        if header is not None and size == header.total_bytes:
-            yield _snapshot(header, b"".join(parts)), header
-            header = None
-    if header is not None:
-        raise WireError(f"snapshot v{header.version} ended after {size} of "
-                        f"{header.total_bytes} bytes")
-
-
-def _snapshot(header: pb.SnapshotHeader, blob: bytes) -> Snapshot:
-    snapshot = Snapshot(int(header.version), json.loads(header.metadata_json), blob)
-    snapshot.verify(header.sha256)
-    return snapshot
 
 
 def episode_bytes(episode: Episode) -> bytes:
@@ -163,5 +96,5 @@ def read_episode(chunks: Iterable[pb.EpisodeChunk], decode: Callable[[str], Epis
     return header, episode
 
 
-__all__ = ["SnapshotError", "WireError", "snapshot_header", "data_chunks", "snapshot_chunks",
-           "read_snapshots", "episode_bytes", "episode_chunks", "read_episode", "WireTooLarge"]
+__all__ = ["SnapshotError", "WireError", "episode_bytes", "episode_chunks", "read_episode",
+           "WireTooLarge"]

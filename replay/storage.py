@@ -15,11 +15,13 @@ artifact is complete when its marker file (written last) exists.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import pyarrow.fs as pafs
 
@@ -86,19 +88,39 @@ class Storage:
 
     def put_bytes(self, name: str, data: bytes) -> None:
         """Writes one object atomically (temp + fsync + rename locally; one put elsewhere)."""
+        with self.writer(name) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def writer(self, name: str) -> Iterator[BinaryIO]:
+        """A stream that becomes object `name` when the block ends without an exception, for
+        objects written piece by piece. Locally a temp file, fsynced and renamed into place (the
+        folder fsynced), removed on an exception. Elsewhere one upload, completed on exit; on an
+        exception the object is deleted again (it may be visible meanwhile: mark multi-file
+        artifacts complete with a marker written last)."""
         target = self.path(name)
         if not self.local:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
+            try:
+                with self.fs.open_output_stream(target) as f:
+                    yield f
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(target)
+                raise
             return
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(target)}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        tmp = os.path.join(parent, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         fd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(fd)

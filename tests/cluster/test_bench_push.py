@@ -15,8 +15,11 @@ def test_policy_push_json(tmp_path):
     report = run_push_bench(str(out), sizes=(10_000,), subscribers=(2,), repeats=2)
     assert json.loads(out.read_text()) == report
     assert report["benchmark"] == "policy-push" and "cores" in report["machine"]
-    latency, bandwidth = report["results"]
-    assert latency["case"] == bandwidth["case"] == "params=10k,subscribers=2"
+    latency, bandwidth, local = report["results"]
+    assert latency["case"] == bandwidth["case"] == local["case"] == "params=10k,subscribers=2"
+    assert local["metric"] == "seconds_until_all_hold_local_read" and local["value"] > 0
+    assert local["ratio"] == pytest.approx(latency["baseline"] / local["value"])
+    assert len(local["detail"]["local_samples_s"]) == 2
     assert (latency["metric"], latency["unit"]) == ("seconds_until_all_hold", "s")
     assert (bandwidth["metric"], bandwidth["unit"]) == ("delivered_gb_per_s", "GB/s")
     assert latency["value"] > 0 and latency["baseline"] > 0

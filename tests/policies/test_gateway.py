@@ -15,8 +15,8 @@ from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot, snapshot_metadata
-from policies.wire import WireError, episode_bytes, episode_chunks, read_snapshots, \
-    snapshot_chunks
+from policies.stream import parse_frame, publish_frames, read_snapshots
+from policies.wire import WireError, episode_bytes, episode_chunks
 from replay.adders import ReverbSequenceAdder
 from replay.archive import EpisodeArchive
 from replay.config import ReplayConfig
@@ -52,11 +52,14 @@ def test_a_snapshot_over_the_message_limit_travels_in_chunks(server):
 
 
 def test_truncated_or_oversized_snapshot_streams_are_refused():
-    chunks = list(snapshot_chunks(_snapshot(1), chunk_bytes=4096))
+    parts = [parse_frame(f) for f in publish_frames(_snapshot(1), chunk_bytes=4096)]
+    assert [s.version for s, _ in read_snapshots(parts)] == [1]
     with pytest.raises(WireError, match="ended after"):
-        list(read_snapshots(chunks[:-1]))
+        list(read_snapshots(parts[:-1]))
+    with pytest.raises(WireError, match="ended after"):
+        list(read_snapshots(parts[:-2] + parts[-1:]))  # the end part, a data part short
     with pytest.raises(WireError, match="over the limit"):
-        list(read_snapshots(chunks, max_bytes=1000))
+        list(read_snapshots(parts, max_bytes=1000))
 
 
 def test_subscribe_resumes_from_a_version_and_heartbeats_when_idle(server):

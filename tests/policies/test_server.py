@@ -84,15 +84,16 @@ def test_restarted_server_serves_stored_versions(tmp_path):
 
 
 def test_store_keeps_few_versions_in_memory_and_hash_checks_older_ones(tmp_path):
-    from policies.server import PolicyStore
+    from policies.store import PolicyStore
+    from policies.stream import parse_frame
 
     store = PolicyStore(tmp_path, cached_versions=2)
     for v in range(1, 6):
         store.add(_snapshot(v, seed=v))
     assert len(store._cache) == 2 and sorted(store._cache) == [4, 5]
-    old, chunks = store.get(1)  # read back from disk
-    assert old.sha256 == _snapshot(1, seed=1).sha256 and b"".join(c.data for c in chunks) == \
-        old.weights
+    old, frames = store.get(1)  # read back from disk
+    assert old.sha256 == _snapshot(1, seed=1).sha256
+    assert b"".join(parse_frame(f) for f in frames) == old.weights
     assert list(store._cache) == [5, 1]  # least recently used first
     weights = tmp_path / "v000002.safetensors"
     blob = bytearray(weights.read_bytes())

@@ -9,7 +9,7 @@ import pytest
 
 from learners.checkpoints import CheckpointError, load_checkpoint, load_latest_good, \
     save_checkpoint
-from policies.server import PolicyStore
+from policies.store import PolicyStore
 from policies.snapshot import Snapshot, load_snapshot, save_snapshot
 from replay.adders import ReverbSequenceAdder
 from replay.config import ReplayConfig
