@@ -131,8 +131,9 @@ class SubscriberWorker:
             started.set()
             try:
                 self._sub.wait_for_version(version, timeout=WAIT_SECONDS)
-                self._result = {"held_at": time.time(), **_memory_since(before),
-                                "peak_over_base": _status_bytes("VmHWM") - self._base_rss}
+                held_at, peak = time.time(), _status_bytes("VmHWM")
+                self._result = {"held_at": held_at, "peak_growth": peak - before,
+                                "peak_over_base": peak - self._base_rss}
             except TimeoutError as e:
                 self._result = {"error": str(e)}
 
@@ -159,7 +160,7 @@ class SubscriberWorker:
         self._held = snapshot
         held_at = time.time()
         return {"held_at": held_at, "get_s": got - start, "check_s": held_at - got,
-                **_memory_since(before), **_holding(snapshot)}
+                "peak_growth": _status_bytes("VmHWM") - before, **_holding(snapshot)}
 
     def release(self) -> None:
         if self._sub is not None:
@@ -186,15 +187,10 @@ def _status_bytes(field: str) -> int:
 
 
 def _reset_peak() -> int:
-    """Resets this process's peak RSS (Linux: clear_refs 5) and returns its RSS now."""
+    """Resets this process's peak RSS (Linux: clear_refs 5; read it back as VmHWM) and returns
+    its RSS now."""
     Path("/proc/self/clear_refs").write_text("5")
     return _status_bytes("VmRSS")
-
-
-def _memory_since(rss_before: int) -> dict:
-    """Peak RSS since `_reset_peak`, and its growth over the RSS then."""
-    peak = _status_bytes("VmHWM")
-    return {"peak_rss": peak, "peak_growth": peak - rss_before}
 
 
 def _holding(snapshot: Snapshot | None) -> dict:

@@ -15,8 +15,8 @@ from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.security import ClientSecurity, channel_credentials
 from policies.snapshot import Snapshot, SnapshotError
-from policies.stream import LocalReadError, SpareBuffer, parse_frame, publish_frames, \
-    read_snapshots
+from policies.stream import SERVICE, LocalReadError, SpareBuffer, parse_frame, \
+    publish_frames, read_snapshots
 from policies.wire import WireError, episode_bytes, episode_chunks
 from replay.spec import Episode
 
@@ -41,19 +41,18 @@ CHANNEL_OPTIONS = [
 
 
 PLAINTEXT = ClientSecurity()
-SERVICE = "/pacflow.policy.v1.PolicyService/"
 
 
 def _frame_calls(channel: grpc.Channel) -> dict[str, grpc.MultiCallable]:
     """Publish, Subscribe and Fetch carrying raw frames (policies/stream.py): a data part's bytes
     are not copied out of the received message."""
     return {
-        "Publish": channel.stream_unary(SERVICE + "Publish",
+        "Publish": channel.stream_unary(f"/{SERVICE}/Publish",
                                         response_deserializer=pb.PublishReply.FromString),
         "Subscribe": channel.unary_stream(
-            SERVICE + "Subscribe", request_serializer=pb.SubscribeRequest.SerializeToString,
+            f"/{SERVICE}/Subscribe", request_serializer=pb.SubscribeRequest.SerializeToString,
             response_deserializer=parse_frame),
-        "Fetch": channel.unary_stream(SERVICE + "Fetch",
+        "Fetch": channel.unary_stream(f"/{SERVICE}/Fetch",
                                       request_serializer=pb.FetchRequest.SerializeToString,
                                       response_deserializer=parse_frame)}
 

@@ -13,6 +13,8 @@ from policies.perceiver import PerceiverActorCritic, PerceiverConfig
 from policies.snapshot import Snapshot, SnapshotError
 from replay.spec import EnvSpec, PolicyVersion
 
+log = logging.getLogger(__name__)
+
 
 class Policy(Protocol):
     """Chooses actions for a batch of observations.
@@ -112,7 +114,7 @@ class PACPolicy:
                 try:
                     module = trace_policy_logits(self.model, *inputs)
                 except Exception as e:  # an operation TorchScript cannot trace: run eagerly
-                    logging.getLogger(__name__).warning("policy runs untraced: %s", e)
+                    log.warning("policy runs untraced: %s", e)
             self._logits[key] = module
         return module(*inputs)
 

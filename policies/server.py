@@ -32,7 +32,7 @@ from policies.security import ServerSecurity, bound_client_id, caller_identity, 
     server_credentials, server_interceptors
 from policies.snapshot import Snapshot, SnapshotError
 from policies.store import PolicyStore, PublishBusy
-from policies.stream import Frame, end_frame, header_frame, heartbeat_frame
+from policies.stream import SERVICE, Frame, end_frame, header_frame, heartbeat_frame
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError, WireTooLarge, read_episode
 from replay.ids import InvalidIdError
 from replay.ingest import Ingested
@@ -52,7 +52,7 @@ SERVER_OPTIONS = [
 EpisodeHandler = Callable[[Episode], Ingested]
 StatusHandler = Callable[[dict], None]  # a robot's RobotStatus as a dict, robot_id checked
 PLAINTEXT_LOOPBACK = ServerSecurity(allow_plaintext=True)  # in-process and single-node runs
-SERVICE = "pacflow.policy.v1.PolicyService"
+
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     """The service: versions, pins, subscriber streams, and the gateway's upload and Act."""
@@ -143,8 +143,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 relay = inflight() if target == held else None
             if relay is not None:
                 started = time.perf_counter()
-                for frame in relay.frames(context.is_active, self._heartbeat, local):
-                    yield frame
+                yield from relay.frames(context.is_active, self._heartbeat, local)
                 if store.target(client_id) == relay.version:  # committed: it holds it now
                     held = relay.version
                     self.metrics.pushed(time.perf_counter() - started)
@@ -156,8 +155,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 entry = self._get(version, context)
                 if entry is not None:  # the same data frames go to every subscriber
                     started = time.perf_counter()
-                    yield from _stored_frames(*entry, pinned=pinned, local_path=local and
-                                              store.store.path(f"v{version:06d}.safetensors"))
+                    yield from _stored_frames(*entry, pinned=pinned, local_path=(
+                        store.weights_path(version) if local else ""))
                     self.metrics.pushed(time.perf_counter() - started)
             held = target
 
@@ -269,11 +268,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
 
 def _stored_frames(snapshot: Snapshot, data: list[Frame], pinned: bool = False,
-                   local_path: str | bool = "") -> Iterator[Frame]:
+                   local_path: str = "") -> Iterator[Frame]:
     """A stored version's stream: header (with its sha256), data frames, committed end; with
     `local_path`, the header names the file and no data frames follow."""
     yield header_frame(snapshot.version, json.dumps(dict(snapshot.metadata)), snapshot.num_bytes,
-                       snapshot.sha256, pinned, local_path or "")
+                       snapshot.sha256, pinned, local_path)
     if not local_path:
         yield from data
     yield end_frame(snapshot.version, snapshot.sha256)

@@ -182,11 +182,16 @@ def _split(path: str | os.PathLike) -> tuple[Storage, str]:
     return Storage(head), name.removesuffix(".json")
 
 
+def weights_name(version: int) -> str:
+    """The file name of a stored version's weights."""
+    return f"v{version:06d}.safetensors"
+
+
 def save_snapshot(snapshot: Snapshot, directory: str | os.PathLike) -> str:
     """Writes weights then metadata (the metadata file marks the snapshot complete) into a local
     folder or run storage URI; returns the metadata file's path or URI."""
     store = Storage(directory)
-    store.put_bytes(f"v{snapshot.version:06d}.safetensors", snapshot.weights)
+    store.put_bytes(weights_name(snapshot.version), snapshot.weights)
     return write_snapshot_metadata(snapshot, store)
 
 

@@ -10,19 +10,17 @@ in-flight stream end with `committed`; on any failure it ends uncommitted and no
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
 import threading
-import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 
 from policies.proto import policy_pb2 as pb
 from policies.snapshot import Snapshot, load_snapshot, read_snapshot_metadata, snapshot_paths, \
-    write_snapshot_metadata
+    weights_name, write_snapshot_metadata
 from policies.stream import Frame, SnapshotReceiver, SpareBuffer, data_frames, end_frame, \
     header_frame, map_file, parse_frame, progress_frame, publish_frames
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError
@@ -112,7 +110,7 @@ class PolicyStore:
         for meta_path in snapshot_paths(self.store.uri):
             meta = read_snapshot_metadata(meta_path)
             size = self.store.fs.get_file_info(
-                self.store.path(f"v{int(meta['version']):06d}.safetensors")).size
+                self.store.path(weights_name(int(meta["version"])))).size
             self.infos[int(meta["version"])] = _info(int(meta["version"]), meta["sha256"],
                                                      meta["metadata"], size)
         data = json.loads(self.store.get_bytes(PINS)) if self.store.exists(PINS) else {}
@@ -126,6 +124,10 @@ class PolicyStore:
     def target(self, client_id: str) -> int:
         """The version `client_id` should run: its pin, else the fleet pin, else the latest."""
         return self.client_pins.get(client_id) or self.fleet_pin or self.latest
+
+    def weights_path(self, version: int) -> str:
+        """Where a version's weights file is (a local path when the storage is local)."""
+        return self.store.path(weights_name(version))
 
     def follows_latest(self, client_id: str) -> bool:
         """No pin applies to `client_id`: it should receive a publish while it is in flight."""
@@ -176,36 +178,32 @@ class PolicyStore:
             if header.version <= self.latest:
                 raise ValueError(f"version {header.version} does not advance latest "
                                  f"{self.latest}")
-            if header.total_bytes > max_bytes:
-                raise WireError(f"snapshot v{header.version} is {header.total_bytes} bytes, "
-                                f"over the limit of {max_bytes}")
-            name = f"v{header.version:06d}.safetensors"
-            if self.store.local:  # written to its file as it arrives, then held as that file
-                target = _LocalFile(self.store.path(name), header.total_bytes)
-                receiver = SnapshotReceiver(header, max_bytes, self._buffers.take)
-                local_paths = (target.temp_path, self.store.path(name))
-            else:  # the weights stream out to run storage as they arrive
-                target, local_paths = _Streamed(self.store, name), None
-                receiver = SnapshotReceiver(header, max_bytes)
-            inflight = InFlight(pb.SnapshotHeader(
-                version=header.version, metadata_json=header.metadata_json,
-                total_bytes=header.total_bytes), local_paths)
-            with self.cond:
-                self.inflight = inflight
-                self.cond.notify_all()
+            local = self.store.local  # then: held as its file, the receive buffer reused
+            receiver = SnapshotReceiver(header, max_bytes, self._buffers.take if local else None)
+            name, inflight = weights_name(header.version), None
             try:
-                with target:
+                with self.store.writer(name) as out, _WeightsFile(out, header.total_bytes,
+                                                                  local) as target:
+                    inflight = InFlight(pb.SnapshotHeader(
+                        version=header.version, metadata_json=header.metadata_json,
+                        total_bytes=header.total_bytes),
+                        (out.name, self.weights_path(header.version)) if local else None)
+                    with self.cond:
+                        self.inflight = inflight
+                        self.cond.notify_all()
                     snapshot = self._persist(it, receiver, target, inflight)
                 write_snapshot_metadata(snapshot, self.store)  # marks the version complete
-                if local_paths is not None:  # hold the file's pages, reuse the receive buffer
-                    received, snapshot = snapshot, _mapped(snapshot, local_paths[1])
+                if local:
+                    received, snapshot = snapshot, _mapped(snapshot, self.weights_path(
+                        snapshot.version))
                     self._buffers.give(received.weights.obj)
                     del received
             except BaseException as e:
-                with self.cond:
-                    self.inflight = None
-                inflight.finish(end_frame(inflight.version, "", committed=False,
-                                          reason=f"publish failed: {e}"[:500]))
+                if inflight is not None:
+                    with self.cond:
+                        self.inflight = None
+                    inflight.finish(end_frame(inflight.version, "", committed=False,
+                                              reason=f"publish failed: {e}"[:500]))
                 raise
             with self.cond:
                 self._remember(snapshot.version, (snapshot, inflight.data))
@@ -218,10 +216,10 @@ class PolicyStore:
         finally:
             self._publish_lock.release()
 
-    def _persist(self, frames: Iterator[Frame], receiver: SnapshotReceiver, target,
-                 inflight: InFlight) -> Snapshot:
+    def _persist(self, frames: Iterator[Frame], receiver: SnapshotReceiver,
+                 target: "_WeightsFile", inflight: InFlight) -> Snapshot:
         """Checks, writes and relays every data frame; returns the snapshot once every byte
-        arrived and matches the sha256 (made durable as `target` closes)."""
+        arrived and matches the sha256 (made durable as the file's writer closes)."""
         end = None
         for frame in frames:
             part = parse_frame(frame)
@@ -267,75 +265,36 @@ class PolicyStore:
             return pb.PinReply(fleet_pin=self.fleet_pin, client_pins=self.client_pins)
 
 
-class _LocalFile:
-    """A new local file of `size` bytes (blocks reserved up front, so a full disk fails here),
-    written as the data arrives and flushed to disk in the background every SYNC_EVERY_BYTES (so
-    the final fsync finds little left and the writer is never throttled on a mass of dirty
-    pages); fsynced and renamed into place when the block ends without an exception, removed
-    otherwise. Its pages are in the page cache as soon as written: local_read subscribers map
-    them."""
+class _WeightsFile:
+    """Writes a publish's weights into `out` (a `Storage.writer` stream) as they arrive. On
+    local storage the file gets its full size at once (blocks reserved, so a full disk fails
+    here; local_read subscribers map the whole file) and is flushed to disk in the background
+    every SYNC_EVERY_BYTES, so the final fsync finds little left and the writer is never
+    throttled on a mass of dirty pages."""
 
-    def __init__(self, target: str, size: int):
-        self._target = target
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        self.temp_path = os.path.join(folder, f".{os.path.basename(target)}."
-                                      f"{uuid.uuid4().hex[:12]}.tmp")
-        self._fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.posix_fallocate(self._fd, 0, size)
-        except BaseException:
-            os.close(self._fd)
-            os.unlink(self.temp_path)
-            raise
+    def __init__(self, out: BinaryIO, size: int, local: bool):
+        self._out, self._fd = out, out.fileno() if local else None
         self._pending, self._sync = 0, None
+        if self._fd is not None:
+            os.posix_fallocate(self._fd, 0, size)
 
-    def __enter__(self) -> "_LocalFile":
-        return self
-
-    def wrote(self, data: memoryview) -> None:
-        self._pending += len(data)
-        while data:
-            data = data[os.write(self._fd, data):]
-        if self._pending >= SYNC_EVERY_BYTES and not (self._sync and self._sync.is_alive()):
-            self._pending = 0
-            self._sync = threading.Thread(target=os.fdatasync, args=(self._fd,), daemon=True)
-            self._sync.start()
-
-    def __exit__(self, exc_type, *_) -> None:
-        try:
-            if self._sync is not None:
-                self._sync.join()
-            if exc_type is None:
-                os.fsync(self._fd)
-                os.replace(self.temp_path, self._target)
-                folder = os.open(os.path.dirname(self._target), os.O_RDONLY)
-                try:
-                    os.fsync(folder)
-                finally:
-                    os.close(folder)
-        finally:
-            os.close(self._fd)
-            if exc_type is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.temp_path)
-
-
-class _Streamed:
-    """An object in run storage written as the data arrives (`Storage.writer`)."""
-
-    def __init__(self, store: Storage, name: str):
-        self._writer = store.writer(name)
-
-    def __enter__(self) -> "_Streamed":
-        self._out = self._writer.__enter__()
+    def __enter__(self) -> "_WeightsFile":
         return self
 
     def wrote(self, data: memoryview) -> None:
         self._out.write(data)
+        self._pending += len(data)
+        if self._fd is None or self._pending < SYNC_EVERY_BYTES or \
+                (self._sync is not None and self._sync.is_alive()):
+            return
+        self._out.flush()
+        self._pending = 0
+        self._sync = threading.Thread(target=os.fdatasync, args=(self._fd,), daemon=True)
+        self._sync.start()
 
-    def __exit__(self, *exc) -> bool | None:
-        return self._writer.__exit__(*exc)
+    def __exit__(self, *exc) -> None:
+        if self._sync is not None:
+            self._sync.join()
 
 
 def _mapped(snapshot: Snapshot, path: str) -> Snapshot:

@@ -27,6 +27,7 @@ from policies.snapshot import Snapshot, SnapshotError, TensorSlot, all_finite, \
     header_bytes_needed, slot_tensor, tensor_layout
 from policies.wire import CHUNK_BYTES, MAX_SNAPSHOT_BYTES, WireError
 
+SERVICE = "pacflow.policy.v1.PolicyService"  # policies/proto/policy.proto's package + service
 DATA_TAG = b"\x12"  # SnapshotChunk field 2 (data), wire type 2 (length-delimited)
 Frame = bytes  # one serialized SnapshotChunk
 Part = pb.SnapshotChunk | memoryview  # a parsed frame: a message, or a data part's payload
@@ -177,7 +178,7 @@ class SnapshotReceiver:
 
     def __init__(self, header: pb.SnapshotHeader, max_bytes: int = MAX_SNAPSHOT_BYTES,
                  allocate: Callable[[int], np.ndarray] | None = None):
-        # allocate(n): a writable uint8 buffer of n bytes (a recycled one, or a mapped file)
+        # allocate(n): a writable uint8 buffer of n bytes (e.g. SpareBuffer.take)
         self.header, self.size = header, 0
         if header.total_bytes > max_bytes:
             raise WireError(f"snapshot v{header.version} is {header.total_bytes} bytes, over the "

@@ -94,10 +94,10 @@ class Storage:
     @contextlib.contextmanager
     def writer(self, name: str) -> Iterator[BinaryIO]:
         """A stream that becomes object `name` when the block ends without an exception, for
-        objects written piece by piece. Locally a temp file, fsynced and renamed into place (the
-        folder fsynced), removed on an exception. Elsewhere one upload, completed on exit; on an
-        exception the object is deleted again (it may be visible meanwhile: mark multi-file
-        artifacts complete with a marker written last)."""
+        objects written piece by piece. Locally a temp file (the stream's `name`), fsynced and
+        renamed into place (the folder fsynced), removed on an exception. Elsewhere one upload,
+        completed on exit; on an exception the object is deleted again (it may be visible
+        meanwhile: mark multi-file artifacts complete with a marker written last)."""
         target = self.path(name)
         if not self.local:
             try:

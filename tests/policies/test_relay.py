@@ -2,7 +2,6 @@
 
 import mmap
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ from policies.proto import policy_pb2 as pb
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot
 from policies.stream import end_frame, publish_frames, read_snapshots
+from tests.processes import until
 
 
 def _snapshot(version: int) -> Snapshot:
@@ -27,13 +27,6 @@ def _next_part(stream) -> pb.SnapshotChunk | memoryview:
         if isinstance(part, memoryview) or part.WhichOneof("part") != "heartbeat":
             return part
     raise AssertionError("the stream ended")
-
-
-def _until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.fixture()
@@ -96,7 +89,7 @@ def test_a_publish_that_fails_its_hash_is_dropped_by_subscribers_and_stores_noth
             calls["Publish"](iter(bad), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "does not match the announced" in err.value.details()
-        _until(lambda: sub.dropped == 1)  # it received the relayed bytes, then the drop
+        until(lambda: sub.dropped == 1, "the drop", timeout=30, poll=0.01)  # after the bytes
         assert sub.latest().version == 1 and sub.refused == 0 and srv.latest_version == 1
         assert sorted(p.name for p in folder.iterdir()) == ["v000001.json",
                                                              "v000001.safetensors"]
@@ -114,7 +107,7 @@ def test_a_publisher_that_disconnects_midway_leaves_nothing_behind(server):
         frames = list(publish_frames(_snapshot(1), chunk_bytes=64 << 10))
         with pytest.raises(grpc.RpcError):
             calls["Publish"](iter(frames[:5]), timeout=30)  # no end part: refused
-        _until(lambda: sub.dropped == 1)
+        until(lambda: sub.dropped == 1, "the drop", timeout=30, poll=0.01)
         assert sub.latest() is None and srv.latest_version == 0 and not list(folder.iterdir())
     finally:
         sub.close()
