@@ -66,7 +66,8 @@ def replay_writer(checkpoints: str, root: str, n: int, fail_at: int = -1) -> Non
     from replay.spec import Adder
 
     if fail_at >= 0:
-        create_item, count = reverb.TrajectoryWriter.create_item, [0]
+        # The adder calls Reverb's C++ writer (pybind) directly.
+        create_item, count = reverb.pybind.TrajectoryWriter.CreateItem, [0]
 
         def failing(self, *args, **kwargs):
             count[0] += 1
@@ -74,7 +75,7 @@ def replay_writer(checkpoints: str, root: str, n: int, fail_at: int = -1) -> Non
                 raise RuntimeError(f"injected failure at item {fail_at}")
             return create_item(self, *args, **kwargs)
 
-        reverb.TrajectoryWriter.create_item = failing
+        reverb.pybind.TrajectoryWriter.CreateItem = failing
     server = ReplayServer(SPEC, ReplayConfig(n_step=3), checkpoints, exit_on_partial=True)
 
     class Ingest(Adder):

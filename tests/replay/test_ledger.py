@@ -57,7 +57,8 @@ def test_a_write_cut_short_refuses_later_writes_and_checkpoints(tmp_path, monkey
 
     server = ReplayServer(SPEC, CONFIG, tmp_path / "ckpt")
     first, second = _episodes(2, first_seed=5)
-    create_item, calls = reverb.TrajectoryWriter.create_item, []
+    # The adder calls Reverb's C++ writer (pybind) directly: fail its third CreateItem.
+    create_item, calls = reverb.pybind.TrajectoryWriter.CreateItem, []
 
     def third_fails(self, *args, **kwargs):
         calls.append(1)
@@ -65,7 +66,7 @@ def test_a_write_cut_short_refuses_later_writes_and_checkpoints(tmp_path, monkey
             raise RuntimeError("injected")
         return create_item(self, *args, **kwargs)
 
-    monkeypatch.setattr(reverb.TrajectoryWriter, "create_item", third_fails)
+    monkeypatch.setattr(reverb.pybind.TrajectoryWriter, "CreateItem", third_fails)
     try:
         with pytest.raises(PartialEpisodeError, match=f"{first.lineage.episode_id} was cut short"):
             server.ingest(first)

@@ -186,12 +186,16 @@ def test_the_learners_stall_gauge_moves_while_train_waits(tmp_path):
         stalls = lambda: worker.registry.get_sample_value("pacflow_learner_replay_stalls_total")  # noqa: E731
         trainer = threading.Thread(target=worker.train, args=(1,), daemon=True)
         trainer.start()
+        waited = lambda: worker.registry.get_sample_value(  # noqa: E731
+            "pacflow_learner_data_wait_seconds_total")
+        # The sampler's first stall can come before train() builds its model and starts to
+        # wait (a cold import): poll for both, each while train() has not returned.
         deadline = time.monotonic() + 60
-        while not stalls() and time.monotonic() < deadline:
+        while not (stalls() and waited() >= 0.5) and time.monotonic() < deadline:
             trainer.join(timeout=0.1)
         assert stalls() >= 1 and trainer.is_alive()  # shown while train() still waits
-        waited = worker.registry.get_sample_value("pacflow_learner_data_wait_seconds_total")
-        assert waited >= 0.5  # the wait in progress counts too (PacflowLearnerStarved)
+        assert waited() >= 0.5  # the wait in progress counts too (PacflowLearnerStarved)
+        assert trainer.is_alive()
         ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=6))
         trainer.join(timeout=60)
         assert not trainer.is_alive()
