@@ -4,11 +4,13 @@ simulator, on the same cores in the same run.
 ours: what a collector does per wave (cluster/workers.py CollectorWorker): EnvironmentLoop with
       one batched PAC policy call per step for all envs of the actor (a fresh network of the
       preset), then every finished episode validated, archived to Parquet and written to a
-      Reverb server in another process (ReverbSequenceAdder, as replay's ingest writes it).
+      Reverb server in another process (ReverbSequenceAdder, as replay's ingest writes it), on
+      the writer thread while the next wave acts (actors/wave_writer.py); a round ends when its
+      last wave is written.
 raw:  the same environments (same task, action repeat and camera) stepped with uniform random
       actions: no policy, no buffers, no writes.
-Rounds alternate ours and raw; each round is one wave (one episode per env). With N actors,
-N processes run the same side at the same time (a barrier per round) and their steps are
+Rounds alternate ours and raw; each round is `waves` waves (one episode per env each). With N
+actors, N processes run the same side at the same time (a barrier per round) and their steps are
 summed. Ratio = ours / raw: 1.0 means the loop costs nothing over the simulator.
 """
 
@@ -50,12 +52,14 @@ def default_cases(quick: bool = False) -> list[ActorCase]:
             for p in ("tiny", "small") for px in (False, True)]
 
 
-def _side(case: ActorCase, index: int, rounds: int, address: str, barrier, results) -> None:
-    """One actor process: `rounds` x (a raw wave, an acting wave), each side started together
+def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, barrier,
+          results) -> None:
+    """One actor process: `rounds` x (raw waves, acting waves), each side started together
     with the other actors' (barrier); puts [(side, steps, seconds)] on `results`."""
     import torch
 
     from actors.loop import EnvironmentLoop, EpisodeContext
+    from actors.wave_writer import WaveWriter
     from cluster.config import EnvConfig
     from policies.perceiver import PRESETS, PerceiverActorCritic, PerceiverConfig
     from policies.policy import PACPolicy
@@ -76,32 +80,38 @@ def _side(case: ActorCase, index: int, rounds: int, address: str, barrier, resul
     sink = EpisodeSink(spec, EpisodeArchive(Path(tmp.name) / "archive"),
                        ReverbSequenceAdder(address, ReplayConfig(n_step=3)),
                        Path(tmp.name) / "quarantine")
+    writer = WaveWriter(lambda episodes: [sink.write(e, to_replay=True) for e in episodes])
     task = spec.tasks[0]
     rng = np.random.default_rng(index)
     out = []
     for r in range(rounds):
         barrier.wait()
         t0, steps = time.perf_counter(), sum(e.num_env_steps for e in envs)
-        for i, env in enumerate(envs):  # raw: the same envs, random actions, nothing kept
-            env.seed(r * 100 + i)
-            timestep = env.reset()
-            while not timestep.last():
-                timestep = env.step(rng.uniform(-1, 1, task.action_dim).astype(np.float32))
+        for w in range(waves):  # raw: the same envs, random actions, nothing kept
+            for i, env in enumerate(envs):
+                env.seed((r * waves + w) * 100 + i)
+                timestep = env.reset()
+                while not timestep.last():
+                    timestep = env.step(rng.uniform(-1, 1, task.action_dim).astype(np.float32))
         out.append(("raw", sum(e.num_env_steps for e in envs) - steps,
                     time.perf_counter() - t0))
         barrier.wait()
         t0, steps = time.perf_counter(), sum(e.num_env_steps for e in envs)
         ctx = EpisodeContext("bench", r, f"actor-{index}", case.task, 0, "collect")
-        for episode in loop.run(policy, [r * 100 + i for i in range(case.envs)], ctx, False):
-            sink.write(episode, to_replay=True)
+        written = []
+        for w in range(waves):
+            seeds = [(r * waves + w) * 100 + i for i in range(case.envs)]
+            written += writer.submit(loop.run(policy, seeds, ctx, False))
+        written += writer.finish()
+        assert all(all(done.result) for done in written), "an episode was quarantined"
         out.append(("ours", sum(e.num_env_steps for e in envs) - steps,
                     time.perf_counter() - t0))
     results.put(out)
 
 
-def bench_case(case: ActorCase, rounds: int = 3) -> dict:
-    """Env steps per second of both sides (all actors together), over `rounds` rounds after
-    a warm-up round that is not counted."""
+def bench_case(case: ActorCase, rounds: int = 3, waves: int = 2) -> dict:
+    """Env steps per second of both sides (all actors together), over `rounds` rounds of
+    `waves` waves after a warm-up round that is not counted."""
     from cluster.bench_replay import replay_process
     from cluster.config import EnvConfig
     from replay.config import ReplayConfig
@@ -111,7 +121,8 @@ def bench_case(case: ActorCase, rounds: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp, \
             replay_process(spec, ReplayConfig(n_step=3), str(Path(tmp) / "ckpt")) as address:
         barrier, results = ctx.Barrier(case.actors), ctx.Queue()
-        procs = [ctx.Process(target=_side, args=(case, i, rounds + 1, address, barrier, results))
+        procs = [ctx.Process(target=_side, args=(case, i, rounds + 1, waves, address,
+                                                        barrier, results))
                  for i in range(case.actors)]
         for p in procs:
             p.start()
@@ -132,15 +143,15 @@ def bench_case(case: ActorCase, rounds: int = 3) -> dict:
 
 
 def run_actor_bench(cases: list[ActorCase], rounds: int = 3, json_path: str | None = None,
-                    out=print) -> dict:
+                    out=print, waves: int = 2) -> dict:
     from cluster.bench import machine
 
     results = []
     for case in cases:
-        results.append(bench_case(case, rounds))
+        results.append(bench_case(case, rounds, waves))
         r = results[-1]
         out(f"{r['case']:<60} {r['value']:>9.0f} {r['baseline']:>9.0f} {r['ratio']:>6.3f}")
-    report = {"benchmark": "actors", "machine": machine(), "rounds": rounds,
+    report = {"benchmark": "actors", "machine": machine(), "rounds": rounds, "waves": waves,
               "baseline": "the same environments stepped with random actions, no policy, "
                           "no writes", "results": results}
     if json_path:

@@ -223,7 +223,9 @@ def _bench_actors(args: argparse.Namespace) -> int:
         raise UsageError(f"--task: actors benchmarks {', '.join(ENV_REPEAT)}, not {args.task!r}")
     cases = [c for c in cases if (not args.preset or c.preset in args.preset)
              and (not args.task or c.task == args.task)]
-    print(format_report(run_actor_bench(cases, args.rounds, args.json)))
+    if args.rounds < 1 or args.waves < 1:
+        raise UsageError("--rounds and --waves must be >= 1")
+    print(format_report(run_actor_bench(cases, args.rounds, args.json, waves=args.waves)))
     return 0
 
 
@@ -336,7 +338,10 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="actors: cartpole, 1 actor, 1 and 4 envs, tiny, state only")
     bench.add_argument("--rounds", type=int, default=3,
-                       help="actors: timed rounds (waves) per case, after one warm-up")
+                       help="actors: timed rounds per case, after one warm-up")
+    bench.add_argument("--waves", type=int, default=2,
+                       help="actors: waves (one episode per env) per round; a wave is written "
+                            "while the next acts, and a round ends when its last is written")
     bench.add_argument("--task", help="learning: the task, e.g. dm_control:cartpole-swingup")
     bench.add_argument("--budget-minutes", type=float, default=10.0,
                        help="learning: wall-clock budget of each seed's run (default 10)")

@@ -22,6 +22,7 @@ import torch
 
 from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from actors.robot_spec import is_robot_task
+from actors.wave_writer import WaveWriter, Written
 from cluster.config import ClusterConfig, EnvConfig
 from cluster.metrics import (ActorMetrics, FunctionCollector, LearnerMetrics, TimedIterator,
                              quarantine_collector, replay_collector)
@@ -201,6 +202,7 @@ class CollectorWorker(RunProcess):
                                    scratch_dir(run, self.actor_id) / "credentials"),
             functools.partial(read_address, run, "policyserver"),
             local_read=True).start()  # on the server's host: its files, no copy
+        self._writer = WaveWriter(lambda wave: self._write(*wave))  # (episodes, to_replay)
         self._metrics = ActorMetrics(self.registry, run, self.actor_id,
                                      lambda: self._policy.policy_version, self._newest_received)
 
@@ -224,43 +226,57 @@ class CollectorWorker(RunProcess):
     def _run_waves(self, policy_fn, num_episodes: int, cycle: int, mode: str,
                    to_replay: bool) -> list[dict]:
         """Episodes in waves of envs_per_actor, one task per wave, tasks in turn; each wave is
-        written (archive, and replay when `to_replay`) as soon as it ends. Returns summaries.
+        written (archive, and replay when `to_replay`) on the writer thread while the next
+        wave acts (actors/wave_writer.py), and all are written when this returns. Returns
+        summaries.
 
         The k-th episode of (cycle, mode) has a seed and an id that depend only on those, so a
         restarted actor redoing a call repeats its seeds and ids (the archive keeps each id
         once), and a resumed run continues the seed sequence instead of restarting it."""
+        # A call that failed midway may have left a wave being written: it ends uncounted
+        # (its retry redoes the same ids, which the archive keeps once).
+        self._writer.discard()
         summaries: list[dict] = []
-        tasks, wave = list(self._loops), 0
-        while len(summaries) < num_episodes:
+        tasks, wave, started = list(self._loops), 0, 0
+        while started < num_episodes:
             task = tasks[(cycle + wave) % len(tasks)]
             wave += 1
             loop, k = self._loops[task], len(self._envs[task])
             ctx = EpisodeContext(run_id(self._run), cycle, self.actor_id, task,
                                  self._spec.task_names.index(task), mode)
-            index = range(len(summaries), min(len(summaries) + k, num_episodes))
+            index = range(started, min(started + k, num_episodes))
+            started += len(index)
             seeds = [int(np.random.SeedSequence([self._seed, cycle, MODES.index(mode), i])
                          .generate_state(1)[0]) for i in index]
             ids = [episode_identity(ctx.run_id, mode, cycle, self.actor_id, i) for i in index]
-            steps, started = self._env_steps_so_far(), time.monotonic()
+            steps, t0 = self._env_steps_so_far(), time.monotonic()
             episodes = loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
                                 episode_ids=ids, newest_version=self._newest_version)
-            written = self._write(episodes, to_replay, loop.staleness)
-            # A call Ray retries after a restart repeats its waves (same ids): those were
-            # counted before the kill, so a wave whose episodes were all archived already is not.
-            new = [(mode, e["return"]) for e in written if e["stored"]]
-            self._metrics.wave(task, self._env_steps_so_far() - steps if new else 0,
-                               time.monotonic() - started, new)
-            summaries += written
-        return summaries
+            acted = (task, self._env_steps_so_far() - steps, time.monotonic() - t0)
+            staleness = [loop.staleness.pop(e.lineage.episode_id, (0.0, 0)) for e in episodes]
+            summaries += self._written(self._writer.submit(
+                (list(zip(episodes, staleness)), to_replay), tag=acted))
+        return summaries + self._written(self._writer.finish())
 
-    def _write(self, episodes: list[Episode], to_replay: bool,
-               staleness: dict[str, tuple[float, int]]) -> list[dict]:
-        """Archives (and replays) episodes; each summary carries its staleness over its steps
-        (mean and max): the newest version this actor had received at the step, minus the
-        version that acted."""
+    def _written(self, waves: list[Written[list[dict]]]) -> list[dict]:
+        """Summaries of written waves, after counting them in the metrics. A call Ray retries
+        after a restart repeats its waves (same ids): those were counted before the kill, so a
+        wave whose episodes were all archived already is not."""
+        out: list[dict] = []
+        for done in waves:
+            task, steps, seconds = done.tag
+            new = [(e["mode"], e["return"]) for e in done.result if e["stored"]]
+            self._metrics.wave(task, steps if new else 0, seconds + done.waited, new)
+            out += done.result
+        return out
+
+    def _write(self, wave: list[tuple[Episode, tuple[float, int]]], to_replay: bool
+               ) -> list[dict]:
+        """Archives (and replays) a wave's episodes, on the writer thread; each summary carries
+        its staleness over its steps (mean and max): the newest version this actor had
+        received at the step, minus the version that acted."""
         out = []
-        for ep in episodes:
-            mean, most = staleness.pop(ep.lineage.episode_id, (0.0, 0))
+        for ep, (mean, most) in wave:
             result = self._sink.ingest(ep, to_replay=to_replay)
             out.append({**summarize(ep, not result.problems), "stored": result.stored,
                         "staleness": mean, "staleness_max": most})
