@@ -1,7 +1,7 @@
 """`pacflow bench actors`: environment steps per second of the acting loop against the raw
 simulator, on the same cores in the same run.
 
-ours: what a collector does per wave (cluster/workers.py CollectorWorker): EnvironmentLoop with
+ours: what a collector does per wave (cluster/collector.py CollectorWorker): EnvironmentLoop with
       one batched PAC policy call per step for all envs of the actor (a fresh network of the
       preset), then every finished episode validated, archived to Parquet and written to a
       Reverb server in another process (ReverbSequenceAdder, as replay's ingest writes it), on
@@ -68,7 +68,7 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
     from replay.config import ReplayConfig
     from replay.ingest import EpisodeSink
 
-    torch.set_num_threads(1)  # an actor's share, as in the run (cluster/workers.py)
+    torch.set_num_threads(1)  # an actor's share, as in the run (cluster/collector.py)
     env_config = EnvConfig((case.task,), ENV_REPEAT[case.task],
                            PIXELS if case.pixels else ())
     spec = env_config.spec()

@@ -35,7 +35,8 @@ from cluster.metrics import RunMetrics
 from cluster.process import advertised_host, serve_metrics
 from cluster.progress import CycleProgress, RunView
 from cluster.robots import wait_for_robots
-from cluster.workers import CollectorWorker, LearnerWorker, PolicyServerWorker, ReplayWorker
+from cluster.collector import CollectorWorker
+from cluster.workers import LearnerWorker, PolicyServerWorker, ReplayWorker
 from replay.storage import Storage
 
 log = logging.getLogger(__name__)

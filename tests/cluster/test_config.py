@@ -84,7 +84,7 @@ def test_model_presets_and_overrides():
 
 
 def test_actor_tasks_deal_tasks_round_robin():
-    from cluster.workers import actor_tasks
+    from cluster.collector import actor_tasks
 
     assert actor_tasks(("a", "b", "c"), 0, 2) == ["a", "c"]
     assert actor_tasks(("a", "b", "c"), 1, 2) == ["b"]
