@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class RandomPolicy:
 
 class PolicyLogits(torch.nn.Module):
     """observation (B, obs_dim), task_id (B,)[, pixels (B, H, W, 3)] -> policy logits (B, A, K):
-    the part of the network acting needs, as one module (to trace)."""
+    the part of the network acting needs, as one module (to export)."""
 
     def __init__(self, model: PerceiverActorCritic):
         super().__init__()
@@ -62,36 +63,68 @@ class PolicyLogits(torch.nn.Module):
         return self.model.policy_logits(self.model.encode(observation, task_id, pixels))
 
 
-def trace_policy_logits(model: PerceiverActorCritic, *example: torch.Tensor
-                        ) -> torch.jit.ScriptModule:
-    """PolicyLogits as a frozen TorchScript trace for the example's shapes (batch size
-    included): no Python per operation, which is most of a small network's cost on a CPU
-    (tiny preset, batch 1: about half; docs/benchmarks.md). The weights are copied in: the
-    trace does not follow later changes to `model`."""
+def export_policy_logits(model: PerceiverActorCritic) -> bytes:
+    """PolicyLogits as an ONNX graph (opset 17) whose batch axis is free: inputs "observation"
+    (B, obs_dim) float32, "task_id" (B,) int64[, "pixels" (B, H, W, 3) uint8], output "logits"
+    (B, A, K). The weights are copied in: the graph does not follow later changes to `model`."""
+    spec = model.spec
+    example = (torch.zeros(1, spec.obs_dim), torch.zeros(1, dtype=torch.int64))
+    names = ["observation", "task_id"]
+    if spec.pixels_shape:
+        example += (torch.zeros(1, *spec.pixels_shape, dtype=torch.uint8),)
+        names.append("pixels")
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes become constants
-        traced = torch.jit.trace(PolicyLogits(model).eval(), example, check_trace=False)
-        return torch.jit.freeze(traced)
+        warnings.simplefilter("ignore")  # the exporter's notes on traced shapes
+        torch.onnx.export(PolicyLogits(model).eval(), example, buffer, dynamo=False,
+                          input_names=names, output_names=["logits"], opset_version=17,
+                          dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]})
+    return buffer.getvalue()
 
 
-# Traces copy the weights and help where Python dominates: small networks, few batch sizes.
-TRACE_MAX_PARAMETERS = 20_000_000  # larger networks run eagerly (their compute dominates)
-TRACE_MAX_SHAPES = 8  # batch sizes traced per policy; others run eagerly (a gateway's batches)
+class OnnxPolicyLogits:
+    """PolicyLogits run by ONNX Runtime on the CPU, on the calling thread (intra-op threads:
+    torch's setting, 1 in an actor): a small network's cost is per operation, and ONNX
+    Runtime's is a few microseconds where torch's is 5-15 (docs/benchmarks.md, "Actors")."""
+
+    def __init__(self, model: PerceiverActorCritic):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        self._session = onnxruntime.InferenceSession(
+            export_policy_logits(model), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, observation: np.ndarray, task_id: np.ndarray,
+                 pixels: np.ndarray | None = None) -> np.ndarray:
+        feed = {"observation": observation, "task_id": task_id}
+        if pixels is not None:
+            feed["pixels"] = pixels
+        return self._session.run(None, feed)[0]  # (B, A, K) float32
+
+
+# ONNX Runtime copies the weights and helps where per-operation overhead dominates.
+ONNX_MAX_PARAMETERS = 20_000_000  # larger networks run in torch (their compute dominates)
 
 
 class PACPolicy:
     """Samples (or, greedy, takes the per-dimension mode of) the PAC policy head.
 
-    A network of up to TRACE_MAX_PARAMETERS runs as a frozen trace per batch size and camera
-    (trace_policy_logits), made at its first use; a policy is one version, so its model must
-    not change after it acts."""
+    A network of up to ONNX_MAX_PARAMETERS runs in ONNX Runtime (OnnxPolicyLogits), exported
+    at its first use, one graph for every batch size; a larger one, or one the exporter cannot
+    take, runs in torch. A policy is one version, so its model must not change after it acts.
+    Sampling is Gumbel-max on the logits (NumPy, seeded): a draw from each dimension's
+    softmax."""
 
     def __init__(self, model: PerceiverActorCritic, policy_version: PolicyVersion, seed: int):
         self.model = model.eval()
         self.policy_version = policy_version
-        self._generator = torch.Generator().manual_seed(seed)
-        self._traced = sum(p.numel() for p in model.parameters()) <= TRACE_MAX_PARAMETERS
-        self._logits: dict[tuple[int, bool], torch.nn.Module] = {}
+        self._rng = np.random.default_rng(seed)
+        self._onnx = sum(p.numel() for p in model.parameters()) <= ONNX_MAX_PARAMETERS
+        self._logits: Callable[..., np.ndarray] | None = None
+        self._centres = model.bin_centres.cpu().numpy()  # (K,) action of each bin
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, seed: int) -> "PACPolicy":
@@ -105,30 +138,32 @@ class PACPolicy:
                                 f"{str(e).splitlines()[0]}") from e
         return cls(model, snapshot.version, seed)
 
-    def _policy_logits(self, *inputs: torch.Tensor) -> torch.Tensor:
-        key = (inputs[0].shape[0], len(inputs) == 3)
-        module = self._logits.get(key)
-        if module is None:
-            module = PolicyLogits(self.model)
-            if self._traced and len(self._logits) < TRACE_MAX_SHAPES:
-                try:
-                    module = trace_policy_logits(self.model, *inputs)
-                except Exception as e:  # an operation TorchScript cannot trace: run eagerly
-                    log.warning("policy runs untraced: %s", e)
-            self._logits[key] = module
-        return module(*inputs)
+    def _torch_logits(self, observation: np.ndarray, task_id: np.ndarray,
+                      pixels: np.ndarray | None = None) -> np.ndarray:
+        inputs = (torch.from_numpy(observation), torch.from_numpy(task_id)) + \
+            (() if pixels is None else (torch.from_numpy(pixels),))
+        with torch.inference_mode():
+            return PolicyLogits(self.model)(*inputs).numpy()
 
-    @torch.inference_mode()
+    def policy_logits(self, observation: np.ndarray, task_id: np.ndarray,
+                      pixels: np.ndarray | None = None) -> np.ndarray:
+        """observation (B, obs_dim) float32, task_id (B,) int64[, pixels (B, H, W, 3) uint8]
+        -> logits (B, A, K) float32."""
+        if self._logits is None:
+            self._logits = self._torch_logits
+            if self._onnx:
+                try:
+                    self._logits = OnnxPolicyLogits(self.model)
+                except Exception as e:  # an operation the exporter cannot take: run in torch
+                    log.warning("policy runs in torch, not ONNX Runtime: %s", e)
+        return self._logits(observation, task_id, pixels)
+
     def act(self, observation: np.ndarray, task_id: np.ndarray, greedy: bool,
             pixels: np.ndarray | None = None) -> np.ndarray:
-        obs = torch.from_numpy(np.ascontiguousarray(observation, np.float32))
-        task = torch.from_numpy(np.asarray(task_id, np.int64))
-        inputs = (obs, task) if pixels is None else \
-            (obs, task, torch.from_numpy(np.ascontiguousarray(pixels)))
-        logits = self._policy_logits(*inputs)  # (B, A, K)
-        if greedy:
-            bins = logits.argmax(-1)
-        else:
-            probs = logits.softmax(-1).reshape(-1, logits.shape[-1])  # (B*A, K)
-            bins = torch.multinomial(probs, 1, generator=self._generator).view(logits.shape[:-1])
-        return self.model.bins_to_action(bins).numpy()
+        logits = self.policy_logits(
+            np.ascontiguousarray(observation, np.float32),
+            np.ascontiguousarray(task_id, np.int64),
+            None if pixels is None else np.ascontiguousarray(pixels, np.uint8))  # (B, A, K)
+        if not greedy:  # Gumbel-max: argmax(logits + Gumbel noise) ~ softmax(logits)
+            logits = logits - np.log(-np.log(self._rng.random(logits.shape)))
+        return self._centres[logits.argmax(-1)]  # (B, A) float32

@@ -95,15 +95,15 @@ def test_normalisation_statistics_travel_in_the_state_dict():
 
 
 @pytest.mark.parametrize("spec_name", ["state", "pixels", "two_tasks"])
-def test_the_traced_policy_acts_as_the_network_does(spec_name):
-    """PACPolicy runs a frozen trace per batch size: its logits are the eager network's, and
-    greedy actions are identical, for every batch size it meets (a wave's envs end at
-    different steps) and with a camera or padded tasks."""
+def test_the_exported_policy_acts_as_the_network_does(spec_name):
+    """PACPolicy runs the network in ONNX Runtime, one graph for every batch size: its logits
+    are the eager network's, and greedy actions are identical, for every batch size it meets
+    (a wave's envs end at different steps) and with a camera or padded tasks."""
     import dataclasses
 
     import numpy as np
 
-    from policies.policy import PACPolicy, PolicyLogits
+    from policies.policy import OnnxPolicyLogits, PACPolicy, PolicyLogits
     from replay.spec import EnvSpec, TaskSpec
     from tests.fakes import PIXEL_SPEC
 
@@ -115,7 +115,7 @@ def test_the_traced_policy_acts_as_the_network_does(spec_name):
     policy = PACPolicy(model, 1, seed=0)
     eager = PolicyLogits(model)
     rng = np.random.default_rng(0)
-    for batch in (3, 1, 3):
+    for batch in (3, 1, 16):
         obs = rng.normal(size=(batch, spec.obs_dim)).astype(np.float32) * 5
         task = np.arange(batch) % len(spec.tasks)
         pixels = rng.integers(0, 256, (batch, *spec.pixels_shape), np.uint8) \
@@ -124,10 +124,41 @@ def test_the_traced_policy_acts_as_the_network_does(spec_name):
             ((torch.from_numpy(pixels),) if pixels is not None else ())
         with torch.no_grad():
             expected = eager(*inputs)
-            traced = policy._policy_logits(*inputs)
-        assert torch.allclose(traced, expected, atol=1e-5)
+        exported = policy.policy_logits(obs, task, pixels)
+        assert isinstance(exported, np.ndarray) and exported.shape == tuple(expected.shape)
+        np.testing.assert_allclose(exported, expected.numpy(), atol=1e-5)
         bins = expected.argmax(-1)
         assert np.array_equal(policy.act(obs, task, True, pixels),
                               model.bins_to_action(bins).numpy())
-    assert sorted(policy._logits) == [(1, spec_name == "pixels"), (3, spec_name == "pixels")]
-    assert all(isinstance(m, torch.jit.ScriptModule) for m in policy._logits.values())
+    assert isinstance(policy._logits, OnnxPolicyLogits)  # not the torch fallback
+
+
+def test_sampled_actions_follow_the_policy_softmax():
+    """Gumbel-max sampling: each dimension's bin frequencies over many draws match its
+    softmax (a wrong noise sign or scale moves them by far more than the tolerance), and the
+    same seed draws the same actions."""
+    import numpy as np
+
+    from policies.policy import PACPolicy
+
+    torch.manual_seed(1)
+    model = PerceiverActorCritic(SPEC, TINY_MODEL).eval()
+    K = TINY_MODEL.num_action_bins
+    with torch.no_grad():  # logits -2..2 over the bins in every dimension: probabilities
+        model.policy_head[1].weight.zero_()  # 0.01-0.64 for 5 bins, where a wrong sign or
+        model.policy_head[1].bias.copy_(torch.linspace(-2, 2, K))  # scale of noise is off
+    obs = np.random.default_rng(0).normal(size=(1, SPEC.obs_dim)).astype(np.float32)
+    draws = 20_000
+    batch = np.repeat(obs, draws, axis=0)
+    policy = PACPolicy(model, 1, seed=3)
+    actions = policy.act(batch, np.zeros(draws, np.int64), False)  # (draws, A)
+    probs = torch.softmax(torch.from_numpy(policy.policy_logits(obs, np.zeros(1, np.int64))),
+                          -1)[0].numpy()  # (A, K)
+    centres = model.bin_centres.numpy()
+    for d in range(SPEC.action_dim):
+        freq = (actions[:, d, None] == centres[None, :]).mean(0)  # (K,)
+        assert abs(freq.sum() - 1) < 1e-9  # every action is a bin centre
+        np.testing.assert_allclose(freq, probs[d], atol=0.015)
+        np.testing.assert_allclose(probs[d], torch.linspace(-2, 2, K).softmax(0), atol=1e-5)
+    again = PACPolicy(model, 1, seed=3).act(batch[:64], np.zeros(64, np.int64), False)
+    assert np.array_equal(again, actions[:64])
