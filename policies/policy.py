@@ -84,8 +84,9 @@ def export_policy_logits(model: PerceiverActorCritic) -> bytes:
 
 class OnnxPolicyLogits:
     """PolicyLogits run by ONNX Runtime on the CPU, on the calling thread (intra-op threads:
-    torch's setting, 1 in an actor): a small network's cost is per operation, and ONNX
-    Runtime's is a few microseconds where torch's is 5-15 (docs/benchmarks.md, "Actors")."""
+    torch's setting, 1 in an actor): a small network's cost is mostly per operation, and ONNX
+    Runtime's per-operation cost is lower than torch's: the tiny preset at batch 1 runs in
+    about half the time of a frozen TorchScript trace (docs/benchmarks.md, "Actors")."""
 
     def __init__(self, model: PerceiverActorCritic):
         import onnxruntime
@@ -94,6 +95,9 @@ class OnnxPolicyLogits:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        # With more than one thread, idle pool threads would spin after each call, taking CPU
+        # from the simulators and gRPC threads beside them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(
             export_policy_logits(model), options, providers=["CPUExecutionProvider"])
 
