@@ -162,3 +162,25 @@ def test_sampled_actions_follow_the_policy_softmax():
         np.testing.assert_allclose(probs[d], torch.linspace(-2, 2, K).softmax(0), atol=1e-5)
     again = PACPolicy(model, 1, seed=3).act(batch[:64], np.zeros(64, np.int64), False)
     assert np.array_equal(again, actions[:64])
+
+
+def test_a_network_over_the_onnx_limit_acts_in_torch_alike(monkeypatch):
+    """Networks over ONNX_MAX_PARAMETERS (base, large) run in torch: same greedy actions, same
+    sampled ones for the same seed, as the exported graph."""
+    import numpy as np
+
+    from policies import policy as policy_module
+
+    torch.manual_seed(2)
+    model = PerceiverActorCritic(SPEC, TINY_MODEL).eval()
+    obs = np.random.default_rng(1).normal(size=(4, SPEC.obs_dim)).astype(np.float32)
+    task = np.zeros(4, np.int64)
+    exported = policy_module.PACPolicy(model, 1, seed=5)
+    monkeypatch.setattr(policy_module, "ONNX_MAX_PARAMETERS", 0)
+    in_torch = policy_module.PACPolicy(model, 1, seed=5)
+    np.testing.assert_allclose(in_torch.policy_logits(obs, task),
+                               exported.policy_logits(obs, task), atol=1e-5)
+    assert not isinstance(in_torch._logits, policy_module.OnnxPolicyLogits)
+    assert isinstance(exported._logits, policy_module.OnnxPolicyLogits)
+    assert np.array_equal(in_torch.act(obs, task, True), exported.act(obs, task, True))
+    assert np.array_equal(in_torch.act(obs, task, False), exported.act(obs, task, False))
