@@ -40,3 +40,10 @@ def test_bench_actors_refuses_an_unknown_task():
                             text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("pacflow: error: --task: actors benchmarks ")
+
+
+def test_bench_actors_refuses_zero_waves():
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "actors", "--waves",
+                             "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "pacflow: error: --rounds and --waves must be >= 1"
