@@ -1,8 +1,8 @@
 """Episode writes off the acting thread: a wave's episodes are written while the next wave acts.
 
-Validation, the Parquet archive (with its fsync) and the replay write cost about as much CPU per
-step as the simulator on small tasks (docs/benchmarks.md "Actors"). Done after each wave on the
-acting thread, they stall the next wave; here one background thread does them, and the caller
+Validation, the Parquet archive (with its fsync) and the replay write are a sizeable share of an
+actor's time on small tasks (docs/benchmarks.md "Actors"). Done after each wave on the acting
+thread, they stall the next wave; here one background thread does them, and the caller
 collects each wave's result later. At most one wave is written while the next acts: `submit`
 first finishes the previous wave, so an actor holds at most two waves of episodes.
 
@@ -32,7 +32,7 @@ class Written(Generic[R]):
 
     tag: Any  # what the caller passed with the wave
     result: R  # what write() returned for it
-    waited: float  # seconds the caller blocked waiting for this write (0 when it had ended)
+    waited: float  # seconds the caller blocked waiting for this write (~0 when it had ended)
 
 
 class WaveWriter(Generic[R]):
