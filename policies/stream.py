@@ -165,9 +165,11 @@ def _map_local(header: pb.SnapshotHeader) -> np.ndarray | None:
 class SnapshotReceiver:
     """One snapshot arriving part by part, into a buffer allocated once from the header.
 
-    Data parts are copied into the buffer (`add`). A header that names a local file (Subscribe
-    with local_read) maps that file instead, and `advance` checks the bytes the server reports
-    written: no copy at all, the pages are the server's page cache.
+    Data parts are copied into the buffer (`add`). With `local` (a subscriber reading its
+    server's Subscribe stream, whose header names the server's file) the file is mapped instead,
+    and `advance` checks the bytes the server reports written: no copy at all, the pages are the
+    server's page cache. The server never passes `local`: a publisher's header names no file
+    the server would read.
 
     Usage:
         receiver = SnapshotReceiver(header)
@@ -177,13 +179,13 @@ class SnapshotReceiver:
     """
 
     def __init__(self, header: pb.SnapshotHeader, max_bytes: int = MAX_SNAPSHOT_BYTES,
-                 allocate: Callable[[int], np.ndarray] | None = None):
+                 allocate: Callable[[int], np.ndarray] | None = None, local: bool = False):
         # allocate(n): a writable uint8 buffer of n bytes (e.g. SpareBuffer.take)
         self.header, self.size = header, 0
         if header.total_bytes > max_bytes:
             raise WireError(f"snapshot v{header.version} is {header.total_bytes} bytes, over the "
                             f"limit of {max_bytes}")
-        self.local = bool(header.local_path)
+        self.local = local and bool(header.local_path)
         if self.local:
             self._buffer = _map_local(header)  # None: not on this host, or a failed publish
         else:
@@ -274,7 +276,7 @@ def read_snapshots(parts: Iterable[Part], max_bytes: int = MAX_SNAPSHOT_BYTES,
             if receiver is not None:
                 raise WireError(f"snapshot v{receiver.header.version} ended after "
                                 f"{receiver.size} of {receiver.header.total_bytes} bytes")
-            receiver = SnapshotReceiver(part.header, max_bytes, allocate)
+            receiver = SnapshotReceiver(part.header, max_bytes, allocate, local=True)
         elif receiver is None:
             raise WireError(f"snapshot {kind or 'unknown'} part arrived before its header")
         elif kind == "end" and not part.end.committed:

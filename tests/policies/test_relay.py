@@ -100,6 +100,25 @@ def test_a_publish_that_fails_its_hash_is_dropped_by_subscribers_and_stores_noth
         sub.close()
 
 
+def test_a_publish_header_naming_a_server_file_does_not_make_the_server_read_it(server):
+    """Only subscribers map files a header names: a publisher that names the stored v1 file,
+    sends no data and ends with v1's sha256 is refused, and v2 is not stored."""
+    srv, address, calls, folder = server
+    first = _snapshot(1)
+    calls["Publish"](publish_frames(first), timeout=30)
+    header = pb.SnapshotHeader(version=2, metadata_json='{"cycle": 2}',
+                               total_bytes=first.num_bytes,
+                               local_path=str(folder / "v000001.safetensors"))
+    frames = [pb.SnapshotChunk(header=header).SerializeToString(),
+              end_frame(2, first.sha256)]
+    with pytest.raises(grpc.RpcError) as err:
+        calls["Publish"](iter(frames), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ended after 0 of" in err.value.details()
+    assert srv.latest_version == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["v000001.json", "v000001.safetensors"]
+
+
 def test_a_publisher_that_disconnects_midway_leaves_nothing_behind(server):
     srv, address, calls, folder = server
     sub = PolicySubscriber(address, "actor-0").start()
