@@ -301,7 +301,7 @@ def _mapped(snapshot: Snapshot, path: str) -> Snapshot:
     """The same snapshot with its weights read from its (just written) file: page cache pages,
     shared with local_read subscribers, instead of a private copy."""
     held = Snapshot(snapshot.version, snapshot.metadata,
-                    memoryview(map_file(path, snapshot.num_bytes)))
+                    memoryview(map_file(path, snapshot.num_bytes)), snapshot.finite_checked)
     held.__dict__["sha256"] = snapshot.sha256  # the same bytes, checked while received
     return held
 

@@ -248,7 +248,8 @@ class SnapshotReceiver:
                                     f"the announced {announced[:12]}")
         if not end.sha256:
             raise WireError(f"snapshot v{version}: the end part carries no sha256")
-        snapshot = Snapshot(int(version), json.loads(self.header.metadata_json), self._view)
+        snapshot = Snapshot(int(version), json.loads(self.header.metadata_json), self._view,
+                            finite_checked=True)  # _check saw every tensor
         snapshot.__dict__["sha256"] = sha256  # the cached_property, already computed
         return snapshot
 

@@ -34,6 +34,8 @@ def test_received_tensors_are_views_into_one_buffer_and_equal_the_published_ones
     (received, header), = read_snapshots(_parts(snapshot, chunk_bytes=333))
     assert received.sha256 == snapshot.sha256 and received.metadata == {"cycle": 2}
     assert header.sha256 == ""  # a publisher announces its hash at the end
+    # checked while it arrived, so state_dict() does not check again; bytes from elsewhere are
+    assert received.finite_checked and not snapshot.finite_checked
     buffer = np.asarray(received.weights)
     low, high = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
     tensors = received.state_dict()
