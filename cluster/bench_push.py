@@ -235,23 +235,23 @@ def _median(samples: list[dict], key: str) -> float:
 
 
 def bench_case(publisher, subscribers: list, num_bytes: int, repeats: int,
-               directory: Path, modes: tuple[str, ...] = ("stream", "local"),
-               baseline: bool = True) -> dict:
+               directory: Path, local_only: bool = False) -> dict:
     """Ours, streamed (data parts, what a subscriber on another host gets) and read locally
     (local_read: the server's file through the shared page cache, what a subscriber on the
-    server's host gets), then the baseline, for one (size, subscriber count)."""
+    server's host gets), then the baseline, for one (size, subscriber count); `local_only`:
+    the local read alone (no streamed push, no baseline)."""
     server = PolicyServer(directory, host="127.0.0.1", port=0)
     address = server.start()
     runs, version = {}, 1
     try:
-        for mode in modes:
+        for mode in ("local",) if local_only else ("stream", "local"):
             ray.get([s.subscribe.remote(address, mode == "local") for s in subscribers])
             runs[mode] = [_time_ours(publisher, subscribers, address, v, mode == "local")
                           for v in range(version, version + repeats + 1)]
             ray.get([s.release.remote() for s in subscribers])  # frees the held versions
             version += repeats + 1
         base = [_time_ray(publisher, subscribers, v)
-                for v in range(version, version + repeats + 1)] if baseline else []
+                for v in range(version, version + repeats + 1)] if not local_only else []
         ray.get([s.release.remote() for s in subscribers])
     finally:
         server.stop()
@@ -360,7 +360,7 @@ def run_push_bench(json_path: str | None, sizes: tuple[int, ...] = SIZES,
                         results.append(_skipped_row(case, shortfall, LOCAL_METRIC))
                         continue
                     r = bench_case(publisher, workers[:count], num_bytes, repeats, folder,
-                                   modes=("local",), baseline=False)
+                                   local_only=True)
                     results.append(local_row(case, r, None))
     finally:
         ray.shutdown()

@@ -189,6 +189,12 @@ def weights_name(version: int) -> str:
     return f"v{version:06d}.safetensors"
 
 
+def metadata_name(version: int) -> str:
+    """The file name of a stored version's metadata (written last: it marks the version
+    complete)."""
+    return f"v{version:06d}.json"
+
+
 def save_snapshot(snapshot: Snapshot, directory: str | os.PathLike) -> str:
     """Writes weights then metadata (the metadata file marks the snapshot complete) into a local
     folder or run storage URI; returns the metadata file's path or URI."""
@@ -200,11 +206,11 @@ def save_snapshot(snapshot: Snapshot, directory: str | os.PathLike) -> str:
 def write_snapshot_metadata(snapshot: Snapshot, store: Storage) -> str:
     """Writes the metadata file that marks a stored snapshot complete (its weights must be
     stored already); returns its path or URI."""
-    stem = f"v{snapshot.version:06d}"
+    name = metadata_name(snapshot.version)
     meta = {"version": snapshot.version, "sha256": snapshot.sha256,
             "metadata": dict(snapshot.metadata)}
-    store.put_bytes(f"{stem}.json", json.dumps(meta, indent=1).encode())
-    return join(store.uri, f"{stem}.json")
+    store.put_bytes(name, json.dumps(meta, indent=1).encode())
+    return join(store.uri, name)
 
 
 def snapshot_paths(directory: str | os.PathLike) -> list[str]:

@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from policies.proto import policy_pb2 as pb
 from policies.snapshot import Snapshot, load_snapshot, read_snapshot_metadata, snapshot_paths, \
-    weights_name, write_snapshot_metadata
+    metadata_name, weights_name, write_snapshot_metadata
 from policies.stream import Frame, SnapshotReceiver, SpareBuffer, data_frames, end_frame, \
     header_frame, map_file, parse_frame, progress_frame, publish_frames
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError
@@ -146,7 +146,7 @@ class PolicyStore:
             with self.cond:
                 if version in self._cache:
                     return self._cache[version]
-            snapshot = load_snapshot(join(self.store.uri, f"v{version:06d}.json"))  # hash-checked
+            snapshot = load_snapshot(join(self.store.uri, metadata_name(version)))  # hash-checked
             entry = (snapshot, data_frames(snapshot.weights))  # encoded outside the lock
             with self.cond:
                 self._remember(version, entry)

@@ -305,6 +305,6 @@ def read_snapshots(parts: Iterable[Part], max_bytes: int = MAX_SNAPSHOT_BYTES,
                         f"{receiver.header.total_bytes} bytes")
 
 
-__all__ = ["data_frame", "parse_frame", "header_frame", "end_frame", "heartbeat_frame",
-           "progress_frame", "data_frames", "publish_frames", "SnapshotReceiver", "LocalReadError",
-           "read_snapshots"]
+__all__ = ["SERVICE", "Frame", "data_frame", "parse_frame", "header_frame", "end_frame",
+           "heartbeat_frame", "progress_frame", "data_frames", "publish_frames", "map_file",
+           "SpareBuffer", "SnapshotReceiver", "LocalReadError", "read_snapshots"]

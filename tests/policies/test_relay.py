@@ -12,7 +12,7 @@ from policies.client import PolicyClient, PolicySubscriber, _frame_calls
 from policies.proto import policy_pb2 as pb
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot
-from policies.stream import end_frame, publish_frames, read_snapshots
+from policies.stream import SnapshotReceiver, end_frame, publish_frames, read_snapshots
 from tests.processes import until
 
 
@@ -153,6 +153,9 @@ def test_a_local_read_subscriber_checks_the_servers_file_as_it_is_written(server
     progress = _next_part(stream)
     assert progress.WhichOneof("part") == "progress" and 0 < progress.progress <= 3 * (64 << 10)
     assert not (folder / "v000001.json").exists()  # not stored yet
+    partial = SnapshotReceiver(header, local=True)  # maps the temp file the server is writing
+    partial.advance(progress.progress)
+    assert partial.size == progress.progress  # those bytes hashed and checked, before the rest
     release.set()
     parts = [pb.SnapshotChunk(header=header), progress]
     while parts[-1].WhichOneof("part") != "end":
@@ -160,6 +163,9 @@ def test_a_local_read_subscriber_checks_the_servers_file_as_it_is_written(server
         assert not isinstance(parts[-1], memoryview)  # no data parts on a local_read stream
     publisher.join()
     stream.cancel()
+    for part in parts[2:-1]:
+        partial.advance(part.progress)
+    assert partial.finish(parts[-1].end).sha256 == snapshot.sha256  # renamed: same pages
     # Read now, after the rename: the receiver finds the file under its final name.
     (received, _), = read_snapshots(parts)
     assert received.sha256 == snapshot.sha256

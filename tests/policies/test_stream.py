@@ -96,3 +96,25 @@ def test_an_uncommitted_end_drops_the_snapshot_and_reads_on():
         version=1, committed=False, reason="the server could not store it"))] + _parts(second)
     got = [s.version for s, _ in read_snapshots(stream, on_dropped=dropped.append)]
     assert got == [2] and [d.reason for d in dropped] == ["the server could not store it"]
+
+
+def test_a_spare_buffer_is_reused_only_once_nothing_refers_to_it():
+    from policies.stream import SpareBuffer, new_buffer
+
+    spares = SpareBuffer()
+    first = new_buffer(1000)
+    held = first[10:20]  # a tensor view of the old snapshot, still alive
+    spares.give(first)
+    first_id = id(first)
+    del first
+    assert id(spares.take(1000)) != first_id  # still referred to: a new one
+    second = new_buffer(1000)
+    spares.give(second)
+    second_id = id(second)
+    del second, held
+    assert id(spares.take(500)) != second_id  # another size: a new one
+    third = new_buffer(1000)
+    spares.give(third)
+    third_id = id(third)
+    del third
+    assert id(spares.take(1000)) == third_id  # nothing else refers to it: the same buffer
