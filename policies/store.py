@@ -29,6 +29,7 @@ from replay.storage import Storage, join
 log = logging.getLogger(__name__)
 
 PINS = "pins.json"  # fleet and per-client pins, next to the versions
+CACHED_VERSIONS = 3  # versions whose weights a server holds (the newest touched)
 SYNC_EVERY_BYTES = 64 << 20  # a publish's weights are flushed to disk in the background this
 #                              often, so the final fsync waits for little
 
@@ -97,7 +98,7 @@ class PolicyStore:
     model does not hold every version it ever published.
     """
 
-    def __init__(self, directory: str | Path, cached_versions: int = 3):
+    def __init__(self, directory: str | Path, cached_versions: int = CACHED_VERSIONS):
         self.store = Storage(directory)
         self.cond = threading.Condition()
         self.infos: dict[int, pb.VersionInfo] = {}
@@ -149,13 +150,34 @@ class PolicyStore:
             snapshot = load_snapshot(join(self.store.uri, metadata_name(version)))  # hash-checked
             entry = (snapshot, data_frames(snapshot.weights))  # encoded outside the lock
             with self.cond:
-                self._remember(version, entry)
+                evicted = self._remember(version, entry)
+            self._uncache(evicted)
             return entry
 
-    def _remember(self, version: int, entry: tuple[Snapshot, list[Frame]]) -> None:
+    def _remember(self, version: int, entry: tuple[Snapshot, list[Frame]]) -> list[int]:
+        """Caches `entry`; returns the versions it pushed out (caller: `_uncache`)."""
         self._cache[version] = entry
+        evicted = []
         while len(self._cache) > self._cached_versions:
-            self._cache.popitem(last=False)
+            evicted.append(self._cache.popitem(last=False)[0])
+        return evicted
+
+    def _uncache(self, versions: list[int]) -> None:
+        """Drops evicted versions' weights from the page cache (local storage): a version no
+        one is served from would otherwise keep its pages until memory runs short, and every
+        publish would take fresh pages for its file instead of reusing these. Pages a process
+        still maps (a local_read subscriber holding that version) stay."""
+        if not self.store.local:
+            return
+        for version in versions:
+            try:
+                fd = os.open(self.weights_path(version), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def add(self, snapshot: Snapshot) -> None:
         """Stores a snapshot held in this process as the new latest version (as a Publish)."""
@@ -206,12 +228,13 @@ class PolicyStore:
                                               reason=f"publish failed: {e}"[:500]))
                 raise
             with self.cond:
-                self._remember(snapshot.version, (snapshot, inflight.data))
+                evicted = self._remember(snapshot.version, (snapshot, inflight.data))
                 self.infos[snapshot.version] = _info(snapshot.version, snapshot.sha256,
                                                      snapshot.metadata, snapshot.num_bytes)
                 self.inflight = None
                 self.cond.notify_all()
             inflight.finish(end_frame(snapshot.version, snapshot.sha256))
+            self._uncache(evicted)
             return snapshot
         finally:
             self._publish_lock.release()

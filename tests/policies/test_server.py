@@ -102,3 +102,46 @@ def test_store_keeps_few_versions_in_memory_and_hash_checks_older_ones(tmp_path)
     with pytest.raises(SnapshotError, match="sha256"):
         store.get(2)
     assert PolicyStore(tmp_path).latest == 5  # a restart reads metadata only
+
+
+def _resident_pages(path) -> int:
+    """How many of a file's pages are in the page cache (mincore on a mapping that touches
+    none of them)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    buf = ctypes.c_char.from_buffer(mapped)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    try:
+        assert libc.mincore(ctypes.addressof(buf), size, vec) == 0, ctypes.get_errno()
+        return sum(b & 1 for b in vec)
+    finally:
+        del buf
+        mapped.close()
+
+
+def test_versions_pushed_out_of_the_cache_leave_the_page_cache(tmp_path):
+    from policies.store import PolicyStore
+
+    mounts = [line.split()[1:3] for line in open("/proc/mounts")]
+    _, fs_type = max((m for m in mounts if str(tmp_path).startswith(m[0].rstrip("/") + "/")),
+                     key=lambda m: len(m[0]))
+    if fs_type == "tmpfs":
+        pytest.skip("tmpfs pages cannot be dropped from the page cache")
+    store = PolicyStore(tmp_path, cached_versions=2)
+    for v in range(1, 5):
+        store.add(_snapshot(v, seed=v))
+    files = {v: tmp_path / f"v{v:06d}.safetensors" for v in range(1, 5)}
+    pages = {v: _resident_pages(f) for v, f in files.items()}
+    full = (files[4].stat().st_size + 4095) // 4096
+    assert pages[1] == pages[2] == 0, pages  # pushed out: no one is served from them
+    assert pages[3] == pages[4] == full, pages  # cached: held as the mapped file
+    old, _ = store.get(1)  # still read back from disk, hash-checked; pushes v3 out
+    assert old.sha256 == _snapshot(1, seed=1).sha256
+    assert _resident_pages(files[3]) == 0 and _resident_pages(files[1]) > 0
