@@ -86,27 +86,46 @@ class OnnxPolicyLogits:
     """PolicyLogits run by ONNX Runtime on the CPU, on the calling thread (intra-op threads:
     torch's setting, 1 in an actor): a small network's cost is mostly per operation, and ONNX
     Runtime's per-operation cost is lower than torch's: the tiny preset at batch 1 runs in
-    about half the time of a frozen TorchScript trace (docs/benchmarks.md, "Actors")."""
+    about half the time of a frozen TorchScript trace (docs/benchmarks.md, "Actors").
+
+    The network is exported once; each batch size it meets gets a session of its own with that
+    size fixed (up to STATIC_SESSIONS sizes, ~20 ms each to build), so ONNX Runtime folds the
+    shape arithmetic a free batch axis leaves in the graph (half of its operations for tiny):
+    an actor's batch is its number of envs, nearly always the same. Sizes past that (a
+    gateway's varying batches) share one session with the batch axis free."""
+
+    STATIC_SESSIONS = 4
 
     def __init__(self, model: PerceiverActorCritic):
-        import onnxruntime
+        self._graph = export_policy_logits(model)
+        self._sessions: dict[int | None, object] = {}
+        self._session(None)  # the free-batch one now: a graph ONNX Runtime refuses fails here
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        # With more than one thread, idle pool threads would spin after each call, taking CPU
-        # from the simulators and gRPC threads beside them.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = onnxruntime.InferenceSession(
-            export_policy_logits(model), options, providers=["CPUExecutionProvider"])
+    def _session(self, batch: int | None):  # -> onnxruntime.InferenceSession
+        key = batch if batch in self._sessions or \
+            len(self._sessions.keys() - {None}) < self.STATIC_SESSIONS else None
+        if key not in self._sessions:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+            # With more than one thread, idle pool threads would spin after each call, taking
+            # CPU from the simulators and gRPC threads beside them.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if key is not None:
+                options.add_free_dimension_override_by_name("batch", key)
+            self._sessions[key] = onnxruntime.InferenceSession(
+                self._graph, options, providers=["CPUExecutionProvider"])
+        return self._sessions[key]
 
     def __call__(self, observation: np.ndarray, task_id: np.ndarray,
                  pixels: np.ndarray | None = None) -> np.ndarray:
         feed = {"observation": observation, "task_id": task_id}
         if pixels is not None:
             feed["pixels"] = pixels
-        return self._session.run(None, feed)[0]  # (B, A, K) float32
+        return self._session(len(observation)).run(None, feed)[0]  # (B, A, K) float32
 
 
 # ONNX Runtime copies the weights and helps where per-operation overhead dominates.

@@ -95,8 +95,10 @@ def test_normalisation_statistics_travel_in_the_state_dict():
 
 
 @pytest.mark.parametrize("spec_name", ["state", "pixels", "two_tasks"])
-def test_the_exported_policy_acts_as_the_network_does(spec_name):
-    """PACPolicy runs the network in ONNX Runtime, one graph for every batch size: its logits
+@pytest.mark.parametrize("static_sessions", [4, 1])
+def test_the_exported_policy_acts_as_the_network_does(spec_name, static_sessions, monkeypatch):
+    """PACPolicy runs the network in ONNX Runtime, one exported graph, a session per batch size
+    (its shape fixed) up to STATIC_SESSIONS and the free-batch session past that: its logits
     are the eager network's, and greedy actions are identical, for every batch size it meets
     (a wave's envs end at different steps) and with a camera or padded tasks."""
     import dataclasses
@@ -106,6 +108,8 @@ def test_the_exported_policy_acts_as_the_network_does(spec_name):
     from policies.policy import OnnxPolicyLogits, PACPolicy, PolicyLogits
     from replay.spec import EnvSpec, TaskSpec
     from tests.fakes import PIXEL_SPEC
+
+    monkeypatch.setattr(OnnxPolicyLogits, "STATIC_SESSIONS", static_sessions)
 
     spec = {"state": SPEC, "pixels": PIXEL_SPEC, "two_tasks": dataclasses.replace(
         SPEC, tasks=(*SPEC.tasks, TaskSpec("dm_control:other", ("x",), (2,), 1, "")))}[spec_name]
@@ -131,6 +135,9 @@ def test_the_exported_policy_acts_as_the_network_does(spec_name):
         assert np.array_equal(policy.act(obs, task, True, pixels),
                               model.bins_to_action(bins).numpy())
     assert isinstance(policy._logits, OnnxPolicyLogits)  # not the torch fallback
+    # batch 3 first: fixed; 1 and 16 fixed too while there is room, else the free-batch session
+    assert set(policy._logits._sessions) == ({None, 3, 1, 16} if static_sessions == 4 else
+                                             {None, 3})
 
 
 def test_sampled_actions_follow_the_policy_softmax():
