@@ -136,7 +136,7 @@ class PACPolicy:
     """Samples (or, greedy, takes the per-dimension mode of) the PAC policy head.
 
     A network of up to ONNX_MAX_PARAMETERS runs in ONNX Runtime (OnnxPolicyLogits), exported
-    at its first use, one graph for every batch size; a larger one, or one the exporter cannot
+    at its first use (one graph, a session per batch size); a larger one, or one the exporter cannot
     take, runs in torch. A policy is one version, so its model must not change after it acts.
     Sampling is Gumbel-max on the logits (NumPy, seeded): a draw from each dimension's
     softmax."""
