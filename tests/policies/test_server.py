@@ -127,6 +127,8 @@ def _resident_pages(path) -> int:
 
 
 def test_versions_pushed_out_of_the_cache_leave_the_page_cache(tmp_path):
+    import mmap
+
     from policies.store import PolicyStore
 
     mounts = [line.split()[1:3] for line in open("/proc/mounts")]
@@ -139,7 +141,7 @@ def test_versions_pushed_out_of_the_cache_leave_the_page_cache(tmp_path):
         store.add(_snapshot(v, seed=v))
     files = {v: tmp_path / f"v{v:06d}.safetensors" for v in range(1, 5)}
     pages = {v: _resident_pages(f) for v, f in files.items()}
-    full = (files[4].stat().st_size + 4095) // 4096
+    full = -(-files[4].stat().st_size // mmap.PAGESIZE)  # pages in a whole file
     assert pages[1] == pages[2] == 0, pages  # pushed out: no one is served from them
     assert pages[3] == pages[4] == full, pages  # cached: held as the mapped file
     old, _ = store.get(1)  # still read back from disk, hash-checked; pushes v3 out
