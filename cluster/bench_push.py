@@ -59,7 +59,7 @@ WAIT_SECONDS = 600.0  # per version; a stuck subscriber fails the bench instead 
 # Memory one subscriber process adds while taking versions, in snapshot sizes: the held
 # version and the one arriving (one buffer each, tensors are views into it), plus gRPC's and the
 # allocator's slack: 2.05 measured for 100M parameters in a plain process; in Ray workers on 2
-# cores single subscribers reached 2.67, but not all at once. The baseline's subscriber drops
+# cores single subscribers reached 2.8, but not all at once. The baseline's subscriber drops
 # its held version first and then holds the got bytes and their decoded copy: also 2.
 SUBSCRIBER_PEAK_FACTOR = 2.1
 LOCAL_PEAK_FACTOR = 0.5  # local_read: the pages are the server's page cache, shared
