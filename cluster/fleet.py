@@ -9,7 +9,6 @@ import json
 import logging
 import signal
 import socket
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -283,9 +282,9 @@ def _serve(args: argparse.Namespace) -> int:
                               registry=registry)
     except SecurityError as e:
         raise UsageError(str(e)) from None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    from cluster.shutdown import ShutdownSignals
+
+    stop = ShutdownSignals()
     _log_to_stderr()
     try:
         address = server.start()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 
 from cluster.config import ExperimentConfig
+from cluster.shutdown import ShutdownSignals
 from replay.server import ReplayServer
 
 
@@ -15,9 +14,7 @@ def serve_replay(config: ExperimentConfig, directory: Path, host: str, port: int
     """Runs the Reverb server until SIGINT/SIGTERM; checkpoints every period and at shutdown."""
     spec = config.env.spec()
     server = ReplayServer(spec, config.replay, directory, host=host, port=port or None)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = ShutdownSignals()
     print(f"replay serving table {config.replay.table!r} on {server.address} "
           f"({server.num_items()} items restored from {directory})", flush=True)
     while not stop.wait(checkpoint_period_seconds):

@@ -1,0 +1,43 @@
+"""Waiting for SIGINT/SIGTERM in a command's main thread, without a lock in the handler."""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import time
+
+
+class ShutdownSignals:
+    """SIGINT and SIGTERM as something the main thread waits on, with a timeout.
+
+    The kernel may hand a process's signal to any of its threads (Reverb's, gRPC's); Python's
+    C-level handler then only flags it, and a main thread blocked in `threading.Event.wait`
+    runs the Python handler when that wait times out (`pacflow replay serve` waited out its
+    600 s checkpoint period after SIGTERM). And a handler calling `Event.set()` can deadlock
+    if it runs while the main thread holds that Event's lock. Here the handlers do nothing:
+    the C-level handler writes each signal's number to a wakeup socket
+    (`signal.set_wakeup_fd`), whichever thread it runs on, and `wait` selects on that socket.
+    Create it in the main thread."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+        self._signals = set(signals)
+        self._read, self._write = socket.socketpair()
+        for end in (self._read, self._write):
+            end.setblocking(False)
+        self.received: int | None = None  # the first of `signals` that came
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, lambda *_: None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once one of the signals has come (now or before), False after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.received is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._read], [], [], left)[0]:
+                return False
+            for signum in self._read.recv(256):  # one byte per signal caught, its number
+                if signum in self._signals and self.received is None:
+                    self.received = signum
+        return True

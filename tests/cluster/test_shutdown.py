@@ -1,0 +1,73 @@
+"""ShutdownSignals: a command's main thread waits for SIGINT/SIGTERM without a deadlock-prone
+handler; real child processes get real signals at moments drawn from a seeded RNG."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD = """
+import signal, sys, threading
+from cluster.shutdown import ShutdownSignals
+stop = ShutdownSignals()
+if sys.argv[1] == "other-thread":  # the kernel can only deliver them to another thread
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+print("ready", flush=True)
+if sys.argv[1] == "late":  # the signal comes before the first wait
+    sys.stdin.readline()
+    print("waited" if stop.wait(30) else "timed out", stop.received, flush=True)
+else:
+    timeouts = 0
+    while not stop.wait(0.005 if sys.argv[1] == "loop" else 600):
+        timeouts += 1
+    print("stopped", stop.received, timeouts, flush=True)
+"""
+
+
+def _child(mode: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_at_any_moment_of_the_wait_loop_stops_it(sig):
+    rng = random.Random(20261203)
+    for trial in range(12):
+        proc = _child("loop")
+        delay = 0.0 if trial < 4 else rng.uniform(0, 0.05)  # at once: as the wait begins
+        time.sleep(delay)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=20)  # the old Event-based wait could hang here
+        assert proc.returncode == 0, (trial, delay, out)
+        word, received, timeouts = out.split()
+        assert (word, int(received)) == ("stopped", sig)
+
+
+def test_a_signal_before_the_wait_is_kept_and_a_wait_without_one_times_out():
+    proc = _child("late")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate("go\n", timeout=20)
+    assert proc.returncode == 0 and out.split() == ["waited", str(int(signal.SIGTERM))]
+    proc = _child("loop")
+    time.sleep(0.2)  # several 5 ms waits time out first
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert int(out.split()[2]) > 0, out
+
+
+def test_a_signal_caught_by_another_thread_ends_a_long_wait():
+    """As in `pacflow replay serve`, whose Reverb and gRPC threads may be the ones the kernel
+    hands SIGTERM to: the main thread's wait (600 s) must end at once, not at its timeout (the
+    Event-based wait this replaced hung here)."""
+    proc = _child("other-thread")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and out.split() == ["stopped", str(int(signal.SIGTERM)), "0"]
