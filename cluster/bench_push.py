@@ -52,14 +52,14 @@ SUBSCRIBERS = (4, 16)
 REPEATS = 5  # timed versions per case and way, after the warm-up versions
 # Untimed versions first, per way: the server's cache of versions fills and pushes one out,
 # so each timed publish writes into the pages an evicted version gave back, as in a long run
-# (a fresh page costs ~4x a reused one here); the same count for Ray, whose first gets also
-# take fresh pages.
+# (a fresh page costs several times a reused one here); the same for Ray, whose first gets
+# also take fresh pages.
 WARMUP_VERSIONS = CACHED_VERSIONS + 1
 WAIT_SECONDS = 600.0  # per version; a stuck subscriber fails the bench instead of hanging it
 # Memory one subscriber process adds while taking versions, in snapshot sizes: the held
 # version and the one arriving (one buffer each, tensors are views into it), plus gRPC's and the
-# allocator's slack: 2.05 measured for 100M parameters in a plain process; in Ray workers on 2
-# cores single subscribers reached 2.8, but not all at once. The baseline's subscriber drops
+# allocator's slack: 2.02-2.09 measured for 100M parameters in a plain process; in Ray workers on
+# 2 cores single subscribers reached 2.8, but not all at once. The baseline's subscriber drops
 # its held version first and then holds the got bytes and their decoded copy: also 2.
 SUBSCRIBER_PEAK_FACTOR = 2.1
 LOCAL_PEAK_FACTOR = 0.5  # local_read: the pages are the server's page cache, shared

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.cli import UsageError, load_config_args
+from cluster.shutdown import ShutdownSignals
 from policies.security import ClientSecurity, SecurityError, ServerSecurity, is_loopback
 
 
@@ -282,8 +283,6 @@ def _serve(args: argparse.Namespace) -> int:
                               registry=registry)
     except SecurityError as e:
         raise UsageError(str(e)) from None
-    from cluster.shutdown import ShutdownSignals
-
     stop = ShutdownSignals()
     _log_to_stderr()
     try:

@@ -37,7 +37,6 @@ class ShutdownSignals:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not select.select([self._read], [], [], left)[0]:
                 return False
-            for signum in self._read.recv(256):  # one byte per signal caught, its number
-                if signum in self._signals and self.received is None:
-                    self.received = signum
+            caught = [n for n in self._read.recv(256) if n in self._signals]  # a byte a signal
+            self.received = caught[0] if caught else None
         return True

@@ -102,23 +102,28 @@ class OnnxPolicyLogits:
         self._session(None)  # the free-batch one now: a graph ONNX Runtime refuses fails here
 
     def _session(self, batch: int | None):  # -> onnxruntime.InferenceSession
-        key = batch if batch in self._sessions or \
-            len(self._sessions.keys() - {None}) < self.STATIC_SESSIONS else None
-        if key not in self._sessions:
-            import onnxruntime
+        session = self._sessions.get(batch)  # every call but a new size's first: one lookup
+        if session is None:
+            fixed = len(self._sessions) - (None in self._sessions)  # sessions of a fixed size
+            key = batch if fixed < self.STATIC_SESSIONS else None
+            session = self._sessions.get(key) or self._new_session(key)
+            self._sessions[key] = session
+        return session
 
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-            # With more than one thread, idle pool threads would spin after each call, taking
-            # CPU from the simulators and gRPC threads beside them.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if key is not None:
-                options.add_free_dimension_override_by_name("batch", key)
-            self._sessions[key] = onnxruntime.InferenceSession(
-                self._graph, options, providers=["CPUExecutionProvider"])
-        return self._sessions[key]
+    def _new_session(self, batch: int | None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        # With more than one thread, idle pool threads would spin after each call, taking CPU
+        # from the simulators and gRPC threads beside them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if batch is not None:
+            options.add_free_dimension_override_by_name("batch", batch)
+        return onnxruntime.InferenceSession(self._graph, options,
+                                            providers=["CPUExecutionProvider"])
 
     def __call__(self, observation: np.ndarray, task_id: np.ndarray,
                  pixels: np.ndarray | None = None) -> np.ndarray:
@@ -136,8 +141,8 @@ class PACPolicy:
     """Samples (or, greedy, takes the per-dimension mode of) the PAC policy head.
 
     A network of up to ONNX_MAX_PARAMETERS runs in ONNX Runtime (OnnxPolicyLogits), exported
-    at its first use (one graph, a session per batch size); a larger one, or one the exporter cannot
-    take, runs in torch. A policy is one version, so its model must not change after it acts.
+    at its first use (one graph, a session per batch size); a larger one, or one the exporter
+    cannot take, runs in torch. A policy is one version, so its model must not change after it acts.
     Sampling is Gumbel-max on the logits (NumPy, seeded): a draw from each dimension's
     softmax."""
 

@@ -29,7 +29,7 @@ from replay.storage import Storage, join
 log = logging.getLogger(__name__)
 
 PINS = "pins.json"  # fleet and per-client pins, next to the versions
-CACHED_VERSIONS = 3  # versions whose weights a server holds (the newest touched)
+CACHED_VERSIONS = 3  # versions whose weights a server holds (those used last)
 SYNC_EVERY_BYTES = 64 << 20  # a publish's weights are flushed to disk in the background this
 #                              often, so the final fsync waits for little
 
