@@ -52,6 +52,20 @@ def default_cases(quick: bool = False) -> list[ActorCase]:
             for p in ("tiny", "small") for px in (False, True)]
 
 
+def select_cases(cases: list[ActorCase], presets: list[str] | None = None,
+                 task: str | None = None, observations: list[str] | None = None,
+                 actors: list[int] | None = None, envs: list[int] | None = None
+                 ) -> list[ActorCase]:
+    """The cases of `presets`, `task` and `observations` ("state", "pixels"); with `actors` or
+    `envs`, each kept case at those counts instead of its own (any counts, not only the
+    grid's), once each. None keeps all."""
+    kept = [c for c in cases if (not presets or c.preset in presets)
+            and (not task or c.task == task)
+            and (not observations or ("pixels" if c.pixels else "state") in observations)]
+    return list(dict.fromkeys(dataclasses.replace(c, actors=a, envs=k) for c in kept
+                              for a in actors or [c.actors] for k in envs or [c.envs]))
+
+
 def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, barrier,
           results) -> None:
     """One actor process: `rounds` x (raw waves, acting waves), each side started together

@@ -212,7 +212,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_actors(args: argparse.Namespace) -> int:
     from cluster.bench import format_report
-    from cluster.bench_actors import ENV_REPEAT, default_cases, run_actor_bench
+    from cluster.bench_actors import ENV_REPEAT, default_cases, run_actor_bench, select_cases
     from policies.perceiver import PRESETS
 
     cases = default_cases(quick=args.quick)
@@ -221,8 +221,11 @@ def _bench_actors(args: argparse.Namespace) -> int:
             raise UsageError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if args.task and args.task not in ENV_REPEAT:
         raise UsageError(f"--task: actors benchmarks {', '.join(ENV_REPEAT)}, not {args.task!r}")
-    cases = [c for c in cases if (not args.preset or c.preset in args.preset)
-             and (not args.task or c.task == args.task)]
+    for flag, values in (("--actors", args.actors), ("--envs", args.envs)):
+        if any(v < 1 for v in values or []):
+            raise UsageError(f"{flag} must be >= 1")
+    cases = select_cases(cases, args.preset, args.task, args.observations, args.actors,
+                         args.envs)
     if args.rounds < 1 or args.waves < 1:
         raise UsageError("--rounds and --waves must be >= 1")
     print(format_report(run_actor_bench(cases, args.rounds, args.json, waves=args.waves)))
@@ -337,6 +340,12 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--quick", action="store_true",
                        help="actors: cartpole, 1 actor, 1 and 4 envs, tiny, state only")
+    bench.add_argument("--actors", type=int, action="append", default=None,
+                       help="actors: actor processes (repeatable; default 1 2)")
+    bench.add_argument("--envs", type=int, action="append", default=None,
+                       help="actors: environments per actor (repeatable; default 1 4 16)")
+    bench.add_argument("--observations", action="append", choices=["state", "pixels"],
+                       default=None, help="actors: state, pixels (repeatable; default both)")
     bench.add_argument("--rounds", type=int, default=3,
                        help="actors: timed rounds per case, after one warm-up")
     bench.add_argument("--waves", type=int, default=2,

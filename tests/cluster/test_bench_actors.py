@@ -47,3 +47,25 @@ def test_bench_actors_refuses_zero_waves():
                              "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "pacflow: error: --rounds and --waves must be >= 1"
+
+
+def test_cases_are_selected_by_preset_task_observations_and_counts():
+    from cluster.bench_actors import ActorCase, default_cases, select_cases
+
+    grid = default_cases()
+    walker_pixels = select_cases(grid, ["small"], "dm_control:walker-walk", ["pixels"])
+    assert walker_pixels == [ActorCase("dm_control:walker-walk", a, k, "small", True)
+                             for a in (1, 2) for k in (1, 4, 16)]
+    # Counts outside the grid replace each kept case's own, once each.
+    assert select_cases(grid, ["tiny"], None, ["state"], actors=[8], envs=[32, 64]) == [
+        ActorCase(t, 8, k, "tiny", False) for t in ("dm_control:cartpole-swingup",
+                                                     "dm_control:walker-walk") for k in (32, 64)]
+    assert select_cases(grid) == grid
+
+
+def test_bench_actors_refuses_zero_envs():
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "actors", "--envs",
+                             "4", "--envs", "0"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "pacflow: error: --envs must be >= 1"
