@@ -70,7 +70,7 @@ SHADOW_MAP_TEXELS_PER_PIXEL = 8  # shadow map side per image side: as sharp as t
 def shadow_map_size(pixels_shape: tuple[int, ...], model_size: int) -> int:
     """The shadow map side for camera images of `pixels_shape` (H, W, 3): the model's, capped
     at SHADOW_MAP_TEXELS_PER_PIXEL x the image's longer side (at least 256). The suite's 2048
-    map is most of a small image's cost in software rendering (64 x 64 with OSMesa: 14-15 ms
+    map is most of a small image's cost in software rendering (64 x 64 with OSMesa: 13.6-15 ms
     a frame, 6-9 ms with a 512 map), and at 64 x 64 a 512 map gives the same image to within
     0.05 of 255 on average (tests/actors/test_envs.py)."""
     return min(model_size, max(256, SHADOW_MAP_TEXELS_PER_PIXEL * max(pixels_shape[:2])))
