@@ -7,13 +7,16 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from cluster.config import ClusterConfig
 from replay.storage import Storage, run_id, scratch_dir
@@ -21,35 +24,81 @@ from replay.storage import Storage, run_id, scratch_dir
 
 class ScrapeClock:
     """A collector with no samples that notes when each full scrape begins (registered first,
-    so a scrape that began after a value was set reads it): `final_scrape` lets a process end
-    only once Prometheus has read its final counts. A scrape restricted to named metrics
-    (`/metrics?name[]=...`, as the driver's live progress reads) does not count: this
-    collector's own name is never among them."""
+    so a scrape that began after a value was set reads it) and, through `MetricsApp`, when its
+    body has been sent: `final_scrape` lets a process end only once Prometheus has been sent
+    its final counts (a process killed while a scrape's body is still being made loses that
+    scrape). A scrape restricted to named metrics (`/metrics?name[]=...`, as the driver's live
+    progress reads) does not count: this collector's own name is never among them."""
 
     NAME = "pacflow_scrape_clock"
 
     def __init__(self):
         self._scraped = threading.Condition()
-        self._last = None  # time.monotonic() at the start of the newest scrape; None: never
+        self._last = None  # time.monotonic() at the start of the newest sent scrape; None: never
+        self._began = threading.local()  # in a request's thread: when its full scrape began
 
     def describe(self):
         return [GaugeMetricFamily(self.NAME, "never exported")]
 
     def collect(self):
-        with self._scraped:
-            self._last = time.monotonic()
-            self._scraped.notify_all()
+        self._began.at = time.monotonic()
         return []
 
+    def sent(self) -> None:
+        """The request on this thread has written its whole body to the socket."""
+        began, self._began.at = getattr(self._began, "at", None), None
+        if began is not None:
+            with self._scraped:
+                self._last = began if self._last is None else max(self._last, began)
+                self._scraped.notify_all()
+
     def final_scrape(self, timeout: float) -> bool:
-        """Waits up to `timeout` s for a scrape that begins after this call, if something
-        scraped this endpoint in the last `timeout` s (a scraper is at work; else returns at
-        once); whether one came."""
+        """Waits up to `timeout` s for a scrape that begins after this call and is sent, if
+        something scraped this endpoint in the last `timeout` s (a scraper is at work; else
+        returns at once); whether one came."""
         now = time.monotonic()
         with self._scraped:
             if self._last is None or now - self._last > timeout:
                 return False
             return self._scraped.wait_for(lambda: self._last > now, timeout)
+
+
+class _Sent:
+    """A WSGI body that tells the clock once the server has written all of it (wsgiref asks
+    for the next chunk only after writing the last one, and calls `close` at the end)."""
+
+    def __init__(self, body, clock: ScrapeClock):
+        self._body, self._clock, self._written = body, clock, False
+
+    def __iter__(self):
+        yield from self._body
+        self._written = True
+
+    def close(self) -> None:
+        if self._written:  # not after a failed write
+            self._clock.sent()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # no line per scrape on stderr
+        pass
+
+
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry,
+                         clock: ScrapeClock | None = None) -> ThreadingWSGIServer:
+    """prometheus_client's endpoint for `registry` on `host:port` (0: any free port), served
+    by a daemon thread; with `clock`, each full scrape is noted once its body is sent."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        body = metrics(environ, start_response)
+        return body if clock is None else _Sent(body, clock)
+
+    server = make_server(host, port, app, server_class, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def serve_metrics(run: str, name: str, host: str = "127.0.0.1") -> CollectorRegistry:
@@ -59,7 +108,7 @@ def serve_metrics(run: str, name: str, host: str = "127.0.0.1") -> CollectorRegi
     registry = CollectorRegistry()
     registry.scrape_clock = ScrapeClock()
     registry.register(registry.scrape_clock)
-    server, _ = start_http_server(0, addr=host, registry=registry)
+    server = start_metrics_server(host, 0, registry, registry.scrape_clock)
     entry = [{"targets": [f"{host}:{server.server_port}"],
               "labels": {"component": name.split("-")[0], "instance_name": name,
                          "run_id": run_id(run), "node_id": node_id()}}]

@@ -134,3 +134,40 @@ def test_an_ending_process_waits_for_one_scrape_after_its_final_values(tmp_path)
     started = time.monotonic()
     assert registry.scrape_clock.final_scrape(0.2) is False
     assert time.monotonic() - started < 0.2
+
+
+def test_the_final_scrape_counts_only_once_its_body_is_sent(tmp_path):
+    """A scrape that has begun but whose body is still being made (a slow collector) is not
+    the final one yet: a process that ended then would lose it (the run's end kills it)."""
+    import threading
+
+    from prometheus_client import Counter
+
+    run = str(tmp_path / "run")
+    registry = serve_metrics(run, "actor-0")
+    address = read_targets(run)[0]["targets"][0]
+    url = f"http://{address}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        r.read()  # a scraper is at work
+    Counter("pacflow_actor_episodes", "", registry=registry).inc(24)  # the final value
+    result, during = [], []
+    waiter = threading.Thread(target=lambda: result.append(
+        registry.scrape_clock.final_scrape(60)))
+    waiter.start()
+
+    class Slow:
+        """Made after the clock noted the scrape's start: the final scrape must not have
+        ended while it runs."""
+
+        def collect(self):
+            waiter.join(timeout=1.0)  # the old clock let it end here, within a second
+            during.append(list(result))
+            return []
+
+    registry.register(Slow())
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    waiter.join(timeout=60)
+    assert during == [[]]
+    assert result == [True]
+    assert "pacflow_actor_episodes_total 24.0" in text
