@@ -39,3 +39,17 @@ def test_policy_push_json(tmp_path):
 def test_cases_that_cannot_fit_are_refused_up_front():
     assert _memory_shortfall(1 << 20, 2) is None
     assert "GB available" in _memory_shortfall(1 << 40, 16)
+
+
+@pytest.mark.slow  # Ray, a policy server, a publisher and 4 subscribers taking 128 MB versions
+def test_a_streamed_subscriber_holds_little_beyond_its_two_buffers(tmp_path):
+    """Subscribers in Ray workers (as actors run them) taking 128 MB versions streamed: the
+    peak RSS while taking one version over the RSS just before (the held version and the spare
+    buffer the next one fills). With gRPC's BDP-grown receive window it was 49-105 MB on 2
+    cores; with the fixed 4 MiB window (policies/client.py RECEIVE_WINDOW_BYTES) 18-19 MB."""
+    report = run_push_bench(None, sizes=(32_000_000,), subscribers=(4,), repeats=2)
+    latency = report["results"][0]
+    assert latency["metric"] == "seconds_until_all_hold"
+    detail = latency["detail"]
+    assert detail["verified_subscribers"] == 4
+    assert detail["subscriber_peak_growth_bytes"] < 32 << 20, detail
