@@ -4,9 +4,11 @@ Ours: a real `PolicyServer` on loopback in the driver; a publisher process (the 
 calls `policies.client.publish`; S subscriber processes each run a `PolicySubscriber`, which
 receives the version while the server receives and stores it, checks the sha256 and every
 tensor (finite values; names and shapes against the held version) and holds it once the server
-says it is stored. Twice: streamed (data parts over gRPC, what a subscriber on another host gets)
-and with local_read (the server's file through the shared page cache, what a subscriber on the
-server's host gets). Each subscriber waits in `wait_for_version` on a thread armed before the
+says it is stored. Three ways: streamed (data parts over gRPC, each subscriber its own copy),
+with local_read (the server's file through the shared page cache, what a subscriber on the
+server's host gets), and through a relay (a `PolicyRelay` process takes one streamed copy into
+its own files, which the subscribers read: what a run's collectors on another node get, one
+copy per node). Each subscriber waits in `wait_for_version` on a thread armed before the
 publish and stamps `time.time()` when it returns; the case time is the last stamp minus the
 publisher's stamp just before Publish (one machine, one clock, no Ray RPC inside the interval).
 
@@ -15,9 +17,9 @@ calls every subscriber with the ref; each `ray.get`s it and runs the same checks
 before holding it. Case time: put start until the last subscriber holds it; this includes one
 Ray actor call per subscriber, the way a Ray broadcast would tell them.
 
-Each way (streamed, local read, Ray) publishes WARMUP_VERSIONS untimed versions, then `repeats`
-timed versions; medians are reported. Ratio = baseline seconds / ours (higher is better; 1.0 =
-as fast as Ray's object store).
+Each way (streamed, local read, relay, Ray) publishes WARMUP_VERSIONS untimed versions, then
+`repeats` timed versions; medians are reported. Ratio = baseline seconds / ours (higher is
+better; 1.0 = as fast as Ray's object store).
 A case whose estimated peak memory does not fit the machine is recorded as skipped, not run.
 """
 
@@ -41,6 +43,7 @@ import torch
 
 from cluster.bench import machine
 from policies.client import PolicySubscriber, publish, weight_shapes
+from policies.relay import PolicyRelay
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot
 from policies.store import CACHED_VERSIONS
@@ -64,6 +67,7 @@ WAIT_SECONDS = 600.0  # per version; a stuck subscriber fails the bench instead 
 SUBSCRIBER_PEAK_FACTOR = 2.1
 LOCAL_PEAK_FACTOR = 0.5  # local_read: the pages are the server's page cache, shared
 LOCAL_METRIC = "seconds_until_all_hold_local_read"
+RELAY_METRIC = "seconds_until_all_hold_relay"
 DRIVER_FACTOR = 4.0  # server (receive buffer, cached versions' frames), publisher (its weights
 #                      and one snapshot) and Ray's object store. Measured: 100M x 16 (both ways
 #                      and Ray) took at most 14 GB more than the machine used before it, 35
@@ -180,6 +184,23 @@ class SubscriberWorker:
         _release_memory()
 
 
+class RelayWorker:
+    """Another host's policy relay (policies/relay.py): one streamed subscription to the
+    server, stored in its own files, which the subscribers read (local_read)."""
+
+    def __init__(self) -> None:
+        self._relay: PolicyRelay | None = None
+
+    def start(self, upstream: str, directory: str) -> str:
+        self._relay = PolicyRelay(upstream, directory, client_id="bench-relay").start()
+        return self._relay.address
+
+    def stop(self) -> None:
+        self._relay.stop()
+        self._relay = None
+        _release_memory()
+
+
 def _release_memory() -> None:
     """Frees what the previous case left behind, heap pages included (glibc keeps them)."""
     gc.collect()
@@ -246,7 +267,7 @@ def _median(samples: list[dict], key: str) -> float:
 
 
 def bench_case(publisher, subscribers: list, num_bytes: int, repeats: int,
-               directory: Path, local_only: bool = False) -> dict:
+               directory: Path, local_only: bool = False, relay=None) -> dict:
     """Ours, streamed (data parts, what a subscriber on another host gets) and read locally
     (local_read: the server's file through the shared page cache, what a subscriber on the
     server's host gets), then the baseline, for one (size, subscriber count); `local_only`:
@@ -255,11 +276,15 @@ def bench_case(publisher, subscribers: list, num_bytes: int, repeats: int,
     address = server.start()
     runs, version, per_way = {}, 1, WARMUP_VERSIONS + repeats
     try:
-        for mode in ("local",) if local_only else ("stream", "local"):
-            ray.get([s.subscribe.remote(address, mode == "local") for s in subscribers])
-            runs[mode] = [_time_ours(publisher, subscribers, address, v, mode == "local")
+        for mode in ("local",) if local_only else ("stream", "local", "relay"):
+            source = ray.get(relay.start.remote(address, str(directory / "relay"))) \
+                if mode == "relay" else address
+            ray.get([s.subscribe.remote(source, mode != "stream") for s in subscribers])
+            runs[mode] = [_time_ours(publisher, subscribers, address, v, mode != "stream")
                           for v in range(version, version + per_way)]
             ray.get([s.release.remote() for s in subscribers])  # frees the held versions
+            if mode == "relay":
+                ray.get(relay.stop.remote())
             version += per_way
         base = [_time_ray(publisher, subscribers, v)
                 for v in range(version, version + per_way)] if not local_only else []
@@ -270,7 +295,8 @@ def bench_case(publisher, subscribers: list, num_bytes: int, repeats: int,
         del server
         _release_memory()
     w = WARMUP_VERSIONS
-    return {"ours": runs.get("stream", [])[w:], "local": runs["local"][w:], "base": base[w:],
+    return {"ours": runs.get("stream", [])[w:], "local": runs["local"][w:],
+            "relay": runs.get("relay", [])[w:], "base": base[w:],
             "bytes": num_bytes, "subscribers": len(subscribers)}
 
 
@@ -304,19 +330,25 @@ def push_results(case: str, r: dict) -> list[dict]:
         {"case": case, "metric": "delivered_gb_per_s", "value": delivered_gb / ours_s,
          "unit": "GB/s", "baseline": delivered_gb / base_s, "ratio": base_s / ours_s},
         local_row(case, r, base_s),
+        local_row(case, r, base_s, "relay"),
     ]
 
 
-def local_row(case: str, r: dict, base_s: float | None) -> dict:
-    """The local_read latency row (against Ray when the baseline ran)."""
-    local_s = _median(r["local"], "all_s")
-    return {"case": case, "metric": LOCAL_METRIC, "value": local_s,
-            "unit": "s", "baseline": base_s, "ratio": base_s / local_s if base_s else None,
+def local_row(case: str, r: dict, base_s: float | None, way: str = "local") -> dict:
+    """The latency row of the local read ("local": the server's files, a subscriber on its
+    host) or of the relay ("relay": one streamed subscription into a relay's files, which the
+    subscribers read: another host's subscribers behind their host's relay), against Ray when
+    the baseline ran."""
+    runs = r[way]
+    local_s = _median(runs, "all_s")
+    return {"case": case, "metric": LOCAL_METRIC if way == "local" else RELAY_METRIC,
+            "value": local_s, "unit": "s", "baseline": base_s,
+            "ratio": base_s / local_s if base_s else None,
             "detail": {"bytes": r["bytes"], "subscribers": r["subscribers"],
-                       "local_samples_s": [s["all_s"] for s in r["local"]],
-                       "local_publish_rpc_s": _median(r["local"], "publish_s"),
-                       "local_subscriber_peak_growth_bytes":
-                           max(s["peak_growth"] for s in r["local"])}}
+                       f"{way}_samples_s": [s["all_s"] for s in runs],
+                       f"{way}_publish_rpc_s": _median(runs, "publish_s"),
+                       f"{way}_subscriber_peak_growth_bytes":
+                           max(s["peak_growth"] for s in runs)}}
 
 
 def _label(num_params: int) -> str:
@@ -354,6 +386,7 @@ def run_push_bench(json_path: str | None, sizes: tuple[int, ...] = SIZES,
         publisher = ray.remote(num_cpus=0)(PublisherWorker).remote()
         workers = [ray.remote(num_cpus=0)(SubscriberWorker).remote(i)
                    for i in range(max(subscribers))]
+        relay = ray.remote(num_cpus=0)(RelayWorker).remote()
         with tempfile.TemporaryDirectory(prefix="pacflow-bench-push-") as tmp:
             for num_params in sorted(sizes, reverse=True):  # largest first, while most is free
                 num_bytes = ray.get(publisher.prepare.remote(num_params))
@@ -362,7 +395,8 @@ def run_push_bench(json_path: str | None, sizes: tuple[int, ...] = SIZES,
                     folder = Path(tmp) / case.replace(",", "_").replace("=", "-")
                     shortfall = _memory_shortfall(num_bytes, count)
                     if not shortfall:
-                        r = bench_case(publisher, workers[:count], num_bytes, repeats, folder)
+                        r = bench_case(publisher, workers[:count], num_bytes, repeats, folder,
+                                       relay=relay)
                         results += push_results(case, r)
                         continue
                     log.warning("streamed push and Ray baseline of %s: %s", case, shortfall)

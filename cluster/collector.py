@@ -16,8 +16,8 @@ from actors.robot_spec import is_robot_task
 from actors.wave_writer import WaveWriter, Written
 from cluster.config import ClusterConfig, EnvConfig
 from cluster.metrics import ActorMetrics, quarantine_collector
-from cluster.process import RunProcess, advertised_host, read_address
-from cluster.workers import ReplayActorAdder
+from cluster.process import RunProcess, advertised_host, node_id, read_address
+from cluster.workers import ReplayActorAdder, relay_name
 from policies.client import PolicySubscriber
 from policies.perceiver import PerceiverConfig
 from policies.policy import PACPolicy, Policy, RandomPolicy
@@ -73,12 +73,18 @@ class CollectorWorker(RunProcess):
                                  ReplayActorAdder(replay), join(run, "quarantine"))
         self.registry.register(quarantine_collector(self._sink))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
-        self._subscriber = PolicySubscriber(
-            addresses["policy"], self.actor_id,
-            unpack_client_security(credentials or {},
-                                   scratch_dir(run, self.actor_id) / "credentials"),
-            functools.partial(read_address, run, "policyserver"),
-            local_read=True).start()  # on the server's host: its files, no copy
+        relay = relay_name(node_id())
+        if relay in addresses:  # another node than the server's: its relay's files, no copy
+            self._subscriber = PolicySubscriber(
+                addresses[relay], self.actor_id, resolve=functools.partial(
+                    read_address, run, relay), local_read=True).start()
+        else:
+            self._subscriber = PolicySubscriber(
+                addresses["policy"], self.actor_id,
+                unpack_client_security(credentials or {},
+                                       scratch_dir(run, self.actor_id) / "credentials"),
+                functools.partial(read_address, run, "policyserver"),
+                local_read=True).start()  # on the server's host: its files, no copy
         self._writer = WaveWriter(lambda wave: self._write(*wave))  # (episodes, to_replay)
         self._metrics = ActorMetrics(self.registry, run, self.actor_id,
                                      lambda: self._policy.policy_version, self._newest_received)

@@ -173,6 +173,10 @@ class ClusterConfig:
     max_restarts: int = 3
     replay_port: int = 0  # fixed Reverb port; 0 = a free one
     policy_port: int = 0  # fixed policy server (gRPC) port; 0 = a free one
+    # A policy relay (policies/relay.py) on each node other than the policy server's that
+    # collectors may run on: it takes each version once and that node's collectors read its
+    # files, instead of each collector receiving its own copy over the network.
+    policy_relays: bool = True
     # Where runs go when --run-dir is not given: a folder or an object-store URI (s3://, gs://)
     # under which each run gets its own `<time>-<task>` folder. On a multi-node cluster it must
     # be a URI (file:// for a folder every node mounts): node-local folders would scatter a run.

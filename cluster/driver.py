@@ -33,6 +33,7 @@ from cluster.report import CycleRow, format_header, format_row, plot_returns, re
 from cluster.discovery import clear_targets
 from cluster.metrics import RunMetrics
 from cluster.process import advertised_host, serve_metrics
+from cluster.relays import start_relays
 from cluster.progress import CycleProgress, RunView
 from cluster.robots import wait_for_robots
 from cluster.collector import CollectorWorker
@@ -137,6 +138,13 @@ class Topology:
             LearnerWorker).remote(spec, config.model, config.learner, config.replay,
                                   self.addresses["replay"], run, config.loop.seed, c,
                                   credentials["learner"])
+        # Before the collectors, which find their node's relay among the addresses.
+        relays = start_relays(c, run, self.policy, self.addresses["policy"],
+                              credentials["actor"], restarts)
+        self.relays = {name: handle for name, (_, handle, _) in relays.items()}
+        self.addresses.update(zip(relays, wait([(name, ref) for name, (_, _, ref) in
+                                                relays.items()], "start-up",
+                                               config.loop.call_timeout_seconds)))
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
                                **restarts)(CollectorWorker)
         self.actors = [
@@ -160,7 +168,7 @@ class Topology:
 
     def named(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
         return [("replay", self.replay), ("policyserver", self.policy), ("learner", self.learner),
-                *((f"actor-{i}", a) for i, a in enumerate(self.actors)),
+                *((f"actor-{i}", a) for i, a in enumerate(self.actors)), *self.relays.items(),
                 *((("evaluator", self.evaluator),) if self.evaluator else ())]
 
 

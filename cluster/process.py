@@ -205,6 +205,10 @@ class RunProcess:
         Storage(self._run).put_bytes(f"addresses/{self._name}.json", json.dumps(
             {"address": address, "incarnation": uuid.uuid4().hex}).encode())
 
+    def node(self) -> str:
+        """The Ray node this process runs on."""
+        return node_id()
+
     def final_scrape(self, timeout: float) -> bool:
         """At the run's end: waits for Prometheus to read this process's final values
         (ScrapeClock.final_scrape)."""

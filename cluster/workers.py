@@ -22,7 +22,7 @@ import torch
 from cluster.config import ClusterConfig
 from cluster.metrics import (FunctionCollector, LearnerMetrics, TimedIterator,
                              quarantine_collector, replay_collector)
-from cluster.process import RunProcess, advertised_host, read_address
+from cluster.process import RunProcess, advertised_host, node_id, read_address
 from cluster.robots import FleetCollector, FleetLedger
 from learners.checkpoints import load_latest_good, save_checkpoint
 from learners.config import LearnerConfig
@@ -31,6 +31,7 @@ from policies.limits import GatewayLimits
 from policies.perceiver import PerceiverConfig
 from policies.client import PolicyClient
 from policies.security import unpack_client_security
+from policies.relay import PolicyRelay
 from policies.server import PolicyServer
 from policies.snapshot import Snapshot, load_snapshot, read_snapshot_metadata, snapshot_metadata
 from replay.archive import EpisodeArchive
@@ -145,6 +146,34 @@ class PolicyServerWorker(RunProcess):
     def fleet_progress(self, version: int) -> dict[str, dict]:
         """Per robot: accepted episodes acted by `version`, and totals (cluster/robots.py)."""
         return self._ledger.progress(version)
+
+
+def relay_name(node: str) -> str:
+    """The process name of the policy relay on Ray node `node` (a hex node id)."""
+    return f"relay-{node[:12]}"
+
+
+class PolicyRelayWorker(RunProcess):
+    """A policy relay (policies/relay.py) on one node other than the policy server's: it takes
+    each version from the run's policy server once, and the collectors on its node read its
+    files (cluster.policy_relays). Its server binds the node's loopback only: its clients are
+    on its node. A restarted one keeps its port and its versions (node scratch)."""
+
+    def __init__(self, run: str, cluster_config: ClusterConfig, upstream: str,
+                 credentials: dict[str, bytes] | None = None):
+        name = relay_name(node_id())
+        super().__init__(run, name, advertised_host(cluster_config))
+        scratch = scratch_dir(run, name)
+        self._relay = PolicyRelay(
+            upstream, scratch / "policies", host="127.0.0.1", port=self.stable_port(0),
+            client_id=name, upstream_security=unpack_client_security(credentials or {},
+                                                                     scratch / "credentials"),
+            resolve=functools.partial(read_address, run, "policyserver"),
+            registry=self.registry).start()
+        self.remember_address(self._relay.address)
+
+    def address(self) -> str:
+        return self._relay.address
 
 
 def reverb_batches(address: str, config: ReplayConfig, batch_size: int, pin_memory: bool,

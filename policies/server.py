@@ -352,6 +352,10 @@ class PolicyServer:
         return self._servicer.store.latest
 
     @property
+    def store(self) -> PolicyStore:
+        return self._servicer.store
+
+    @property
     def batcher(self) -> ActBatcher:
         return self._servicer.batcher
 

@@ -9,17 +9,22 @@ from cluster.bench import format_report
 from cluster.bench_push import _memory_shortfall, run_push_bench
 
 
-@pytest.mark.slow  # starts Ray, a policy server and three worker processes
+@pytest.mark.slow  # starts Ray, a policy server, a relay and three worker processes
 def test_policy_push_json(tmp_path):
     out = tmp_path / "push.json"
     report = run_push_bench(str(out), sizes=(10_000,), subscribers=(2,), repeats=2)
     assert json.loads(out.read_text()) == report
     assert report["benchmark"] == "policy-push" and "cores" in report["machine"]
-    latency, bandwidth, local = report["results"]
-    assert latency["case"] == bandwidth["case"] == local["case"] == "params=10k,subscribers=2"
+    latency, bandwidth, local, relay = report["results"]
+    assert latency["case"] == bandwidth["case"] == local["case"] == relay["case"] == \
+        "params=10k,subscribers=2"
     assert local["metric"] == "seconds_until_all_hold_local_read" and local["value"] > 0
     assert local["ratio"] == pytest.approx(latency["baseline"] / local["value"])
     assert len(local["detail"]["local_samples_s"]) == 2
+    # Through a relay: the subscribers read its files (the bench raises if one fell back).
+    assert relay["metric"] == "seconds_until_all_hold_relay" and relay["value"] > 0
+    assert relay["ratio"] == pytest.approx(latency["baseline"] / relay["value"])
+    assert len(relay["detail"]["relay_samples_s"]) == 2
     assert (latency["metric"], latency["unit"]) == ("seconds_until_all_hold", "s")
     assert (bandwidth["metric"], bandwidth["unit"]) == ("delivered_gb_per_s", "GB/s")
     assert latency["value"] > 0 and latency["baseline"] > 0

@@ -122,7 +122,8 @@ def _scrape_all(run: str, env: dict, tmp_path: Path) -> tuple[dict, dict] | None
     subprocess.run(["pacflow", "metrics", "targets", run, "--out", str(out)], env=env,
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
     entries = {e["labels"]["instance_name"]: e for e in json.loads(out.read_text())}
-    if not {"driver", "replay", "policyserver", "learner", "actor-0", "actor-1"} <= set(entries):
+    if not {"driver", "replay", "policyserver", "learner", "actor-0", "actor-1"} <= set(entries) \
+            or not any(name.startswith("relay-") for name in entries):
         return None
     texts = {}
     for name, entry in entries.items():
@@ -222,6 +223,12 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     assert store.list_files("metrics/targets") == []
     targets = {name: e["labels"]["node_id"] for name, e in entries.items()}
     assert targets["replay"] == targets["policyserver"] != targets["actor-0"] == targets["actor-1"]
+    # The worker node's policy relay took each version once for both collectors, which read
+    # its files: the policy server's one subscriber is the relay.
+    (relay,) = [name for name in entries if name.startswith("relay-")]
+    assert targets[relay] == targets["actor-0"] and relay == f"relay-{targets['actor-0'][:12]}"
+    assert "pacflow_policy_subscribers 1.0" in scraped["policyserver"]
+    assert "pacflow_policy_subscribers 2.0" in scraped[relay]
 
     for name in ("config.yaml", "report/returns.png", "replay_checkpoints/LATEST.json",
                  "policies/v000003.json", "logs/learner.log", "logs/actor-0.log"):

@@ -1,0 +1,17 @@
+"""Which Ray nodes get a policy relay (cluster/relays.py)."""
+
+from cluster.relays import relay_nodes
+from cluster.workers import relay_name
+
+
+def _node(node_id: str, alive: bool = True, **resources: float) -> dict:
+    return {"NodeID": node_id, "Alive": alive, "Resources": {"CPU": 2.0, **resources}}
+
+
+def test_every_live_node_but_the_servers_that_can_run_collectors_gets_a_relay():
+    nodes = [_node("aa", head=1), _node("bb", worker=1), _node("cc", worker=1),
+             _node("dd", alive=False, worker=1), _node("ee")]
+    assert relay_nodes(nodes, "aa", "") == ["bb", "cc", "ee"]
+    assert relay_nodes(nodes, "aa", "worker") == ["bb", "cc"]  # collectors run there only
+    assert relay_nodes(nodes[:1], "aa", "") == []  # one node: collectors read the server's files
+    assert relay_name("0123456789abcdef0123") == "relay-0123456789ab"

@@ -1,0 +1,163 @@
+"""A policy relay (policies/relay.py): a second policy server fed by one subscription to the
+first, whose subscribers read its files locally. Versions pass through while they arrive,
+are held only once both servers stored them, dropped ones stay dropped, pins are mirrored,
+and a restarted relay resumes after what it stored."""
+
+import mmap
+import threading
+
+import grpc
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from policies.client import PolicyClient, PolicySubscriber, _frame_calls
+from policies.relay import PolicyRelay
+from policies.server import PolicyServer
+from policies.snapshot import Snapshot
+from policies.stream import end_frame, publish_frames
+from tests.processes import until
+
+
+def _snapshot(version: int) -> Snapshot:
+    torch.manual_seed(version)
+    return Snapshot.from_state_dict(version, {"w": torch.randn(300_000), "b": torch.ones(3)},
+                                    {"cycle": version})
+
+
+@pytest.fixture()
+def upstream(tmp_path):
+    registry = CollectorRegistry()
+    server = PolicyServer(tmp_path / "upstream", port=0, heartbeat_seconds=0.2,
+                          registry=registry)
+    address = server.start()
+    channel = grpc.insecure_channel(address)
+    yield server, address, _frame_calls(channel), registry
+    channel.close()
+    server.stop()
+
+
+def _mapped(snapshot: Snapshot) -> bool:
+    """Whether the snapshot's weights are a mapped file (a local read), not a received copy."""
+    return isinstance(snapshot.weights.obj.base.obj, mmap.mmap)
+
+
+def test_a_relay_serves_upstream_versions_from_its_own_files(upstream, tmp_path):
+    server, address, calls, registry = upstream
+    relay = PolicyRelay(address, tmp_path / "relay", client_id="relay-node-1").start()
+    subs = [PolicySubscriber(relay.address, f"actor-{i}", local_read=True).start()
+            for i in range(3)]
+    try:
+        for version in (1, 2):
+            snapshot = _snapshot(version)
+            calls["Publish"](publish_frames(snapshot), timeout=30)
+            for sub in subs:
+                held = sub.wait_for_version(version, timeout=30)
+                assert held.sha256 == snapshot.sha256
+                assert bytes(held.weights) == snapshot.weights
+                assert sub.local_read and _mapped(held)  # the relay's file, no copy
+        assert relay.relayed == 2 and relay.server.latest_version == 2
+        assert sorted(p.name for p in (tmp_path / "relay").glob("v*")) == [
+            "v000001.json", "v000001.safetensors", "v000002.json", "v000002.safetensors"]
+        # Upstream has one subscriber, the relay, and sent each version once.
+        assert registry.get_sample_value("pacflow_policy_subscribers") == 1
+        assert registry.get_sample_value("pacflow_policy_push_seconds_count") == 2
+    finally:
+        for sub in subs:
+            sub.close()
+        relay.stop()
+
+
+def test_a_version_passes_the_relay_while_it_arrives_and_is_held_once_stored(upstream,
+                                                                            tmp_path):
+    server, address, calls, registry = upstream
+    relay = PolicyRelay(address, tmp_path / "relay").start()
+    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
+    try:
+        calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
+        sub.wait_for_version(1, timeout=30)
+        snapshot = _snapshot(2)
+        frames = list(publish_frames(snapshot, chunk_bytes=64 << 10))
+        release = threading.Event()
+
+        def held_back():
+            yield from frames[:4]  # the header and three data parts, then the publisher waits
+            assert release.wait(30)
+            yield from frames[4:]
+
+        publisher = threading.Thread(target=lambda: calls["Publish"](held_back(), timeout=60))
+        publisher.start()
+        # The relay's server is receiving v2 from upstream while upstream receives it.
+        until(lambda: relay.server.store.inflight is not None and
+              relay.server.store.inflight.version == 2, "v2 in flight at the relay",
+              timeout=30, poll=0.01)
+        assert server.latest_version == 1 and relay.server.latest_version == 1
+        assert sub.latest().version == 1
+        release.set()
+        publisher.join()
+        assert sub.wait_for_version(2, timeout=30).sha256 == snapshot.sha256
+    finally:
+        sub.close()
+        relay.stop()
+
+
+def test_a_version_upstream_drops_is_dropped_by_the_relay(upstream, tmp_path):
+    server, address, calls, registry = upstream
+    relay = PolicyRelay(address, tmp_path / "relay").start()
+    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
+    try:
+        calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
+        sub.wait_for_version(1, timeout=30)
+        bad = list(publish_frames(_snapshot(2)))
+        bad[-1] = end_frame(2, "0" * 64)  # upstream refuses it after relaying its bytes
+        with pytest.raises(grpc.RpcError):
+            calls["Publish"](iter(bad), timeout=30)
+        until(lambda: relay.dropped == 1, "the relay's drop", timeout=30, poll=0.01)
+        until(lambda: sub.dropped == 1, "the subscriber's drop", timeout=30, poll=0.01)
+        assert relay.server.latest_version == 1 and sub.latest().version == 1
+        assert not list((tmp_path / "relay").glob("v000002*"))
+        good = _snapshot(2)
+        calls["Publish"](publish_frames(good), timeout=30)
+        assert sub.wait_for_version(2, timeout=30).sha256 == good.sha256
+    finally:
+        sub.close()
+        relay.stop()
+
+
+def test_a_fleet_pin_upstream_reaches_the_relays_subscribers(upstream, tmp_path):
+    server, address, calls, registry = upstream
+    relay = PolicyRelay(address, tmp_path / "relay").start()
+    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
+    try:
+        for version in (1, 2):
+            calls["Publish"](publish_frames(_snapshot(version)), timeout=30)
+        sub.wait_for_version(2, timeout=30)
+        with PolicyClient(address) as client:
+            client.pin(1)  # the operator's rollback, for the whole fleet
+            until(lambda: sub.latest().version == 1, "the rollback behind the relay",
+                  timeout=30, poll=0.01)
+            assert relay.server.store.fleet_pin == 1
+            client.unpin()
+        until(lambda: sub.latest().version == 2, "v2 again after the unpin", timeout=30,
+              poll=0.01)
+        assert relay.server.store.fleet_pin == 0
+    finally:
+        sub.close()
+        relay.stop()
+
+
+def test_a_restarted_relay_resumes_after_what_it_stored(upstream, tmp_path):
+    server, address, calls, registry = upstream
+    relay = PolicyRelay(address, tmp_path / "relay").start()
+    calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
+    until(lambda: relay.server.latest_version == 1, "v1 at the relay", timeout=30, poll=0.01)
+    relay.stop()
+    calls["Publish"](publish_frames(_snapshot(2)), timeout=30)
+    relay = PolicyRelay(address, tmp_path / "relay").start()
+    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
+    try:
+        assert sub.wait_for_version(2, timeout=30).sha256 == _snapshot(2).sha256
+        assert relay.relayed == 1  # v2 only: v1 was not sent again
+    finally:
+        sub.close()
+        relay.stop()
