@@ -69,7 +69,7 @@ class PolicyRelay:
         self.address = ""
         self.relayed = 0  # versions stored from upstream
         self.dropped = 0  # versions upstream did not store
-        self.reconnects = 0  # upstream streams that broke and were reopened
+        self.reconnects = 0  # upstream streams reopened after they ended or broke
         self._thread = threading.Thread(target=self._run, name=f"relay-{client_id}",
                                         daemon=True)
 
@@ -110,13 +110,14 @@ class PolicyRelay:
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     return
-                self.reconnects += 1
                 log.warning("%s: upstream stream broke (%s); reconnecting", self._client_id,
                             e.code() if hasattr(e, "code") else e)
             finally:
                 if self._channel is not None:
                     self._channel.close()
-            self._stop.wait(backoff)
+            if self._stop.wait(backoff):
+                return
+            self.reconnects += 1
             backoff = min(2 * backoff, 2.0)
             found = self._resolve() if self._resolve is not None else None
             if found:

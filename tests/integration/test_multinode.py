@@ -6,7 +6,8 @@
     ray job submit --working-dir . -- pacflow run ... --run-dir s3://...
 
 with run storage on moto's S3 server. During the run a collector's and the learner's worker
-processes are SIGKILLed (the cycles drawn from a seeded RNG). The run must still finish with
+processes are SIGKILLed (the cycles drawn from a seeded RNG), and the worker node's policy relay
+once every process is up. The run must still finish with
 every collected episode archived exactly once, versions advancing, and everything a user needs
 in S3; then the nodes' scratch is deleted and the run resumes from S3 alone."""
 
@@ -174,6 +175,10 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
             if not killed:  # before any kill: every process's metrics, found through S3
                 entries, scraped = until(lambda: running(lambda: _scrape_all(run, env, tmp_path)),
                                 "every process's metrics endpoint in the run's targets")
+                # The worker node's policy relay dies too: Ray restarts it on its node, on its
+                # port, and the collectors there receive the next versions through it again.
+                (relay_pid,) = ray_pids("ray::PolicyRelayWorker", env["HOME"])
+                os.kill(relay_pid, signal.SIGKILL)
             pids = until(lambda: running(lambda: ray_pids(title, env["HOME"])),
                           f"{title} in cycle {cycle}")
             victim = rng.choice(sorted(pids))
@@ -206,6 +211,7 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     # Both kills were restarts, counted in cycle.json.
     assert state["restarts"].get("learner", 0) >= 1, (killed, state["restarts"])
     assert sum(v for k, v in state["restarts"].items() if k.startswith("actor-")) >= 1
+    assert sum(v for k, v in state["restarts"].items() if k.startswith("relay-")) == 1
 
     # Every collected episode exactly once: the ids are fixed per (cycle, actor, index).
     expected = {episode_identity(run_id(run), "collect", c, f"actor-{i}", k)

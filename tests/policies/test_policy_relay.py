@@ -161,3 +161,29 @@ def test_a_restarted_relay_resumes_after_what_it_stored(upstream, tmp_path):
     finally:
         sub.close()
         relay.stop()
+
+
+def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
+    """`resolve` (the run's `addresses/policyserver.json`) names the new incarnation's address
+    after the stream broke; the relay continues there."""
+    server, address, calls, _ = upstream
+    moved: list[tuple[str, str]] = []
+    relay = PolicyRelay(address, tmp_path / "relay",
+                        resolve=lambda: moved[0] if moved else None).start()
+    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
+    try:
+        calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
+        sub.wait_for_version(1, timeout=30)
+        server.stop()
+        again = PolicyServer(tmp_path / "upstream", port=0, heartbeat_seconds=0.2)
+        moved.append((again.start(), "incarnation-2"))
+        try:
+            with PolicyClient(moved[0][0]) as client:
+                client.publish(_snapshot(2))
+            assert sub.wait_for_version(2, timeout=60).sha256 == _snapshot(2).sha256
+            assert relay.reconnects >= 1
+        finally:
+            again.stop()
+    finally:
+        sub.close()
+        relay.stop()
