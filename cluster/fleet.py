@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.cli import UsageError, load_config_args
-from cluster.shutdown import ShutdownSignals
+from cluster.shutdown import ShutdownSignals, watch_signals
 from policies.security import ClientSecurity, SecurityError, ServerSecurity, is_loopback
 
 
@@ -124,9 +124,8 @@ def cmd_robot(args: argparse.Namespace) -> int:
         robot = RobotClient(config, args.gateway, lambda: environment, security, robot_spec)
     except SecurityError as e:
         raise UsageError(str(e)) from None
-    signal.signal(signal.SIGUSR1, lambda *_: robot.estop())
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: robot.stop())
+    watch_signals({signal.SIGUSR1: robot.estop, signal.SIGINT: robot.stop,
+                   signal.SIGTERM: robot.stop})
     print(f"{robot_id}: gateway {args.gateway}, spool {config.spool_dir}", flush=True)
     try:
         stats = robot.run(drain_seconds=args.drain_seconds)

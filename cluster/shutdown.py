@@ -1,11 +1,14 @@
-"""Waiting for SIGINT/SIGTERM in a command's main thread, without a lock in the handler."""
+"""Signals in a command's main thread without a lock in the handler: waiting for SIGINT/SIGTERM,
+or acting on signals from a watcher thread."""
 
 from __future__ import annotations
 
 import select
 import signal
 import socket
+import threading
 import time
+from typing import Callable
 
 
 class ShutdownSignals:
@@ -40,3 +43,26 @@ class ShutdownSignals:
             caught = [n for n in self._read.recv(256) if n in self._signals]  # a byte a signal
             self.received = caught[0] if caught else None
         return True
+
+
+def watch_signals(actions: dict[int, Callable[[], None]]) -> threading.Thread:
+    """Runs `actions[signum]()` on a watcher thread each time one of the signals comes, never
+    in the signal handler (one that takes a lock the interrupted main thread holds, as
+    `Event.set` does, deadlocks the process). Same wakeup-socket way as ShutdownSignals, so use
+    one or the other in a process. Call it from the main thread."""
+    read, write = socket.socketpair()
+    write.setblocking(False)
+    signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+    for sig in actions:
+        signal.signal(sig, lambda *_: None)
+
+    def watch() -> None:
+        while True:
+            for signum in read.recv(256):  # blocks; one byte per signal
+                if signum in actions:
+                    actions[signum]()
+
+    thread = threading.Thread(target=watch, name="signals", daemon=True)
+    thread.sockets = (read, write)  # alive as long as the thread: the wakeup fd stays open
+    thread.start()
+    return thread

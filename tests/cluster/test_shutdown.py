@@ -71,3 +71,42 @@ def test_a_signal_caught_by_another_thread_ends_a_long_wait():
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0 and out.split() == ["stopped", str(int(signal.SIGTERM)), "0"]
+
+
+WATCHER = """
+import signal, sys, threading
+from cluster.shutdown import watch_signals
+pulse, stop, count = threading.Event(), threading.Event(), [0]
+def estop():  # as `pacflow robot`'s SIGUSR1: an Event.set, which takes the Event's lock
+    count[0] += 1
+    pulse.set()
+if sys.argv[1] == "watcher":
+    watch_signals({signal.SIGUSR1: estop, signal.SIGTERM: stop.set})
+else:  # the old way: the handlers themselves set the Events
+    signal.signal(signal.SIGUSR1, lambda *_: estop())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+print("ready", flush=True)
+while not stop.is_set():  # a control loop that holds the Events' locks much of the time
+    pulse.wait(0.0001)
+    pulse.clear()
+print("stopped", count[0], flush=True)
+"""
+
+
+def test_signals_acted_on_by_a_watcher_thread_never_deadlock_the_main_loop():
+    """`pacflow robot`'s SIGUSR1 (e-stop) and SIGTERM: bursts of signals at moments drawn from
+    a seeded RNG while the main thread keeps taking the lock the actions take. A handler that
+    sets the Event itself can interrupt the main thread while it holds that lock and hang."""
+    rng = random.Random(20261204)
+    for trial in range(6):  # the old way hung in 3 of 10 such trials
+        proc = subprocess.Popen([sys.executable, "-c", WATCHER, "watcher"], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == "ready\n"
+        for _ in range(300):
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(rng.uniform(0, 0.002))
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (trial, out)
+        word, count = out.split()
+        assert word == "stopped" and int(count) >= 1, out  # signals of a kind may coalesce
