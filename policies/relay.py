@@ -11,6 +11,7 @@ Nothing is held earlier than upstream holds it: the relay passes each data part 
 arrives (its subscribers check it as it comes), and commits the version only after upstream's
 end part says upstream has stored it and the relay has stored it too. A version upstream drops
 is dropped here. A fleet pin upstream (an operator's rollback) is mirrored as a fleet pin here.
+The relay's server refuses Publish, Pin and Unpin: only upstream decides what it serves.
 
 Usage:
     relay = PolicyRelay("10.0.0.5:50051", "/scratch/relay").start()
@@ -59,7 +60,7 @@ class PolicyRelay:
         # resolve: upstream's current (address, incarnation), asked after its stream breaks (a
         # restarted server may have moved); registry: the relay's server metrics go there
         self.server = PolicyServer(directory, host=host, port=port, security=security,
-                                   limits=limits, registry=registry)
+                                   limits=limits, registry=registry, relayed_from=upstream)
         self._resolve = resolve
         self._store = self.server.store
         self._upstream, self._client_id = upstream, client_id

@@ -62,7 +62,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                  max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
                  limits: GatewayLimits = GatewayLimits(),
                  status_handler: StatusHandler | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, relayed_from: str = ""):
+        # relayed_from: a relay's server (policies/relay.py), whose versions and pins come from
+        # that upstream server only: Publish, Pin and Unpin are refused
+        self._relayed_from = relayed_from
         self.store = PolicyStore(directory)
         self.metrics = ServerMetrics(registry, latest=lambda: self.store.latest)
         self._status_handler = status_handler
@@ -99,6 +102,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def Publish(self, request_iterator, context: grpc.ServicerContext) -> pb.PublishReply:
         """Receives raw frames (`add_policy_service`): relayed to subscribers while they arrive,
         stored, and only then committed (policies/store.py)."""
+        self._writable(context)
         try:
             wait = min(context.time_remaining() or 60.0, 60.0)
             snapshot = self.store.receive(request_iterator, self._max_snapshot_bytes, wait)
@@ -175,7 +179,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             return pb.ListReply(versions=infos, fleet_pin=self.store.fleet_pin,
                                 client_pins=self.store.client_pins)
 
+    def _writable(self, context: grpc.ServicerContext) -> None:
+        if self._relayed_from:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "this server relays the versions "
+                          f"and pins of {self._relayed_from}: publish and pin there")
+
     def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinReply:
+        self._writable(context)
         _client_id(request.client_id, context)
         try:
             self.store.pin(int(request.version), request.client_id)
@@ -185,6 +195,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         return self.store.pins_reply()
 
     def Unpin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinReply:
+        self._writable(context)
         _client_id(request.client_id, context)
         self.store.unpin(request.client_id)
         log.warning("unpinned %s", request.client_id or "the fleet")
@@ -322,12 +333,12 @@ class PolicyServer:
                  security: ServerSecurity = PLAINTEXT_LOOPBACK,
                  limits: GatewayLimits = GatewayLimits(),
                  status_handler: StatusHandler | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, relayed_from: str = ""):
         self._credentials = server_credentials(security, host)  # refuses what is not allowed
         self._interceptors = server_interceptors(security)
         self._servicer = PolicyServicer(directory, episode_handler, heartbeat_seconds,
                                         limits=limits, status_handler=status_handler,
-                                        registry=registry)
+                                        registry=registry, relayed_from=relayed_from)
         self._host, self._port = host, port
         self._server: grpc.Server | None = None
 

@@ -187,3 +187,25 @@ def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
     finally:
         sub.close()
         relay.stop()
+
+
+def test_a_relays_server_refuses_publish_and_pins(upstream, tmp_path):
+    """Only upstream decides what a relay serves: a process on the relay's host cannot
+    publish its own version to the relay's collectors, nor pin one."""
+    server, address, calls, _ = upstream
+    relay = PolicyRelay(address, tmp_path / "relay").start()
+    try:
+        calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
+        until(lambda: relay.server.latest_version == 1, "v1 at the relay", timeout=30, poll=0.01)
+        with PolicyClient(relay.address, timeout=30) as client:
+            for call in (lambda: client.publish(_snapshot(5)), lambda: client.pin(1),
+                         lambda: client.unpin()):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert f"relays the versions and pins of {address}" in err.value.details()
+            assert [v.version for v in client.list().versions] == [1]
+        assert relay.server.store.fleet_pin == 0
+        assert not list((tmp_path / "relay").glob("v000005*"))
+    finally:
+        relay.stop()
