@@ -21,6 +21,7 @@ Usage:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -35,7 +36,7 @@ from policies.proto import policy_pb2 as pb
 from policies.security import ClientSecurity, ServerSecurity
 from policies.server import PLAINTEXT_LOOPBACK, PolicyServer
 from policies.snapshot import SnapshotError
-from policies.stream import SERVICE, Frame, header_frame, parse_frame
+from policies.stream import SERVICE, Frame, header_frame, parse_frame, read_snapshots
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,12 @@ class PolicyRelay:
                  limits: GatewayLimits = GatewayLimits(),
                  max_snapshot_bytes: int = MAX_SNAPSHOT_BYTES,
                  resolve: Callable[[], tuple[str, str] | None] | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, keep_versions: int = 4):
         # resolve: upstream's current (address, incarnation), asked after its stream breaks (a
-        # restarted server may have moved); registry: the relay's server metrics go there
+        # restarted server may have moved); registry: the relay's server metrics go there;
+        # keep_versions: the newest versions kept in `directory` (and the pinned one), older
+        # ones deleted: upstream keeps every version, a node's disk need not
+        self._keep = keep_versions
         self.server = PolicyServer(directory, host=host, port=port, security=security,
                                    limits=limits, registry=registry, relayed_from=upstream)
         self._resolve = resolve
@@ -127,8 +131,13 @@ class PolicyRelay:
     def _take(self, header: pb.SnapshotHeader, frames: Iterator[Frame]) -> None:
         """One version's stream from upstream, header already read."""
         store = self._store
-        if header.version <= store.latest:  # one it has: upstream changed the fleet's pin
+        if header.version in store.infos:  # one it has: upstream changed the fleet's pin
             _skip(header, frames)
+        elif header.version < store.latest:  # a pin to one it deleted: stored again, aside
+            parts = itertools.chain([pb.SnapshotChunk(header=header)],
+                                    (parse_frame(f) for f in _until_end(header, frames)))
+            for snapshot, _ in read_snapshots(parts, self._max_bytes):
+                store.restore(snapshot)
         else:
             try:
                 store.receive(_version_frames(header, frames), self._max_bytes,
@@ -149,6 +158,9 @@ class PolicyRelay:
         except KeyError:  # a version this relay never stored (it was newer then)
             log.error("%s: upstream pins v%d, which this relay does not hold", self._client_id,
                       header.version)
+        keep = set(sorted(store.infos)[-self._keep:]) | {store.fleet_pin}
+        for version in sorted(set(store.infos) - keep):
+            store.forget(version)
 
 
 def _version_frames(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> Iterator[Frame]:
@@ -173,12 +185,19 @@ def _version_frames(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> Itera
     raise WireError(f"upstream's stream ended inside v{header.version}")
 
 
-def _skip(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> None:
+def _until_end(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> Iterator[Frame]:
+    """The frames of the version `header` opens, up to and with its end part."""
     for frame in frames:
+        yield frame
         part = parse_frame(frame)
         if not isinstance(part, memoryview) and part.WhichOneof("part") == "end":
             return
     raise WireError(f"upstream's stream ended inside v{header.version}")
+
+
+def _skip(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> None:
+    for _ in _until_end(header, frames):
+        pass
 
 
 __all__ = ["PolicyRelay"]

@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from policies.proto import policy_pb2 as pb
 from policies.snapshot import Snapshot, load_snapshot, read_snapshot_metadata, snapshot_paths, \
-    metadata_name, weights_name, write_snapshot_metadata
+    metadata_name, save_snapshot, weights_name, write_snapshot_metadata
 from policies.stream import Frame, SnapshotReceiver, SpareBuffer, data_frames, end_frame, \
     header_frame, map_file, parse_frame, progress_frame, publish_frames
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError
@@ -178,6 +178,26 @@ class PolicyStore:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Stores a checked snapshot older than `latest` (a relay given a pin to a version it
+        no longer holds); `latest` does not change and no subscriber is sent anything."""
+        save_snapshot(snapshot, self.store.uri)
+        with self.cond:
+            self.infos[snapshot.version] = _info(snapshot.version, snapshot.sha256,
+                                                 snapshot.metadata, snapshot.num_bytes)
+
+    def forget(self, version: int) -> None:
+        """Deletes a stored version, metadata first (a relay keeps only its newest versions).
+        Pages a process still maps (a local_read subscriber running it) stay valid."""
+        with self.cond:
+            self.infos.pop(version, None)
+            self._cache.pop(version, None)
+        for name in (metadata_name(version), weights_name(version)):
+            try:
+                self.store.fs.delete_file(self.store.path(name))
+            except FileNotFoundError:
+                pass
 
     def add(self, snapshot: Snapshot) -> None:
         """Stores a snapshot held in this process as the new latest version (as a Publish)."""

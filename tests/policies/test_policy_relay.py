@@ -209,3 +209,40 @@ def test_a_relays_server_refuses_publish_and_pins(upstream, tmp_path):
         assert not list((tmp_path / "relay").glob("v000005*"))
     finally:
         relay.stop()
+
+
+def test_a_relay_keeps_its_newest_versions_and_fetches_a_pinned_older_one_again(upstream,
+                                                                                 tmp_path):
+    """Upstream keeps every version, a node's scratch need not: the relay deletes all but its
+    newest `keep_versions` (and the pinned one); a rollback to one it deleted stores it again."""
+    server, address, calls, _ = upstream
+    relay = PolicyRelay(address, tmp_path / "relay", keep_versions=2).start()
+    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
+
+    def stored() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "relay").glob("v*.json"))
+
+    try:
+        for version in (1, 2, 3, 4):
+            calls["Publish"](publish_frames(_snapshot(version)), timeout=30)
+            sub.wait_for_version(version, timeout=30)
+        until(lambda: stored() == ["v000003.json", "v000004.json"], "v1 and v2 deleted",
+              timeout=30, poll=0.01)
+        assert sorted((tmp_path / "relay").glob("v*.safetensors")) == [
+            tmp_path / "relay" / "v000003.safetensors", tmp_path / "relay" / "v000004.safetensors"]
+        with PolicyClient(address) as client:
+            client.pin(1)  # a rollback past what the relay kept
+            until(lambda: sub.latest().version == 1, "v1 behind the relay", timeout=30,
+                  poll=0.01)
+            assert sub.latest().sha256 == _snapshot(1).sha256
+            assert stored() == ["v000001.json", "v000003.json", "v000004.json"]
+            assert relay.server.latest_version == 4 and relay.server.store.fleet_pin == 1
+            client.unpin()
+        until(lambda: sub.latest().version == 4, "v4 after the unpin", timeout=30, poll=0.01)
+        calls["Publish"](publish_frames(_snapshot(5)), timeout=30)
+        assert sub.wait_for_version(5, timeout=30).sha256 == _snapshot(5).sha256
+        until(lambda: stored() == ["v000004.json", "v000005.json"], "v1 and v3 deleted",
+              timeout=30, poll=0.01)
+    finally:
+        sub.close()
+        relay.stop()
