@@ -3,8 +3,10 @@ first, whose subscribers read its files locally. Versions pass through while the
 are held only once both servers stored them, dropped ones stay dropped, pins are mirrored,
 and a restarted relay resumes after what it stored."""
 
+import contextlib
 import mmap
 import threading
+from typing import Iterator
 
 import grpc
 import pytest
@@ -35,6 +37,18 @@ def upstream(tmp_path):
     yield server, address, _frame_calls(channel), registry
     channel.close()
     server.stop()
+
+
+@contextlib.contextmanager
+def _relayed(address: str, folder, **kwargs) -> Iterator[tuple[PolicyRelay, PolicySubscriber]]:
+    """A relay of `address` and one local_read subscriber of the relay, stopped afterwards."""
+    relay = PolicyRelay(address, folder, **kwargs).start()
+    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
+    try:
+        yield relay, sub
+    finally:
+        sub.close()
+        relay.stop()
 
 
 def _mapped(snapshot: Snapshot) -> bool:
@@ -71,9 +85,7 @@ def test_a_relay_serves_upstream_versions_from_its_own_files(upstream, tmp_path)
 def test_a_version_passes_the_relay_while_it_arrives_and_is_held_once_stored(upstream,
                                                                             tmp_path):
     server, address, calls, registry = upstream
-    relay = PolicyRelay(address, tmp_path / "relay").start()
-    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
-    try:
+    with _relayed(address, tmp_path / "relay") as (relay, sub):
         calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
         sub.wait_for_version(1, timeout=30)
         snapshot = _snapshot(2)
@@ -96,16 +108,11 @@ def test_a_version_passes_the_relay_while_it_arrives_and_is_held_once_stored(ups
         release.set()
         publisher.join()
         assert sub.wait_for_version(2, timeout=30).sha256 == snapshot.sha256
-    finally:
-        sub.close()
-        relay.stop()
 
 
 def test_a_version_upstream_drops_is_dropped_by_the_relay(upstream, tmp_path):
     server, address, calls, registry = upstream
-    relay = PolicyRelay(address, tmp_path / "relay").start()
-    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
-    try:
+    with _relayed(address, tmp_path / "relay") as (relay, sub):
         calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
         sub.wait_for_version(1, timeout=30)
         bad = list(publish_frames(_snapshot(2)))
@@ -119,16 +126,11 @@ def test_a_version_upstream_drops_is_dropped_by_the_relay(upstream, tmp_path):
         good = _snapshot(2)
         calls["Publish"](publish_frames(good), timeout=30)
         assert sub.wait_for_version(2, timeout=30).sha256 == good.sha256
-    finally:
-        sub.close()
-        relay.stop()
 
 
 def test_a_fleet_pin_upstream_reaches_the_relays_subscribers(upstream, tmp_path):
     server, address, calls, registry = upstream
-    relay = PolicyRelay(address, tmp_path / "relay").start()
-    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
-    try:
+    with _relayed(address, tmp_path / "relay") as (relay, sub):
         for version in (1, 2):
             calls["Publish"](publish_frames(_snapshot(version)), timeout=30)
         sub.wait_for_version(2, timeout=30)
@@ -141,9 +143,6 @@ def test_a_fleet_pin_upstream_reaches_the_relays_subscribers(upstream, tmp_path)
         until(lambda: sub.latest().version == 2, "v2 again after the unpin", timeout=30,
               poll=0.01)
         assert relay.server.store.fleet_pin == 0
-    finally:
-        sub.close()
-        relay.stop()
 
 
 def test_a_restarted_relay_resumes_after_what_it_stored(upstream, tmp_path):
@@ -153,14 +152,9 @@ def test_a_restarted_relay_resumes_after_what_it_stored(upstream, tmp_path):
     until(lambda: relay.server.latest_version == 1, "v1 at the relay", timeout=30, poll=0.01)
     relay.stop()
     calls["Publish"](publish_frames(_snapshot(2)), timeout=30)
-    relay = PolicyRelay(address, tmp_path / "relay").start()
-    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
-    try:
+    with _relayed(address, tmp_path / "relay") as (relay, sub):
         assert sub.wait_for_version(2, timeout=30).sha256 == _snapshot(2).sha256
         assert relay.relayed == 1  # v2 only: v1 was not sent again
-    finally:
-        sub.close()
-        relay.stop()
 
 
 def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
@@ -168,10 +162,8 @@ def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
     after the stream broke; the relay continues there."""
     server, address, calls, _ = upstream
     moved: list[tuple[str, str]] = []
-    relay = PolicyRelay(address, tmp_path / "relay",
-                        resolve=lambda: moved[0] if moved else None).start()
-    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
-    try:
+    with _relayed(address, tmp_path / "relay",
+                  resolve=lambda: moved[0] if moved else None) as (relay, sub):
         calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
         sub.wait_for_version(1, timeout=30)
         server.stop()
@@ -184,9 +176,6 @@ def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
             assert relay.reconnects >= 1
         finally:
             again.stop()
-    finally:
-        sub.close()
-        relay.stop()
 
 
 def test_a_relays_server_refuses_publish_and_pins(upstream, tmp_path):
@@ -216,13 +205,11 @@ def test_a_relay_keeps_its_newest_versions_and_fetches_a_pinned_older_one_again(
     """Upstream keeps every version, a node's scratch need not: the relay deletes all but its
     newest `keep_versions` (and the pinned one); a rollback to one it deleted stores it again."""
     server, address, calls, _ = upstream
-    relay = PolicyRelay(address, tmp_path / "relay", keep_versions=2).start()
-    sub = PolicySubscriber(relay.address, "actor-0", local_read=True).start()
 
     def stored() -> list[str]:
         return sorted(p.name for p in (tmp_path / "relay").glob("v*.json"))
 
-    try:
+    with _relayed(address, tmp_path / "relay", keep_versions=2) as (relay, sub):
         for version in (1, 2, 3, 4):
             calls["Publish"](publish_frames(_snapshot(version)), timeout=30)
             sub.wait_for_version(version, timeout=30)
@@ -243,6 +230,3 @@ def test_a_relay_keeps_its_newest_versions_and_fetches_a_pinned_older_one_again(
         assert sub.wait_for_version(5, timeout=30).sha256 == _snapshot(5).sha256
         until(lambda: stored() == ["v000004.json", "v000005.json"], "v1 and v3 deleted",
               timeout=30, poll=0.01)
-    finally:
-        sub.close()
-        relay.stop()
