@@ -268,10 +268,11 @@ def _median(samples: list[dict], key: str) -> float:
 
 def bench_case(publisher, subscribers: list, num_bytes: int, repeats: int,
                directory: Path, local_only: bool = False, relay=None) -> dict:
-    """Ours, streamed (data parts, what a subscriber on another host gets) and read locally
-    (local_read: the server's file through the shared page cache, what a subscriber on the
-    server's host gets), then the baseline, for one (size, subscriber count); `local_only`:
-    the local read alone (no streamed push, no baseline)."""
+    """Ours, streamed (data parts, one copy per subscriber), read locally (local_read: the
+    server's file through the shared page cache, what a subscriber on the server's host gets)
+    and through `relay` (a RelayWorker: one streamed copy into its files, which the
+    subscribers read), then the baseline, for one (size, subscriber count); `local_only`: the
+    local read alone (no streamed push, no relay, no baseline)."""
     server = PolicyServer(directory, host="127.0.0.1", port=0)
     address = server.start()
     runs, version, per_way = {}, 1, WARMUP_VERSIONS + repeats
