@@ -206,27 +206,64 @@ def test_a_relay_keeps_its_newest_versions_and_fetches_a_pinned_older_one_again(
     newest `keep_versions` (and the pinned one); a rollback to one it deleted stores it again."""
     server, address, calls, _ = upstream
 
-    def stored() -> list[str]:
-        return sorted(p.name for p in (tmp_path / "relay").glob("v*.json"))
+    def stored() -> list[int]:  # versions with a file in the relay's folder
+        return sorted({int(p.name[1:7]) for p in (tmp_path / "relay").glob("v*")})
 
     with _relayed(address, tmp_path / "relay", keep_versions=2) as (relay, sub):
         for version in (1, 2, 3, 4):
             calls["Publish"](publish_frames(_snapshot(version)), timeout=30)
             sub.wait_for_version(version, timeout=30)
-        until(lambda: stored() == ["v000003.json", "v000004.json"], "v1 and v2 deleted",
-              timeout=30, poll=0.01)
-        assert sorted((tmp_path / "relay").glob("v*.safetensors")) == [
-            tmp_path / "relay" / "v000003.safetensors", tmp_path / "relay" / "v000004.safetensors"]
+        until(lambda: stored() == [3, 4], "v1 and v2 deleted", timeout=30, poll=0.01)
         with PolicyClient(address) as client:
             client.pin(1)  # a rollback past what the relay kept
             until(lambda: sub.latest().version == 1, "v1 behind the relay", timeout=30,
                   poll=0.01)
             assert sub.latest().sha256 == _snapshot(1).sha256
-            assert stored() == ["v000001.json", "v000003.json", "v000004.json"]
+            assert stored() == [1, 3, 4]
             assert relay.server.latest_version == 4 and relay.server.store.fleet_pin == 1
             client.unpin()
         until(lambda: sub.latest().version == 4, "v4 after the unpin", timeout=30, poll=0.01)
         calls["Publish"](publish_frames(_snapshot(5)), timeout=30)
         assert sub.wait_for_version(5, timeout=30).sha256 == _snapshot(5).sha256
-        until(lambda: stored() == ["v000004.json", "v000005.json"], "v1 and v3 deleted",
+        until(lambda: stored() == [4, 5], "v1 and v3 deleted", timeout=30, poll=0.01)
+
+
+def test_an_upstream_that_dies_mid_version_leaves_nothing_partial_behind_the_relay(upstream,
+                                                                                   tmp_path):
+    """Upstream stops while a version is passing through the relay: the relay's subscribers
+    drop it, nothing of it is stored at the relay, and the version published again to the
+    restarted upstream arrives whole."""
+    server, address, calls, _ = upstream
+    moved: list[tuple[str, str]] = []
+    with _relayed(address, tmp_path / "relay",
+                  resolve=lambda: moved[0] if moved else None) as (relay, sub):
+        calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
+        sub.wait_for_version(1, timeout=30)
+        frames = list(publish_frames(_snapshot(2), chunk_bytes=64 << 10))
+        release = threading.Event()
+
+        def held_back():
+            yield from frames[:4]
+            release.wait(30)
+            yield from frames[4:]
+
+        publisher = threading.Thread(target=lambda: pytest.raises(
+            grpc.RpcError, calls["Publish"], held_back(), timeout=60))
+        publisher.start()
+        until(lambda: relay.server.store.inflight is not None, "v2 in flight at the relay",
               timeout=30, poll=0.01)
+        server.stop()  # upstream goes away mid-version
+        release.set()
+        publisher.join()
+        until(lambda: sub.dropped == 1, "the subscriber's drop", timeout=30, poll=0.01)
+        assert relay.server.latest_version == 1 and sub.latest().version == 1
+        assert sorted(p.name for p in (tmp_path / "relay").iterdir()) == [
+            "v000001.json", "v000001.safetensors"]
+        again = PolicyServer(tmp_path / "upstream", port=0, heartbeat_seconds=0.2)
+        moved.append((again.start(), "incarnation-2"))
+        try:
+            with PolicyClient(moved[0][0]) as client:
+                client.publish(_snapshot(2))
+            assert sub.wait_for_version(2, timeout=60).sha256 == _snapshot(2).sha256
+        finally:
+            again.stop()
