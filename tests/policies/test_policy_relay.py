@@ -70,12 +70,15 @@ def test_a_relay_serves_upstream_versions_from_its_own_files(upstream, tmp_path)
                 assert held.sha256 == snapshot.sha256
                 assert bytes(held.weights) == snapshot.weights
                 assert sub.local_read and _mapped(held)  # the relay's file, no copy
-        assert relay.relayed == 2 and relay.server.latest_version == 2
+        # Counted as each call returns, which may be just after the subscribers hold it.
+        until(lambda: relay.relayed == 2, "two versions relayed", timeout=30, poll=0.01)
+        assert relay.server.latest_version == 2
         assert sorted(p.name for p in (tmp_path / "relay").glob("v*")) == [
             "v000001.json", "v000001.safetensors", "v000002.json", "v000002.safetensors"]
         # Upstream has one subscriber, the relay, and sent each version once.
         assert registry.get_sample_value("pacflow_policy_subscribers") == 1
-        assert registry.get_sample_value("pacflow_policy_push_seconds_count") == 2
+        until(lambda: registry.get_sample_value("pacflow_policy_push_seconds_count") == 2,
+              "two pushes counted upstream", timeout=30, poll=0.01)
     finally:
         for sub in subs:
             sub.close()
@@ -153,8 +156,10 @@ def test_a_restarted_relay_resumes_after_what_it_stored(upstream, tmp_path):
     relay.stop()
     calls["Publish"](publish_frames(_snapshot(2)), timeout=30)
     with _relayed(address, tmp_path / "relay") as (relay, sub):
+        assert 1 in relay.server.store.infos  # from its folder, not from upstream again
         assert sub.wait_for_version(2, timeout=30).sha256 == _snapshot(2).sha256
-        assert relay.relayed == 1  # v2 only: v1 was not sent again
+        until(lambda: relay.relayed == 1, "v2 relayed", timeout=30, poll=0.01)
+        assert relay.server.store.infos.keys() == {1, 2}
 
 
 def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
