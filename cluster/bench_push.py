@@ -341,10 +341,10 @@ def local_row(case: str, r: dict, base_s: float | None, way: str = "local") -> d
     subscribers read: another host's subscribers behind their host's relay), against Ray when
     the baseline ran."""
     runs = r[way]
-    local_s = _median(runs, "all_s")
+    seconds = _median(runs, "all_s")
     return {"case": case, "metric": LOCAL_METRIC if way == "local" else RELAY_METRIC,
-            "value": local_s, "unit": "s", "baseline": base_s,
-            "ratio": base_s / local_s if base_s else None,
+            "value": seconds, "unit": "s", "baseline": base_s,
+            "ratio": base_s / seconds if base_s else None,
             "detail": {"bytes": r["bytes"], "subscribers": r["subscribers"],
                        f"{way}_samples_s": [s["all_s"] for s in runs],
                        f"{way}_publish_rpc_s": _median(runs, "publish_s"),

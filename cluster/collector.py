@@ -18,7 +18,7 @@ from cluster.config import ClusterConfig, EnvConfig
 from cluster.metrics import ActorMetrics, quarantine_collector
 from cluster.process import RunProcess, advertised_host, node_id, read_address
 from cluster.workers import ReplayActorAdder, relay_name
-from policies.client import PolicySubscriber
+from policies.client import PLAINTEXT, PolicySubscriber
 from policies.perceiver import PerceiverConfig
 from policies.policy import PACPolicy, Policy, RandomPolicy
 from policies.security import unpack_client_security
@@ -75,16 +75,13 @@ class CollectorWorker(RunProcess):
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         relay = relay_name(node_id())
         if relay in addresses:  # another node than the server's: its relay's files, no copy
-            self._subscriber = PolicySubscriber(
-                addresses[relay], self.actor_id, resolve=functools.partial(
-                    read_address, run, relay), local_read=True).start()
-        else:
-            self._subscriber = PolicySubscriber(
-                addresses["policy"], self.actor_id,
-                unpack_client_security(credentials or {},
-                                       scratch_dir(run, self.actor_id) / "credentials"),
-                functools.partial(read_address, run, "policyserver"),
-                local_read=True).start()  # on the server's host: its files, no copy
+            server, address, security = relay, addresses[relay], PLAINTEXT  # on loopback
+        else:  # on the server's host: its files, no copy
+            server, address = "policyserver", addresses["policy"]
+            security = unpack_client_security(credentials or {},
+                                              scratch_dir(run, self.actor_id) / "credentials")
+        self._subscriber = PolicySubscriber(address, self.actor_id, security, functools.partial(
+            read_address, run, server), local_read=True).start()
         self._writer = WaveWriter(lambda wave: self._write(*wave))  # (episodes, to_replay)
         self._metrics = ActorMetrics(self.registry, run, self.actor_id,
                                      lambda: self._policy.policy_version, self._newest_received)

@@ -139,12 +139,11 @@ class Topology:
                                   self.addresses["replay"], run, config.loop.seed, c,
                                   credentials["learner"])
         # Before the collectors, which find their node's relay among the addresses.
-        relays = start_relays(c, run, self.policy, self.addresses["policy"],
-                              credentials["actor"], restarts)
-        self.relays = {name: handle for name, (_, handle, _) in relays.items()}
-        self.addresses.update(zip(relays, wait([(name, ref) for name, (_, _, ref) in
-                                                relays.items()], "start-up",
-                                               config.loop.call_timeout_seconds)))
+        self.relays = start_relays(c, run, self.policy, self.addresses["policy"],
+                                   credentials["actor"], restarts)
+        self.addresses.update(zip(self.relays, wait(
+            [(name, relay.address.remote()) for name, relay in self.relays.items()],
+            "start-up", config.loop.call_timeout_seconds)))
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
                                **restarts)(CollectorWorker)
         self.actors = [

@@ -24,11 +24,12 @@ from replay.storage import Storage, run_id, scratch_dir
 
 class ScrapeClock:
     """A collector with no samples that notes when each full scrape begins (registered first,
-    so a scrape that began after a value was set reads it) and, through `MetricsApp`, when its
-    body has been sent: `final_scrape` lets a process end only once Prometheus has been sent
-    its final counts (a process killed while a scrape's body is still being made loses that
-    scrape). A scrape restricted to named metrics (`/metrics?name[]=...`, as the driver's live
-    progress reads) does not count: this collector's own name is never among them."""
+    so a scrape that began after a value was set reads it) and, through `start_metrics_server`,
+    when its body has been sent: `final_scrape` lets a process end only once Prometheus has
+    been sent its final counts (a process killed while a scrape's body is still being made
+    loses that scrape). A scrape restricted to named metrics (`/metrics?name[]=...`, as the
+    driver's live progress reads) does not count: this collector's own name is never among
+    them."""
 
     NAME = "pacflow_scrape_clock"
 

@@ -20,18 +20,15 @@ def relay_nodes(nodes: list[dict], server_node: str, actor_resource: str) -> lis
 
 def start_relays(c: ClusterConfig, run: str, policy: "ray.actor.ActorHandle", upstream: str,
                  credentials: dict[str, bytes], restarts: dict
-                 ) -> dict[str, tuple[str, "ray.actor.ActorHandle", "ray.ObjectRef"]]:
-    """{relay name: (node id, handle, ref of its address)} for the nodes `relay_nodes` picks;
-    none when relays are off or there are no collectors."""
+                 ) -> dict[str, "ray.actor.ActorHandle"]:
+    """{relay name: handle} for the nodes `relay_nodes` picks; none when relays are off or
+    there are no collectors."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not c.policy_relays or c.num_actors == 0:
         return {}
     server_node = ray.get(policy.node.remote())
-    relays = {}
-    for node in relay_nodes(ray.nodes(), server_node, c.actor_resource):
-        handle = ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node, soft=False), **restarts)(PolicyRelayWorker).remote(run, c, upstream,
-                                                                     credentials)
-        relays[relay_name(node)] = (node, handle, handle.address.remote())
-    return relays
+    return {relay_name(node): ray.remote(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        **restarts)(PolicyRelayWorker).remote(run, c, upstream, credentials)
+        for node in relay_nodes(ray.nodes(), server_node, c.actor_resource)}

@@ -11,6 +11,18 @@ import time
 from typing import Callable
 
 
+def _wakeup_socket(signals: tuple[int, ...]) -> tuple[socket.socket, socket.socket]:
+    """(read, write) ends of a socket pair; the C-level handler writes each signal's number to
+    `write` (`signal.set_wakeup_fd`), whichever thread it runs on, and the Python handlers of
+    `signals` do nothing. Call from the main thread."""
+    read, write = socket.socketpair()
+    write.setblocking(False)
+    signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+    for sig in signals:
+        signal.signal(sig, lambda *_: None)
+    return read, write
+
+
 class ShutdownSignals:
     """SIGINT and SIGTERM as something the main thread waits on, with a timeout.
 
@@ -25,13 +37,9 @@ class ShutdownSignals:
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
         self._signals = set(signals)
-        self._read, self._write = socket.socketpair()
-        for end in (self._read, self._write):
-            end.setblocking(False)
+        self._read, self._write = _wakeup_socket(signals)
+        self._read.setblocking(False)
         self.received: int | None = None  # the first of `signals` that came
-        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
-        for sig in signals:
-            signal.signal(sig, lambda *_: None)
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once one of the signals has come (now or before), False after `timeout`."""
@@ -50,11 +58,7 @@ def watch_signals(actions: dict[int, Callable[[], None]]) -> threading.Thread:
     in the signal handler (one that takes a lock the interrupted main thread holds, as
     `Event.set` does, deadlocks the process). Same wakeup-socket way as ShutdownSignals, so use
     one or the other in a process. Call it from the main thread."""
-    read, write = socket.socketpair()
-    write.setblocking(False)
-    signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
-    for sig in actions:
-        signal.signal(sig, lambda *_: None)
+    read, write = _wakeup_socket(tuple(actions))
 
     def watch() -> None:
         while True:

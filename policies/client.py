@@ -40,7 +40,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
     # A fixed receive window per stream instead of one that gRPC's BDP probing grows: with it,
     # subscribers in Ray workers peaked 49-105 MB over their two snapshot buffers while taking
-    # 128-400 MB versions (4 subscribers, 2 cores), 18-19 MB with this window, as fast
+    # 128-400 MB versions (4 subscribers, 2 cores), 18-25 MB with this window, as fast
     # (docs/benchmarks.md, policy push). 4 MiB keeps a 10 Gb/s link busy up to a 3 ms round trip.
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),

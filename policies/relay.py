@@ -36,7 +36,7 @@ from policies.proto import policy_pb2 as pb
 from policies.security import ClientSecurity, ServerSecurity
 from policies.server import PLAINTEXT_LOOPBACK, PolicyServer
 from policies.snapshot import SnapshotError
-from policies.stream import SERVICE, Frame, header_frame, parse_frame, read_snapshots
+from policies.stream import SERVICE, Frame, Part, header_frame, parse_frame, read_snapshots
 from policies.wire import MAX_SNAPSHOT_BYTES, WireError
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class PolicyRelay:
             _skip(header, frames)
         elif header.version < store.latest:  # a pin to one it deleted: stored again, aside
             parts = itertools.chain([pb.SnapshotChunk(header=header)],
-                                    (parse_frame(f) for f in _until_end(header, frames)))
+                                    (part for _, part in _parts(header, frames)))
             for snapshot, _ in read_snapshots(parts, self._max_bytes):
                 store.restore(snapshot)
         else:
@@ -169,34 +169,30 @@ def _version_frames(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> Itera
     upstream has stored it. Raises _Dropped when upstream did not store it, WireError when the
     stream ends or carries something else first."""
     yield header_frame(header.version, header.metadata_json, header.total_bytes)
-    for frame in frames:
-        part = parse_frame(frame)
-        if isinstance(part, memoryview):
-            yield frame
-            continue
-        kind = part.WhichOneof("part")
-        if kind == "end":
+    for frame, part in _parts(header, frames):
+        if not isinstance(part, memoryview):
+            if part.WhichOneof("part") != "end":
+                raise WireError(f"a {part.WhichOneof('part')} part inside v{header.version}")
             if not part.end.committed:
                 raise _Dropped(part.end.reason)
-            yield frame
-            return
-        if kind != "heartbeat":
-            raise WireError(f"a {kind} part inside v{header.version}")
-    raise WireError(f"upstream's stream ended inside v{header.version}")
-
-
-def _until_end(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> Iterator[Frame]:
-    """The frames of the version `header` opens, up to and with its end part."""
-    for frame in frames:
         yield frame
+
+
+def _parts(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> Iterator[tuple[Frame, Part]]:
+    """(frame, its parsed part) of the version `header` opens, heartbeats left out, up to and
+    with its end part. Raises WireError when the stream ends first."""
+    for frame in frames:
         part = parse_frame(frame)
-        if not isinstance(part, memoryview) and part.WhichOneof("part") == "end":
+        kind = "data" if isinstance(part, memoryview) else part.WhichOneof("part")
+        if kind != "heartbeat":
+            yield frame, part
+        if kind == "end":
             return
     raise WireError(f"upstream's stream ended inside v{header.version}")
 
 
 def _skip(header: pb.SnapshotHeader, frames: Iterator[Frame]) -> None:
-    for _ in _until_end(header, frames):
+    for _ in _parts(header, frames):
         pass
 
 

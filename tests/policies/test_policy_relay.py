@@ -51,6 +51,18 @@ def _relayed(address: str, folder, **kwargs) -> Iterator[tuple[PolicyRelay, Poli
         relay.stop()
 
 
+@contextlib.contextmanager
+def _restarted(folder, moved: list[tuple[str, str]]) -> Iterator[str]:
+    """A new incarnation of the upstream server on its folder, at another port, announced in
+    `moved` (what the relay's `resolve` reads, as a run's addresses/); its address."""
+    again = PolicyServer(folder, port=0, heartbeat_seconds=0.2)
+    moved.append((again.start(), "incarnation-2"))
+    try:
+        yield moved[0][0]
+    finally:
+        again.stop()
+
+
 def _mapped(snapshot: Snapshot) -> bool:
     """Whether the snapshot's weights are a mapped file (a local read), not a received copy."""
     return isinstance(snapshot.weights.obj.base.obj, mmap.mmap)
@@ -172,15 +184,11 @@ def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
         calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
         sub.wait_for_version(1, timeout=30)
         server.stop()
-        again = PolicyServer(tmp_path / "upstream", port=0, heartbeat_seconds=0.2)
-        moved.append((again.start(), "incarnation-2"))
-        try:
-            with PolicyClient(moved[0][0]) as client:
+        with _restarted(tmp_path / "upstream", moved) as again:
+            with PolicyClient(again) as client:
                 client.publish(_snapshot(2))
             assert sub.wait_for_version(2, timeout=60).sha256 == _snapshot(2).sha256
             assert relay.reconnects >= 1
-        finally:
-            again.stop()
 
 
 def test_a_relays_server_refuses_publish_and_pins(upstream, tmp_path):
@@ -264,11 +272,7 @@ def test_an_upstream_that_dies_mid_version_leaves_nothing_partial_behind_the_rel
         assert relay.server.latest_version == 1 and sub.latest().version == 1
         assert sorted(p.name for p in (tmp_path / "relay").iterdir()) == [
             "v000001.json", "v000001.safetensors"]
-        again = PolicyServer(tmp_path / "upstream", port=0, heartbeat_seconds=0.2)
-        moved.append((again.start(), "incarnation-2"))
-        try:
-            with PolicyClient(moved[0][0]) as client:
+        with _restarted(tmp_path / "upstream", moved) as again:
+            with PolicyClient(again) as client:
                 client.publish(_snapshot(2))
             assert sub.wait_for_version(2, timeout=60).sha256 == _snapshot(2).sha256
-        finally:
-            again.stop()
