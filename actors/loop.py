@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import dm_env
 import numpy as np
 
+from actors.env_group import EnvGroup, LocalEnvs
 from actors.envs import SeededEnvironment, flatten_observation
 from policies.policy import Policy
 from replay.spec import EnvSpec, Episode, Lineage
@@ -89,8 +90,10 @@ class EnvironmentLoop:
         episodes = loop.run(policy, seeds=[1, 2], context=ctx, greedy=False)
     """
 
-    def __init__(self, envs: Sequence[SeededEnvironment], spec: EnvSpec):
-        self._envs, self._spec = list(envs), spec
+    def __init__(self, envs: Sequence[SeededEnvironment] | EnvGroup, spec: EnvSpec):
+        # a list of environments is stepped in this process; an EnvGroup as it steps them
+        self._envs = envs if isinstance(envs, EnvGroup) else LocalEnvs(envs)
+        self._spec = spec
         # episode id -> (mean, max) over its steps of newest_version() minus the acting version
         self.staleness: dict[str, tuple[float, int]] = {}
 
@@ -113,15 +116,12 @@ class EnvironmentLoop:
     def _wave(self, policy: Policy, seeds: Sequence[int], ids: Sequence[str],
               ctx: EpisodeContext, greedy: bool,
               newest_version: Callable[[], int] | None) -> list[Episode]:
-        envs = self._envs[:len(seeds)]
-        lags: list[list[int]] = [[] for _ in envs]  # per env, per step
+        lags: list[list[int]] = [[] for _ in seeds]  # per env, per step
         start_time = time.time()
-        for env, seed in zip(envs, seeds):
-            env.seed(seed)
-        timesteps = [env.reset() for env in envs]
-        buffers = [EpisodeBuffer() for _ in envs]
-        active = list(range(len(envs)))
-        task_ids = np.full(len(envs), ctx.task_id, np.int64)
+        timesteps = self._envs.reset(seeds)
+        buffers = [EpisodeBuffer() for _ in seeds]
+        active = list(range(len(seeds)))
+        task_ids = np.full(len(seeds), ctx.task_id, np.int64)
         task, obs_dim = self._spec.tasks[ctx.task_id], self._spec.obs_dim
         camera = bool(self._spec.pixels_shape)
         while active:
@@ -135,11 +135,11 @@ class EnvironmentLoop:
                 lag = max(newest_version() - policy.policy_version, 0)
                 for i in active:
                     lags[i].append(lag)
+            stepped = self._envs.step(active, actions[:, :task.action_dim])
             still = []
             for j, i in enumerate(active):
-                buf = buffers[i]
+                buf, timesteps[i] = buffers[i], stepped[j]
                 buf.observe(obs[j], pixels[j] if camera else None)
-                timesteps[i] = envs[i].step(actions[j, :task.action_dim])
                 buf.record(actions[j], timesteps[i])
                 if timesteps[i].last():
                     last = timesteps[i].observation

@@ -8,7 +8,8 @@ ours: what a collector does per wave (cluster/collector.py CollectorWorker): Env
       the writer thread while the next wave acts (actors/wave_writer.py); a round ends when its
       last wave is written.
 raw:  the same environments (same task, action repeat and camera) stepped with uniform random
-      actions: no policy, no buffers, no writes.
+      actions: no policy, no buffers, no writes, in the actor's process. With env_processes,
+      ours steps its own copies of those envs in that many child processes per actor.
 Rounds alternate ours and raw; each round is `waves` waves (one episode per env each). With N
 actors, N processes run the same side at the same time (a barrier per round) and their steps are
 summed. Ratio = ours / raw: 1.0 means the loop costs nothing over the simulator.
@@ -36,11 +37,15 @@ class ActorCase:
     envs: int  # environments per actor (one batched policy call per step for all)
     preset: str  # model preset of the policy (policies/perceiver.py PRESETS)
     pixels: bool  # observe a 64x64 camera image too
+    # ours steps the envs in this many child processes per actor (cluster.env_processes);
+    # 0: in the actor, as raw always does
+    env_processes: int = 0
 
     @property
     def name(self) -> str:
         return (f"task={self.task.split(':')[-1]},actors={self.actors},envs={self.envs},"
-                f"preset={self.preset},pixels={int(self.pixels)}")
+                f"preset={self.preset},pixels={int(self.pixels)}"
+                + (f",env_processes={self.env_processes}" if self.env_processes else ""))
 
 
 def default_cases(quick: bool = False) -> list[ActorCase]:
@@ -72,6 +77,7 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
     with the other actors' (barrier); puts [(side, steps, seconds)] on `results`."""
     import torch
 
+    from actors.env_group import EnvProcesses, LocalEnvs
     from actors.loop import EnvironmentLoop, EpisodeContext
     from actors.wave_writer import WaveWriter
     from cluster.config import EnvConfig
@@ -87,9 +93,11 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
                            PIXELS if case.pixels else ())
     spec = env_config.spec()
     envs = [env_config.make(case.task, 1000 * index + i) for i in range(case.envs)]
+    acting = EnvProcesses(env_config, case.task, [1000 * index + i for i in range(case.envs)],
+                          case.env_processes) if case.env_processes else LocalEnvs(envs)
     model = PerceiverActorCritic(spec, PerceiverConfig(**PRESETS[case.preset], v_max=400.0))
     policy = PACPolicy(model, 1, seed=index)
-    loop = EnvironmentLoop(envs, spec)
+    loop = EnvironmentLoop(acting, spec)
     tmp = tempfile.TemporaryDirectory(prefix="bench-actors-")  # removed when the process ends
     sink = EpisodeSink(spec, EpisodeArchive(Path(tmp.name) / "archive"),
                        ReverbSequenceAdder(address, ReplayConfig(n_step=3)),
@@ -110,7 +118,7 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
         out.append(("raw", sum(e.num_env_steps for e in envs) - steps,
                     time.perf_counter() - t0))
         barrier.wait()
-        t0, steps = time.perf_counter(), sum(e.num_env_steps for e in envs)
+        t0, steps = time.perf_counter(), acting.num_env_steps
         ctx = EpisodeContext("bench", r, f"actor-{index}", case.task, 0, "collect")
         written = []
         for w in range(waves):
@@ -118,8 +126,8 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
             written += writer.submit(loop.run(policy, seeds, ctx, False))
         written += writer.finish()
         assert all(all(done.result) for done in written), "an episode was quarantined"
-        out.append(("ours", sum(e.num_env_steps for e in envs) - steps,
-                    time.perf_counter() - t0))
+        out.append(("ours", acting.num_env_steps - steps, time.perf_counter() - t0))
+    acting.close()
     results.put(out)
 
 

@@ -211,6 +211,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_actors(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from cluster.bench import format_report
     from cluster.bench_actors import ENV_REPEAT, default_cases, run_actor_bench, select_cases
     from policies.perceiver import PRESETS
@@ -226,6 +228,11 @@ def _bench_actors(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= 1")
     cases = select_cases(cases, args.preset, args.task, args.observations, args.actors,
                          args.envs)
+    if args.env_processes:
+        if args.env_processes < 0 or any(args.env_processes > c.envs for c in cases):
+            raise UsageError(f"--env-processes {args.env_processes}: give 0 to the fewest "
+                             f"--envs of the cases ({min(c.envs for c in cases)})")
+        cases = [dataclasses.replace(c, env_processes=args.env_processes) for c in cases]
     if args.rounds < 1 or args.waves < 1:
         raise UsageError("--rounds and --waves must be >= 1")
     print(format_report(run_actor_bench(cases, args.rounds, args.json, waves=args.waves)))
@@ -344,6 +351,9 @@ def make_parser() -> argparse.ArgumentParser:
                        help="actors: actor processes (repeatable; default 1 2)")
     bench.add_argument("--envs", type=int, action="append", default=None,
                        help="actors: environments per actor (repeatable; default 1 4 16)")
+    bench.add_argument("--env-processes", type=int, default=0,
+                       help="actors: step each actor's envs in this many child processes "
+                            "(cluster.env_processes; default 0: in the actor)")
     bench.add_argument("--observations", action="append", choices=["state", "pixels"],
                        default=None, help="actors: state, pixels (repeatable; default both)")
     bench.add_argument("--rounds", type=int, default=3,

@@ -11,6 +11,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.env_group import EnvProcesses, LocalEnvs
 from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from actors.robot_spec import is_robot_task
 from actors.wave_writer import WaveWriter, Written
@@ -66,8 +67,10 @@ class CollectorWorker(RunProcess):
         self._spec = spec
         # Tasks are dealt out round-robin; an actor with several steps them in turn, a wave each.
         tasks = actor_tasks(sim_tasks(env_config.tasks), index, cluster_config.num_actors)
-        self._envs = {t: [env_config.make(t, seed + i)
-                          for i in range(cluster_config.envs_per_actor)] for t in tasks}
+        seeds, processes = [seed + i for i in range(cluster_config.envs_per_actor)], \
+            cluster_config.env_processes
+        self._envs = {t: EnvProcesses(env_config, t, seeds, processes) if processes else
+                      LocalEnvs([env_config.make(t, s) for s in seeds]) for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                  ReplayActorAdder(replay), join(run, "quarantine"))
@@ -93,7 +96,7 @@ class CollectorWorker(RunProcess):
             self._policy = PACPolicy.from_snapshot(snapshot, self._seed + snapshot.version)
 
     def _env_steps_so_far(self) -> int:
-        return sum(e.num_env_steps for envs in self._envs.values() for e in envs)
+        return sum(envs.num_env_steps for envs in self._envs.values())
 
     def _newest_version(self) -> int:
         newest = self._subscriber.latest()
@@ -196,3 +199,5 @@ class CollectorWorker(RunProcess):
     def close(self) -> None:
         self._writer.close()
         self._subscriber.close()
+        for envs in self._envs.values():
+            envs.close()

@@ -38,7 +38,26 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 SETS = ["--set", "cluster.server_resource=head", "--set", "cluster.actor_resource=worker",
         "--set", "cluster.host=auto", "--set", "loop.num_cycles=3",
-        "--set", "loop.learner_steps_per_cycle=200"]
+        "--set", "loop.learner_steps_per_cycle=200",
+        # each collector steps its 2 envs in 2 child processes (actors/env_group.py)
+        "--set", "cluster.env_processes=2"]
+
+
+def _env_processes(pid: int) -> list[int]:
+    """The env-stepping children (actors/env_group.py) of process `pid`."""
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children()
+            if "actors.env_group" in " ".join(c.cmdline())]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _free_port() -> int:
@@ -192,8 +211,13 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
             pids = until(lambda: running(lambda: ray_pids(title, env["HOME"])),
                           f"{title} in cycle {cycle}")
             victim = rng.choice(sorted(pids))
+            children = _env_processes(victim)
+            assert len(children) == (2 if target == "collector" else 0), children
             os.kill(victim, signal.SIGKILL)
             killed[target] = (cycle, victim)
+            # A killed collector's env processes see their connection close and exit.
+            until(lambda: not [p for p in children if _alive(p)],
+                  "the killed collector's env processes to exit", timeout=30)
         submit.wait(timeout=900)
     finally:
         if submit.poll() is None:
