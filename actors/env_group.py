@@ -15,14 +15,17 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import dm_env
 import numpy as np
 
 if TYPE_CHECKING:
     from actors.envs import SeededEnvironment
-    from cluster.config import EnvConfig
+
+# (task, seed) -> a new environment; picklable, as it is sent to each child (a run passes
+# `EnvConfig.make`, a bound method of a frozen dataclass)
+MakeEnv = Callable[[str, int], "SeededEnvironment"]
 
 CLOSE_SECONDS = 10.0  # a child that has not exited this long after close() is killed
 
@@ -82,18 +85,17 @@ def _reset(env: "SeededEnvironment", seed: int) -> dm_env.TimeStep:
 
 
 class EnvProcesses(EnvGroup):
-    """Env i of `seeds` (each fixing its env's random initial states, as `EnvConfig.make`)
-    lives in child process i % `processes`; a call sends every child its share, then collects
-    the replies, so the children step in parallel.
+    """Env i, `make(task, seeds[i])`, lives in child process i % `processes`; a call sends
+    every child its share, then collects the replies, so the children step in parallel.
 
     Usage:
-        envs = EnvProcesses(env_config, "dm_control:walker-walk", seeds=[1, 2, 3, 4], processes=2)
+        envs = EnvProcesses(env_config.make, "dm_control:walker-walk", [1, 2, 3, 4], processes=2)
         timesteps = envs.reset([10, 11, 12, 13])
         timesteps = envs.step([0, 2], [action0, action2])
         envs.close()
     """
 
-    def __init__(self, config: "EnvConfig", task: str, seeds: Sequence[int], processes: int):
+    def __init__(self, make: MakeEnv, task: str, seeds: Sequence[int], processes: int):
         if not 1 <= processes <= len(seeds):
             raise ValueError(f"{processes} env processes for {len(seeds)} envs: give 1 to "
                              f"{len(seeds)}")
@@ -102,7 +104,7 @@ class EnvProcesses(EnvGroup):
         try:
             for p in range(processes):
                 mine = [(i, seed) for i, seed in enumerate(seeds) if i % processes == p]
-                self._children.append(_spawn(config, task, mine))
+                self._children.append(_spawn(make, task, mine))
             self._gather(range(processes))  # each child has built its envs (or failed)
         except BaseException:
             self.close()
@@ -173,7 +175,7 @@ class EnvProcesses(EnvGroup):
         self._children = []
 
 
-def _spawn(config: "EnvConfig", task: str, envs: list[tuple[int, int]]
+def _spawn(make: MakeEnv, task: str, envs: list[tuple[int, int]]
            ) -> tuple[subprocess.Popen, Connection]:
     ours, theirs = socket.socketpair()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -181,16 +183,16 @@ def _spawn(config: "EnvConfig", task: str, envs: list[tuple[int, int]]
         process = subprocess.Popen([sys.executable, "-m", "actors.env_group",
                                     str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env)
     conn = Connection(ours.detach())
-    conn.send((config, task, envs))
+    conn.send((make, task, envs))
     return process, conn
 
 
 def serve(conn: Connection) -> None:
     """A child's loop: builds its envs, then answers reset and step requests until the parent
     closes the connection."""
-    config, task, seeds = conn.recv()
     try:
-        envs = {i: config.make(task, seed) for i, seed in seeds}
+        make, task, seeds = conn.recv()
+        envs = {i: make(task, seed) for i, seed in seeds}
     except Exception:
         conn.send(("error", traceback.format_exc(limit=3), 0))
         return

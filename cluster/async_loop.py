@@ -24,7 +24,8 @@ import numpy as np
 import ray
 
 from cluster.config import ExperimentConfig
-from cluster.driver import RunFailed, RunRecord, Topology, split, wait
+from cluster.driver import RunRecord
+from cluster.topology import RunFailed, Topology, split, wait
 from cluster.report import CycleRow
 
 

@@ -93,7 +93,7 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
                            PIXELS if case.pixels else ())
     spec = env_config.spec()
     envs = [env_config.make(case.task, 1000 * index + i) for i in range(case.envs)]
-    acting = EnvProcesses(env_config, case.task, [1000 * index + i for i in range(case.envs)],
+    acting = EnvProcesses(env_config.make, case.task, [1000 * index + i for i in range(case.envs)],
                           case.env_processes) if case.env_processes else LocalEnvs(envs)
     model = PerceiverActorCritic(spec, PerceiverConfig(**PRESETS[case.preset], v_max=400.0))
     policy = PACPolicy(model, 1, seed=index)

@@ -38,7 +38,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"warning: run directory {run} is inside Ray's job working dir, which is "
                   "deleted when the cluster stops; pass --run-dir (an absolute path or s3:// "
                   "URI) to keep the run", file=sys.stderr, flush=True)
-    from cluster.driver import RunFailed, run_experiment
+    from cluster.driver import run_experiment
+    from cluster.topology import RunFailed
     from cluster.preflight import RunDirError
 
     print(f"run directory: {run}", flush=True)

@@ -4,6 +4,7 @@ episodes; `cluster/driver.py` wraps it with Ray like the processes in `cluster/w
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 
@@ -29,6 +30,7 @@ from replay.ingest import EpisodeSink
 from replay.spec import EnvSpec, Episode
 from replay.storage import join, run_id, scratch_dir
 
+log = logging.getLogger(__name__)
 
 MODES = ("collect", "eval")  # episode modes; the index goes into each episode's seed
 
@@ -69,25 +71,39 @@ class CollectorWorker(RunProcess):
         tasks = actor_tasks(sim_tasks(env_config.tasks), index, cluster_config.num_actors)
         seeds, processes = [seed + i for i in range(cluster_config.envs_per_actor)], \
             cluster_config.env_processes
-        self._envs = {t: EnvProcesses(env_config, t, seeds, processes) if processes else
+        self._envs = {t: EnvProcesses(env_config.make, t, seeds, processes) if processes else
                       LocalEnvs([env_config.make(t, s) for s in seeds]) for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                  ReplayActorAdder(replay), join(run, "quarantine"))
         self.registry.register(quarantine_collector(self._sink))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
-        relay = relay_name(node_id())
-        if relay in addresses:  # another node than the server's: its relay's files, no copy
-            server, address, security = relay, addresses[relay], PLAINTEXT  # on loopback
-        else:  # on the server's host: its files, no copy
-            server, address = "policyserver", addresses["policy"]
-            security = unpack_client_security(credentials or {},
-                                              scratch_dir(run, self.actor_id) / "credentials")
-        self._subscriber = PolicySubscriber(address, self.actor_id, security, functools.partial(
-            read_address, run, server), local_read=True).start()
+        self._addresses, self._credentials = addresses, credentials or {}
+        self._subscriber = self._subscribe()
         self._writer = WaveWriter(lambda wave: self._write(*wave))  # (episodes, to_replay)
         self._metrics = ActorMetrics(self.registry, run, self.actor_id,
                                      lambda: self._policy.policy_version, self._newest_received)
+
+    def _relay_address(self) -> str | None:
+        """This node's policy relay (another node than the policy server's): in the addresses
+        the driver gave, else as announced in run storage by one started after them (a node
+        that joined later, which Ray may restart this collector onto)."""
+        relay = relay_name(node_id())
+        found = read_address(self._run, relay) if relay not in self._addresses else None
+        return self._addresses.get(relay) or (found[0] if found else None)
+
+    def _subscribe(self) -> PolicySubscriber:
+        """The relay's files when this node has one, else the policy server's (its files on
+        its host, data parts elsewhere)."""
+        relay = self._relay_address()
+        if relay is not None:  # on loopback, plaintext
+            self._source, address, security = relay_name(node_id()), relay, PLAINTEXT
+        else:
+            self._source, address = "policyserver", self._addresses["policy"]
+            security = unpack_client_security(self._credentials,
+                                              scratch_dir(self._run, self.actor_id) / "credentials")
+        return PolicySubscriber(address, self.actor_id, security, functools.partial(
+            read_address, self._run, self._source), local_read=True).start()
 
     def _switch_policy(self) -> None:
         """Takes the newest pushed version; called only between waves (episode boundaries)."""
@@ -169,6 +185,11 @@ class CollectorWorker(RunProcess):
                 timeout_seconds: float) -> dict:
         """Collects episodes with the newest policy (at least `min_version`)."""
         t0 = time.monotonic()
+        if self._source == "policyserver" and self._relay_address() is not None:
+            log.info("%s: this node's policy relay has started; receiving versions from it",
+                     self.actor_id)
+            previous, self._subscriber = self._subscriber, self._subscribe()
+            previous.close()
         if min_version > 0:
             self._subscriber.wait_for_version(min_version, timeout_seconds)
         steps_before = self._env_steps_so_far()

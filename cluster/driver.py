@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -33,142 +32,15 @@ from cluster.report import CycleRow, format_header, format_row, plot_returns, re
 from cluster.discovery import clear_targets
 from cluster.metrics import RunMetrics
 from cluster.process import advertised_host, serve_metrics
-from cluster.relays import start_relays
 from cluster.progress import CycleProgress, RunView
 from cluster.robots import wait_for_robots
-from cluster.collector import CollectorWorker
-from cluster.workers import LearnerWorker, PolicyServerWorker, ReplayWorker
+from cluster.topology import Topology, restart_counts, split, wait
 from replay.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def split(total: int, parts: int) -> list[int]:
-    """Splits `total` as evenly as possible: split(5, 2) == [3, 2]."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
-
-
-SLIVER = 0.001  # of a custom resource: enough to pin an actor to the nodes that carry it
-
-
-def placement(resource: str, driver_node: bool = False) -> dict:
-    """Ray actor options pinning to the nodes with `resource`; else to the driver's node when
-    asked; else anywhere."""
-    if resource:
-        return {"resources": {resource: SLIVER}}
-    if driver_node:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False)}
-    return {}
-
-
-class RunFailed(RuntimeError):
-    """A process of the run died past its restarts, or hung; the message names it."""
-
-
-def wait(calls: list[tuple[str, "ray.ObjectRef"]], what: str, timeout: float) -> list:
-    """ray.get on (process name, ref) pairs with a timeout; a dead or hung process becomes one
-    RunFailed line naming it."""
-    try:
-        return ray.get([ref for _, ref in calls], timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        ready, _ = ray.wait([ref for _, ref in calls], num_returns=len(calls), timeout=0)
-        hung = [name for name, ref in calls if ref not in ready]
-        raise RunFailed(f"{', '.join(hung)}: {what} did not finish within {timeout:.0f} s "
-                        "(loop.call_timeout_seconds)") from None
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-        ready, _ = ray.wait([ref for _, ref in calls], num_returns=len(calls), timeout=0)
-        names = [name for name, ref in calls if ref in ready and _failed(ref)] or \
-            [n for n, _ in calls]
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunFailed(f"{', '.join(names)}: died during {what} and could not be restarted "
-                        f"(cluster.max_restarts): {cause}") from None
-
-
-def restart_counts(run: str) -> dict[str, int]:
-    """{process name: restarts} of the processes Ray has restarted in this run."""
-    store = Storage(run)
-    return {name.removesuffix(".json"): json.loads(store.get_bytes(f"restarts/{name}"))["restarts"]
-            for name in store.list_files("restarts")}
-
-
-def _failed(ref) -> bool:
-    """Whether a finished call raised."""
-    try:
-        ray.get(ref, timeout=0)
-        return False
-    except Exception:
-        return True
-
-
-class Topology:
-    """The run's Ray actors: one replay server, one policy server, one learner, N collectors.
-
-    Every process restarts (cluster.max_restarts) and Ray retries the call it died in: the
-    calls are safe to repeat (episode ids and seeds fixed per cycle, training up to a target
-    step count from the newest checkpoint, publishing a version the server holds is a no-op).
-    A restarted replay or policy server restores from run storage and announces its address
-    (`<run>/addresses/`), where its clients find it (replay/reconnect.py)."""
-
-    def __init__(self, config: ExperimentConfig, run: str,
-                 credentials: dict[str, dict[str, bytes]]):
-        """`credentials`: {"learner": ..., "actor": ...} from `run_credentials`."""
-        c, self.run = config.cluster, run
-        spec = config.env.spec()
-        servers = placement(c.server_resource, driver_node=True)
-        restarts = {"max_restarts": c.max_restarts, "max_task_retries": c.max_restarts}
-        # Threaded: every collector's ingest, the driver's checkpoint and stats at once.
-        self.replay = ray.remote(num_cpus=0, max_concurrency=c.num_actors + 4, **servers,
-                                 **restarts)(ReplayWorker).remote(spec, config.replay, run, c)
-        self.policy = ray.remote(num_cpus=0, **servers, **restarts)(PolicyServerWorker).remote(
-            run, c, config.gateway, self.replay, spec)
-        self.addresses = dict(zip(("replay", "policy"), wait(
-            [("replay", self.replay.address.remote()), ("policyserver",
-                                                         self.policy.address.remote())],
-            "start-up", config.loop.call_timeout_seconds)))
-        local = c.learner_workers == 1  # else the Ray Train workers hold the devices
-        # Async: a second thread takes `stop` while `train` waits for data (cluster/async_loop.py).
-        threads = 2 if config.loop.mode is LoopMode.ASYNC else 1
-        self.learner = ray.remote(num_cpus=c.learner_cpus if local else 0,
-                                  num_gpus=c.learner_gpus if local else 0,
-                                  max_concurrency=threads,
-                                  **placement(c.learner_resource), **restarts)(
-            LearnerWorker).remote(spec, config.model, config.learner, config.replay,
-                                  self.addresses["replay"], run, config.loop.seed, c,
-                                  credentials["learner"])
-        # Before the collectors, which find their node's relay among the addresses.
-        self.relays = start_relays(c, run, self.policy, self.addresses["policy"],
-                                   credentials["actor"], restarts)
-        self.addresses.update(zip(self.relays, wait(
-            [(name, relay.address.remote()) for name, relay in self.relays.items()],
-            "start-up", config.loop.call_timeout_seconds)))
-        collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
-                               **restarts)(CollectorWorker)
-        self.actors = [
-            collector.remote(i, spec, config.env, c, config.model, self.replay,
-                             self.addresses, run, config.loop.seed * 1000 + i * 100,
-                             credentials=credentials["actor"])
-            for i in range(c.num_actors)]
-        # Async: evaluation has an actor of its own (every task, its own seeds).
-        self.evaluator = ray.remote(num_cpus=c.evaluator_cpus, **placement(c.actor_resource),
-                                    **restarts)(CollectorWorker).remote(
-            0, spec, config.env, dataclasses.replace(c, num_actors=1), config.model,
-            self.replay, self.addresses, run, config.loop.seed * 1000 + 99, "evaluator",
-            credentials["actor"]) \
-            if config.loop.mode is LoopMode.ASYNC else None
-
-    def policy_address(self, timeout: float) -> str:
-        """The policy server's address now (a restarted server may have moved)."""
-        (self.addresses["policy"],) = wait([("policyserver", self.policy.address.remote())],
-                                           "address", timeout)
-        return self.addresses["policy"]
-
-    def named(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
-        return [("replay", self.replay), ("policyserver", self.policy), ("learner", self.learner),
-                *((f"actor-{i}", a) for i, a in enumerate(self.actors)), *self.relays.items(),
-                *((("evaluator", self.evaluator),) if self.evaluator else ())]
+RELAY_LOG_SECONDS = 30.0  # how long a cycle's end waits for the relays' logs to be shipped
 
 
 def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
@@ -285,7 +157,9 @@ class RunRecord:
                  "episodes)")
 
     def save(self, train: dict, wait_for_logs: bool = True) -> None:
-        """cycle.json, the report, and every process's log, into run storage."""
+        """cycle.json, the report, and every process's log, into run storage; first, relays
+        for the nodes there are now."""
+        self.top.refresh_relays(self.config.loop.call_timeout_seconds)
         wall = max(time.time() - self.started, 1e-9)
         n = len(self.top.actors)
         version = self.rows[-1].policy_version if self.rows else 0
@@ -304,7 +178,12 @@ class RunRecord:
         plot_returns(self.rows, self.run, ", ".join(self.config.env.tasks))
         shipped = [(name, w.ship_logs.remote()) for name, w in self.top.named()]
         if wait_for_logs:  # else each ships after its call in progress (async: never idle)
-            wait(shipped, "ship_logs", self.config.loop.call_timeout_seconds)
+            # A relay's log is best effort: one whose node is going away may not answer, and the
+            # run does not need it (its node's collectors time out on their own without it).
+            relays = [ref for name, ref in shipped if name.startswith("relay-")]
+            wait([(name, ref) for name, ref in shipped if not name.startswith("relay-")],
+                 "ship_logs", self.config.loop.call_timeout_seconds)
+            ray.wait(relays, num_returns=len(relays), timeout=RELAY_LOG_SECONDS)
 
 
 def fleet_totals(top: Topology, timeout: float) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Policy relays of a multi-node run (cluster.policy_relays): one `PolicyRelayWorker` on each
 node other than the policy server's that collectors may run on, started before the
-collectors, which find their node's relay in the addresses they are given."""
+collectors, which find their node's relay in the addresses they are given or, started later,
+in run storage (`<run>/addresses/relay-<node>.json`)."""
 
 from __future__ import annotations
 
@@ -18,17 +19,32 @@ def relay_nodes(nodes: list[dict], server_node: str, actor_resource: str) -> lis
                   and (not actor_resource or n.get("Resources", {}).get(actor_resource, 0) > 0))
 
 
-def start_relays(c: ClusterConfig, run: str, policy: "ray.actor.ActorHandle", upstream: str,
-                 credentials: dict[str, bytes], restarts: dict
-                 ) -> dict[str, "ray.actor.ActorHandle"]:
-    """{relay name: handle} for the nodes `relay_nodes` picks; none when relays are off or
-    there are no collectors."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+class NodeRelays:
+    """The run's relays, {relay name: handle} in `handles`. `refresh` (at the start and after
+    every cycle) forgets the relays of nodes that have left the cluster (a relay is pinned to
+    its node, so Ray cannot restart it elsewhere) and starts one on each eligible node that
+    has none yet: one that joined later (an autoscaler's, or a replaced machine), where
+    collectors Ray restarts find it through run storage."""
 
-    if not c.policy_relays or c.num_actors == 0:
-        return {}
-    server_node = ray.get(policy.node.remote())
-    return {relay_name(node): ray.remote(
-        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        **restarts)(PolicyRelayWorker).remote(run, c, upstream, credentials)
-        for node in relay_nodes(ray.nodes(), server_node, c.actor_resource)}
+    def __init__(self, c: ClusterConfig, run: str, policy: "ray.actor.ActorHandle",
+                 upstream: str, credentials: dict[str, bytes], restarts: dict):
+        self._args, self._c, self._restarts = (run, c, upstream, credentials), c, restarts
+        self._on = c.policy_relays and c.num_actors > 0
+        self._server_node = ray.get(policy.node.remote()) if self._on else ""
+        self.handles: dict[str, "ray.actor.ActorHandle"] = {}
+
+    def refresh(self) -> dict[str, "ray.actor.ActorHandle"]:
+        """Updates `handles`; returns the relays it started."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not self._on:
+            return {}
+        nodes = {relay_name(n): n for n in relay_nodes(ray.nodes(), self._server_node,
+                                                      self._c.actor_resource)}
+        self.handles = {name: h for name, h in self.handles.items() if name in nodes}
+        started = {name: ray.remote(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            **self._restarts)(PolicyRelayWorker).remote(*self._args)
+            for name, node in nodes.items() if name not in self.handles}
+        self.handles.update(started)
+        return started

@@ -34,7 +34,7 @@ def _gone(pids: list[int], timeout: float) -> bool:
 def test_env_processes_step_as_the_actor_would():
     seeds = [11, 12, 13]  # three envs, two processes: one child steps two of them
     local = LocalEnvs([CONFIG.make(TASK, s) for s in seeds])
-    children = EnvProcesses(CONFIG, TASK, seeds, processes=2)
+    children = EnvProcesses(CONFIG.make, TASK, seeds, processes=2)
     pids = children.pids
     try:
         assert len(children) == 3 and len(set(pids)) == 2
@@ -55,7 +55,7 @@ def test_env_processes_step_as_the_actor_would():
 def test_a_killed_env_process_fails_the_next_step_and_names_it():
     rng = np.random.default_rng(7)
     kill_at = int(rng.integers(1, 100))  # the step after which the child is killed
-    envs = EnvProcesses(CONFIG, TASK, [1, 2], processes=2)
+    envs = EnvProcesses(CONFIG.make, TASK, [1, 2], processes=2)
     pids = envs.pids
     try:
         envs.reset([1, 2])
@@ -77,14 +77,14 @@ def test_an_env_that_cannot_be_built_fails_the_start():
     bad = EnvConfig(("dm_control:cartpole-flip",))  # no such task: make() refuses it
     before = set(psutil.Process().children())
     with pytest.raises(EnvProcessError, match="unknown task 'dm_control:cartpole-flip'"):
-        EnvProcesses(bad, "dm_control:cartpole-flip", [1, 2], processes=2)
+        EnvProcesses(bad.make, "dm_control:cartpole-flip", [1, 2], processes=2)
     started = [p.pid for p in set(psutil.Process().children()) - before]
     assert _gone(started, 10)
 
 
 def test_processes_must_fit_the_envs():
     with pytest.raises(ValueError, match="3 env processes for 2 envs"):
-        EnvProcesses(CONFIG, TASK, [1, 2], processes=3)
+        EnvProcesses(CONFIG.make, TASK, [1, 2], processes=3)
 
 
 def test_children_exit_when_the_actor_is_killed():
@@ -92,7 +92,7 @@ def test_children_exit_when_the_actor_is_killed():
         import sys, time
         from actors.env_group import EnvProcesses
         from cluster.config import EnvConfig
-        envs = EnvProcesses(EnvConfig(({TASK!r},), 8), {TASK!r}, [1, 2], processes=2)
+        envs = EnvProcesses(EnvConfig(({TASK!r},), 8).make, {TASK!r}, [1, 2], processes=2)
         envs.reset([1, 2])
         print(*envs.pids, flush=True)
         time.sleep(600)

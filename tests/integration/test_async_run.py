@@ -14,7 +14,7 @@ import pytest
 
 from actors.loop import episode_identity
 from cluster.config import load_config
-from cluster.driver import split
+from cluster.topology import split
 from replay.archive import EpisodeArchive
 from replay.storage import run_id
 from tests.processes import ray_pids, until

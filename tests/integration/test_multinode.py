@@ -27,7 +27,7 @@ import pytest
 
 from actors.loop import episode_identity
 from cluster.config import load_config
-from cluster.driver import split
+from cluster.topology import split
 from replay.archive import EpisodeArchive
 from replay.storage import Storage, run_id, scratch_dir
 from tests.conftest import s3_environment
@@ -284,3 +284,98 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     replay_log = store.get_bytes("logs/replay.log").decode()
     restored = int(re.findall(r"(\d+) items restored", replay_log)[-1])
     assert restored == sum(e.length for e in collected)
+
+
+def _join(env: dict, gcs: str, resources: str) -> subprocess.Popen:
+    """Another node on loopback (`ray start --address`), its processes one process group."""
+    return subprocess.Popen(
+        ["ray", "start", "--address", gcs, "--resources", resources, "--node-ip-address",
+         "127.0.0.1", "--num-cpus", "2", "--dashboard-agent-listen-port", str(_free_port()),
+         "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+
+def _relay_subscribers(run: str, env: dict, tmp_path: Path, skip: set[str]) -> dict[str, str]:
+    """{relay name: its pacflow_policy_subscribers line} of the run's relays not in `skip`."""
+    out = tmp_path / "targets.json"
+    subprocess.run(["pacflow", "metrics", "targets", run, "--out", str(out)], env=env,
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    found = {}
+    for entry in json.loads(out.read_text()):
+        name = entry["labels"]["instance_name"]
+        if name.startswith("relay-") and name not in skip:
+            try:
+                lines = _metrics(entry).splitlines()
+            except OSError:  # not serving yet
+                continue
+            found[name] = next((x for x in lines if x.startswith("pacflow_policy_subscribers")),
+                               "")
+    return found
+
+
+def test_collectors_node_dies_and_a_new_node_gets_them_and_a_relay(cluster, s3_prefix,
+                                                                   tmp_path):
+    """The node that runs every collector (and its relay) dies: Ray restarts the collectors on
+    a node that joins afterwards, the driver starts a relay there after the cycle, the
+    collectors receive versions through it, and the run completes with every episode once."""
+    env, dashboard, gcs, creds = cluster
+    run = f"{s3_prefix[0]}/run-node-lost"
+    sets = ["--set", "cluster.server_resource=head", "--set", "cluster.actor_resource=spot",
+            "--set", "cluster.learner_resource=worker", "--set", "cluster.host=auto",
+            "--set", f"cluster.policy_credentials={creds}", "--set", "loop.num_cycles=4",
+            "--set", "loop.learner_steps_per_cycle=50"]
+    spare = [_join(env, gcs, '{"spot": 1}')]
+    log_path = tmp_path / "submit.log"
+    log = open(log_path, "w")
+    submit = None
+    try:
+        until(lambda: _active_nodes(env, int(gcs.rsplit(":", 1)[1])) == 3, "3 active nodes",
+              timeout=120, poll=1.0)
+        submit = subprocess.Popen(
+            ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+             "pacflow", "run", "--config", "deploy/configs/smoke.yaml", "--address", "auto",
+             "--run-dir", run, *sets], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+        def running(condition):
+            if submit.poll() is not None:
+                pytest.fail(f"job ended early: {log_path.read_text()[-4000:]}")
+            return condition()
+
+        # Both collectors read the first node's relay.
+        first = until(lambda: running(lambda: [n for n, line in _relay_subscribers(
+            run, env, tmp_path, set()).items() if line.endswith(" 2.0")]),
+            "the collectors on the spot node's relay", timeout=240)
+        until(lambda: running(lambda: _completed(run) >= 1), "cycle 1 to start")
+        os.killpg(spare[0].pid, signal.SIGKILL)  # the machine is gone, all its processes
+        spare[0].wait(timeout=60)
+        spare.append(_join(env, gcs, '{"spot": 1}'))  # its replacement joins
+        second = until(lambda: running(lambda: [n for n, line in _relay_subscribers(
+            run, env, tmp_path, set(first)).items() if line.endswith(" 2.0")]),
+            "both restarted collectors on the new node's relay", timeout=400)
+        submit.wait(timeout=900)
+    finally:
+        if submit is not None and submit.poll() is None:
+            submit.kill()
+        log.close()
+        for node in spare:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.wait(timeout=60)
+    out = log_path.read_text()
+    assert submit.returncode == 0, out[-4000:]
+    state = json.loads(Storage(run).get_bytes("cycle.json"))
+    assert [r["cycle"] for r in state["rows"]] == [0, 1, 2, 3]
+    assert state["restarts"].get("actor-0", 0) >= 1 and state["restarts"].get("actor-1", 0) >= 1
+    # The driver forgot the dead node's relay and kept the new one's.
+    assert second != first and second[0] in state["addresses"]
+    assert first[0] not in state["addresses"]
+    config = load_config(ROOT / "deploy/configs/smoke.yaml", sets[1::2])
+    expected = {episode_identity(run_id(run), "collect", c, f"actor-{i}", k)
+                for c in range(4)
+                for i, n in enumerate(split(config.loop.episodes(c), config.cluster.num_actors))
+                for k in range(n)}
+    collected = [e for e in EpisodeArchive(f"{run}/archive").episodes()
+                 if e.lineage.mode == "collect"]
+    assert sorted(e.lineage.episode_id for e in collected) == sorted(expected)
