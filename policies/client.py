@@ -15,15 +15,14 @@ from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
 from policies.security import ClientSecurity, channel_credentials
 from policies.snapshot import Snapshot, SnapshotError
-from policies.stream import SERVICE, LocalReadError, SpareBuffer, parse_frame, \
-    publish_frames, read_snapshots
+from policies.stream import RECEIVE_WINDOW_BYTES, SERVICE, LocalReadError, SpareBuffer, \
+    parse_frame, publish_frames, read_snapshots
 from policies.wire import WireError, episode_bytes, episode_chunks
 from replay.spec import Episode
 
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_SECONDS = 60.0  # deadline of one-shot calls (a large Publish or Fetch included)
-RECEIVE_WINDOW_BYTES = 4 << 20  # HTTP/2 flow-control window of each stream a client receives
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 8 << 20),
     ("grpc.max_receive_message_length", 8 << 20),
@@ -41,7 +40,7 @@ CHANNEL_OPTIONS = [
     # A fixed receive window per stream instead of one that gRPC's BDP probing grows: with it,
     # subscribers in Ray workers peaked 49-105 MB over their two snapshot buffers while taking
     # 128-400 MB versions (4 subscribers, 2 cores), 18-25 MB with this window, as fast
-    # (docs/benchmarks.md, policy push). 4 MiB keeps a 10 Gb/s link busy up to a 3 ms round trip.
+    # (docs/benchmarks.md, policy push).
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
 ]

@@ -28,6 +28,10 @@ from policies.snapshot import Snapshot, SnapshotError, TensorSlot, all_finite, \
 from policies.wire import CHUNK_BYTES, MAX_SNAPSHOT_BYTES, WireError
 
 SERVICE = "pacflow.policy.v1.PolicyService"  # policies/proto/policy.proto's package + service
+# HTTP/2 flow-control window of each stream a client or the server receives, fixed (gRPC's BDP
+# probing off): what one stream can have in flight while its reader is busy. 4 MiB keeps a
+# 10 Gb/s link busy up to a 3 ms round trip (docs/benchmarks.md, policy push).
+RECEIVE_WINDOW_BYTES = 4 << 20
 DATA_TAG = b"\x12"  # SnapshotChunk field 2 (data), wire type 2 (length-delimited)
 Frame = bytes  # one serialized SnapshotChunk
 Part = pb.SnapshotChunk | memoryview  # a parsed frame: a message, or a data part's payload

@@ -51,7 +51,7 @@ def test_a_streamed_subscriber_holds_little_beyond_its_two_buffers(tmp_path):
     """Subscribers in Ray workers (as actors run them) taking 128 MB versions streamed: the
     peak RSS while taking one version over the RSS just before (the held version and the spare
     buffer the next one fills). With gRPC's BDP-grown receive window it was 49-105 MB on 2
-    cores; with the fixed 4 MiB window (policies/client.py RECEIVE_WINDOW_BYTES) 18-19 MB."""
+    cores; with the fixed 4 MiB window (policies/stream.py RECEIVE_WINDOW_BYTES) 18-19 MB."""
     report = run_push_bench(None, sizes=(32_000_000,), subscribers=(4,), repeats=2)
     latency = report["results"][0]
     assert latency["metric"] == "seconds_until_all_hold"
