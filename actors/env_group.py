@@ -85,25 +85,30 @@ def _reset(env: "SeededEnvironment", seed: int) -> dm_env.TimeStep:
 
 
 class EnvProcesses(EnvGroup):
-    """Env i, `make(task, seeds[i])`, lives in child process i % `processes`; a call sends
-    every child its share, then collects the replies, so the children step in parallel.
+    """The envs, `make(task, seeds[i])` for env i, dealt round-robin over this process and
+    `processes` children: env i is stepped here when i % (processes + 1) == 0, else by child
+    i % (processes + 1) - 1. A call sends every child its share, steps this process's share
+    meanwhile, then collects the children's replies: all of them step in parallel, and the
+    actor's own core is not idle while its children step.
 
     Usage:
-        envs = EnvProcesses(env_config.make, "dm_control:walker-walk", [1, 2, 3, 4], processes=2)
+        envs = EnvProcesses(env_config.make, "dm_control:walker-walk", [1, 2, 3, 4], processes=1)
         timesteps = envs.reset([10, 11, 12, 13])
         timesteps = envs.step([0, 2], [action0, action2])
         envs.close()
     """
 
     def __init__(self, make: MakeEnv, task: str, seeds: Sequence[int], processes: int):
-        if not 1 <= processes <= len(seeds):
+        if not 1 <= processes < len(seeds):
             raise ValueError(f"{processes} env processes for {len(seeds)} envs: give 1 to "
-                             f"{len(seeds)}")
-        self._size, self._steps = len(seeds), [0] * processes
+                             f"{len(seeds) - 1} (this process steps a share too)")
+        self._size, self._steps, shares = len(seeds), [0] * processes, processes + 1
+        self._failed = ""  # why the group was closed by a failed call
         self._children: list[tuple[subprocess.Popen, Connection]] = []
+        self._local = {i: make(task, seed) for i, seed in enumerate(seeds) if i % shares == 0}
         try:
-            for p in range(processes):
-                mine = [(i, seed) for i, seed in enumerate(seeds) if i % processes == p]
+            for p in range(1, shares):
+                mine = [(i, seed) for i, seed in enumerate(seeds) if i % shares == p]
                 self._children.append(_spawn(make, task, mine))
             self._gather(range(processes))  # each child has built its envs (or failed)
         except BaseException:
@@ -121,7 +126,10 @@ class EnvProcesses(EnvGroup):
             try:
                 kind, body, steps = conn.recv()
             except (EOFError, OSError):
-                code = process.wait()
+                try:
+                    code = process.wait(CLOSE_SECONDS)
+                except subprocess.TimeoutExpired:  # its socket closed, yet it lives on
+                    code = "none (still running)"
                 raise EnvProcessError(f"env process {p} (pid {process.pid}) exited with code "
                                       f"{code} (negative: killed by that signal)") from None
             if kind == "error":
@@ -131,20 +139,34 @@ class EnvProcesses(EnvGroup):
         return replies
 
     def _call(self, kind: str, requests: Sequence[tuple[int, object]]) -> list[dm_env.TimeStep]:
-        """Sends each (env index, argument) to its child, then returns the TimeSteps in order."""
-        n = len(self._children)
+        """Sends each (env index, argument) to its child, answers this process's share, then
+        returns the TimeSteps in order. Any failure ends the group (its children are closed):
+        replies left unread would otherwise answer the next call."""
+        if self._failed:
+            raise EnvProcessError(f"the env processes were closed after: {self._failed}")
+        try:
+            return self._exchange(kind, requests)
+        except BaseException as e:
+            self._failed = str(e) or type(e).__name__
+            self.close()
+            raise
+
+    def _exchange(self, kind: str, requests: Sequence[tuple[int, object]]
+                  ) -> list[dm_env.TimeStep]:
+        shares = len(self._children) + 1
         share: dict[int, list] = {}
         for i, argument in requests:
-            share.setdefault(i % n, []).append((i, argument))
-        for p, items in share.items():
+            share.setdefault(i % shares, []).append((i, argument))
+        children = [p - 1 for p in share if p > 0]
+        for p in children:
             try:
-                self._children[p][1].send((kind, items))
+                self._children[p][1].send((kind, share[p + 1]))
             except OSError:  # the child has gone: _gather says how
                 pass
-        replies = dict(zip(share, self._gather(list(share))))
-        out = {}
-        for p, items in share.items():
-            out.update(zip((i for i, _ in items), replies[p]))
+        out = dict(zip((i for i, _ in share.get(0, [])),
+                       _answer(self._local, kind, share.get(0, []))))
+        for p, reply in zip(children, self._gather(children)):
+            out.update(zip((i for i, _ in share[p + 1]), reply))
         return [out[i] for i, _ in requests]
 
     def reset(self, seeds: Sequence[int]) -> list[dm_env.TimeStep]:
@@ -156,11 +178,11 @@ class EnvProcesses(EnvGroup):
 
     @property
     def num_env_steps(self) -> int:
-        return sum(self._steps)
+        return sum(self._steps) + sum(env.num_env_steps for env in self._local.values())
 
     @property
     def pids(self) -> list[int]:
-        """The children's process ids, child p stepping envs p, p + processes, ..."""
+        """The children's process ids: child p steps envs p + 1, p + 1 + (processes + 1), ..."""
         return [process.pid for process, _ in self._children]
 
     def close(self) -> None:
@@ -175,6 +197,14 @@ class EnvProcesses(EnvGroup):
         self._children = []
 
 
+def _answer(envs: dict[int, "SeededEnvironment"], kind: str, items: list[tuple[int, object]]
+            ) -> list[dm_env.TimeStep]:
+    """A "reset" (env index, seed) or "step" (env index, action) request's TimeSteps."""
+    if kind == "reset":
+        return [_reset(envs[i], seed) for i, seed in items]
+    return [envs[i].step(action) for i, action in items]
+
+
 def _spawn(make: MakeEnv, task: str, envs: list[tuple[int, int]]
            ) -> tuple[subprocess.Popen, Connection]:
     ours, theirs = socket.socketpair()
@@ -187,28 +217,32 @@ def _spawn(make: MakeEnv, task: str, envs: list[tuple[int, int]]
     return process, conn
 
 
+def _failure(e: Exception) -> str:
+    """One line for the parent's error; the traceback goes to this child's stderr (the actor's
+    log)."""
+    traceback.print_exc()
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
 def serve(conn: Connection) -> None:
     """A child's loop: builds its envs, then answers reset and step requests until the parent
     closes the connection."""
     try:
         make, task, seeds = conn.recv()
         envs = {i: make(task, seed) for i, seed in seeds}
-    except Exception:
-        conn.send(("error", traceback.format_exc(limit=3), 0))
+    except Exception as e:
+        conn.send(("error", _failure(e), 0))
         return
     conn.send(("ready", [], 0))
     while True:
         try:
             kind, items = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the parent closed its end, or is gone
             return
         try:
-            if kind == "reset":
-                body = [_reset(envs[i], seed) for i, seed in items]
-            else:
-                body = [envs[i].step(action) for i, action in items]
-        except Exception:
-            conn.send(("error", traceback.format_exc(limit=3), 0))
+            body = _answer(envs, kind, items)
+        except Exception as e:
+            conn.send(("error", _failure(e), 0))
             continue
         conn.send(("ok", body, sum(e.num_env_steps for e in envs.values())))
 

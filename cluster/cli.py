@@ -230,9 +230,9 @@ def _bench_actors(args: argparse.Namespace) -> int:
     cases = select_cases(cases, args.preset, args.task, args.observations, args.actors,
                          args.envs)
     if args.env_processes:
-        if args.env_processes < 0 or any(args.env_processes > c.envs for c in cases):
-            raise UsageError(f"--env-processes {args.env_processes}: give 0 to the fewest "
-                             f"--envs of the cases ({min(c.envs for c in cases)})")
+        if args.env_processes < 0 or any(args.env_processes >= c.envs for c in cases):
+            raise UsageError(f"--env-processes {args.env_processes}: give 0 to one less than "
+                             f"the fewest --envs of the cases ({min(c.envs for c in cases)})")
         cases = [dataclasses.replace(c, env_processes=args.env_processes) for c in cases]
     if args.rounds < 1 or args.waves < 1:
         raise UsageError("--rounds and --waves must be >= 1")
@@ -353,8 +353,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--envs", type=int, action="append", default=None,
                        help="actors: environments per actor (repeatable; default 1 4 16)")
     bench.add_argument("--env-processes", type=int, default=0,
-                       help="actors: step each actor's envs in this many child processes "
-                            "(cluster.env_processes; default 0: in the actor)")
+                       help="actors: step each actor's envs in the actor and this many child "
+                            "processes (cluster.env_processes; default 0: in the actor)")
     bench.add_argument("--observations", action="append", choices=["state", "pixels"],
                        default=None, help="actors: state, pixels (repeatable; default both)")
     bench.add_argument("--rounds", type=int, default=3,

@@ -7,12 +7,13 @@ import functools
 import logging
 import os
 import time
+from typing import NoReturn
 
 import numpy as np
 import ray
 import torch
 
-from actors.env_group import EnvProcesses, LocalEnvs
+from actors.env_group import EnvGroup, EnvProcesses, EnvProcessError, LocalEnvs
 from actors.loop import EnvironmentLoop, EpisodeContext, episode_identity
 from actors.robot_spec import is_robot_task
 from actors.wave_writer import WaveWriter, Written
@@ -32,6 +33,16 @@ from replay.storage import join, run_id, scratch_dir
 
 log = logging.getLogger(__name__)
 
+def _exit_for_restart(actor_id: str, error: EnvProcessError) -> NoReturn:
+    """Ends this process as a crash, so Ray restarts the collector (cluster.max_restarts) and
+    repeats the call in progress: a lost env process is an actor's death, not a wrong
+    argument (the exception would end the run instead)."""
+    log.error("%s: %s; exiting so that Ray restarts this collector", actor_id, error)
+    logging.shutdown()
+    os._exit(EXIT_FOR_RESTART)
+
+
+EXIT_FOR_RESTART = 75  # the exit code of a collector whose env process died (EX_TEMPFAIL)
 MODES = ("collect", "eval")  # episode modes; the index goes into each episode's seed
 
 
@@ -71,39 +82,64 @@ class CollectorWorker(RunProcess):
         tasks = actor_tasks(sim_tasks(env_config.tasks), index, cluster_config.num_actors)
         seeds, processes = [seed + i for i in range(cluster_config.envs_per_actor)], \
             cluster_config.env_processes
-        self._envs = {t: EnvProcesses(env_config.make, t, seeds, processes) if processes else
-                      LocalEnvs([env_config.make(t, s) for s in seeds]) for t in tasks}
+        self._envs: dict[str, EnvGroup] = {}
+        try:
+            for t in tasks:
+                self._envs[t] = EnvProcesses(env_config.make, t, seeds, processes) \
+                    if processes else LocalEnvs([env_config.make(t, s) for s in seeds])
+        except BaseException:
+            for envs in self._envs.values():
+                envs.close()
+            raise
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                  ReplayActorAdder(replay), join(run, "quarantine"))
         self.registry.register(quarantine_collector(self._sink))
         self._policy: Policy = RandomPolicy(spec, model_config.num_action_bins, seed)
         self._addresses, self._credentials = addresses, credentials or {}
-        self._subscriber = self._subscribe()
+        self._relays = cluster_config.policy_relays
+        self._source, self._subscriber = self._subscribe()
         self._writer = WaveWriter(lambda wave: self._write(*wave))  # (episodes, to_replay)
         self._metrics = ActorMetrics(self.registry, run, self.actor_id,
                                      lambda: self._policy.policy_version, self._newest_received)
 
     def _relay_address(self) -> str | None:
         """This node's policy relay (another node than the policy server's): in the addresses
-        the driver gave, else as announced in run storage by one started after them (a node
-        that joined later, which Ray may restart this collector onto)."""
+        the driver gave, else (relays on) as announced in run storage by one started after
+        them (a node that joined later, which Ray may restart this collector onto)."""
         relay = relay_name(node_id())
-        found = read_address(self._run, relay) if relay not in self._addresses else None
-        return self._addresses.get(relay) or (found[0] if found else None)
+        if relay in self._addresses or not self._relays:
+            return self._addresses.get(relay)
+        found = read_address(self._run, relay)
+        return found[0] if found else None
 
-    def _subscribe(self) -> PolicySubscriber:
-        """The relay's files when this node has one, else the policy server's (its files on
-        its host, data parts elsewhere)."""
+    def _subscribe(self) -> tuple[str, PolicySubscriber]:
+        """(source, subscriber): the relay's files when this node has one, else the policy
+        server's (its files on its host, data parts elsewhere)."""
         relay = self._relay_address()
         if relay is not None:  # on loopback, plaintext
-            self._source, address, security = relay_name(node_id()), relay, PLAINTEXT
+            source, address, security = relay_name(node_id()), relay, PLAINTEXT
         else:
-            self._source, address = "policyserver", self._addresses["policy"]
+            source, address = "policyserver", self._addresses["policy"]
             security = unpack_client_security(self._credentials,
                                               scratch_dir(self._run, self.actor_id) / "credentials")
-        return PolicySubscriber(address, self.actor_id, security, functools.partial(
-            read_address, self._run, self._source), local_read=True).start()
+        return source, PolicySubscriber(address, self.actor_id, security, functools.partial(
+            read_address, self._run, source), local_read=True).start()
+
+    def _to_relay(self) -> None:
+        """Subscribes through this node's relay if one has started since (best effort: run
+        storage that cannot be read now leaves the subscription as it is)."""
+        try:
+            if self._source != "policyserver" or self._relay_address() is None:
+                return
+            source, subscriber = self._subscribe()
+        except Exception as e:
+            log.warning("%s: looking for this node's policy relay: %s", self.actor_id, e)
+            return
+        log.info("%s: this node's policy relay has started; receiving versions from it",
+                 self.actor_id)
+        previous, (self._source, self._subscriber) = self._subscriber, (source, subscriber)
+        previous.close()
 
     def _switch_policy(self) -> None:
         """Takes the newest pushed version; called only between waves (episode boundaries)."""
@@ -149,8 +185,11 @@ class CollectorWorker(RunProcess):
                          .generate_state(1)[0]) for i in index]
             ids = [episode_identity(ctx.run_id, mode, cycle, self.actor_id, i) for i in index]
             steps, t0 = self._env_steps_so_far(), time.monotonic()
-            episodes = loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
-                                episode_ids=ids, newest_version=self._newest_version)
+            try:
+                episodes = loop.run(policy_fn(), seeds, ctx, greedy=(mode == "eval"),
+                                    episode_ids=ids, newest_version=self._newest_version)
+            except EnvProcessError as e:
+                _exit_for_restart(self.actor_id, e)
             acted = (task, self._env_steps_so_far() - steps, time.monotonic() - t0)
             staleness = [loop.staleness.pop(e.lineage.episode_id, (0.0, 0)) for e in episodes]
             summaries += self._written(self._writer.submit(
@@ -185,11 +224,7 @@ class CollectorWorker(RunProcess):
                 timeout_seconds: float) -> dict:
         """Collects episodes with the newest policy (at least `min_version`)."""
         t0 = time.monotonic()
-        if self._source == "policyserver" and self._relay_address() is not None:
-            log.info("%s: this node's policy relay has started; receiving versions from it",
-                     self.actor_id)
-            previous, self._subscriber = self._subscriber, self._subscribe()
-            previous.close()
+        self._to_relay()
         if min_version > 0:
             self._subscriber.wait_for_version(min_version, timeout_seconds)
         steps_before = self._env_steps_so_far()

@@ -151,8 +151,9 @@ class ClusterConfig:
 
     num_actors: int = 2  # Ray actors that collect episodes
     envs_per_actor: int = 2  # environments each actor steps together (batched inference)
-    # Child processes stepping each actor's environments in parallel (actors/env_group.py),
-    # at most envs_per_actor; reserve as many actor_cpus. 0: the actor steps them itself.
+    # Child processes stepping a share of each actor's environments while the actor steps its
+    # own (actors/env_group.py), below envs_per_actor; reserve env_processes + 1 actor_cpus.
+    # 0: the actor steps them all itself.
     env_processes: int = 0
     actor_cpus: float = 1.0  # Ray CPUs reserved per actor
     learner_cpus: float = 1.0  # Ray CPUs reserved by the learner
@@ -199,9 +200,9 @@ class ClusterConfig:
         if self.num_actors < 0 or self.envs_per_actor < 1 or self.learner_workers < 1:
             raise ValueError("cluster.num_actors must be >= 0 (0: robots only), "
                              "cluster.envs_per_actor and cluster.learner_workers >= 1")
-        if not 0 <= self.env_processes <= self.envs_per_actor:
+        if not 0 <= self.env_processes < self.envs_per_actor:
             raise ValueError(f"cluster.env_processes={self.env_processes} must be in [0, "
-                             f"cluster.envs_per_actor={self.envs_per_actor}]")
+                             f"cluster.envs_per_actor - 1 = {self.envs_per_actor - 1}]")
         if not self.policy_credentials and self.host != "auto" and not is_loopback(self.host):
             raise ValueError(f"cluster.policy_credentials: required when cluster.host "
                              f"({self.host}) is not loopback; make them with `pacflow policy "

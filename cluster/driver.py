@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 RELAY_LOG_SECONDS = 30.0  # how long a cycle's end waits for the relays' logs to be shipped
+RELAY_START_SECONDS = 120.0  # how long a cycle's end waits for a new node's relay to start
 
 
 def run_cycle(top: Topology, config: ExperimentConfig, cycle: int, version: int,
@@ -159,7 +160,7 @@ class RunRecord:
     def save(self, train: dict, wait_for_logs: bool = True) -> None:
         """cycle.json, the report, and every process's log, into run storage; first, relays
         for the nodes there are now."""
-        self.top.refresh_relays(self.config.loop.call_timeout_seconds)
+        self.top.refresh_relays(min(self.config.loop.call_timeout_seconds, RELAY_START_SECONDS))
         wall = max(time.time() - self.started, 1e-9)
         n = len(self.top.actors)
         version = self.rows[-1].policy_version if self.rows else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import ray
 
@@ -13,6 +14,8 @@ from cluster.config import ExperimentConfig, LoopMode
 from cluster.relays import NodeRelays
 from cluster.workers import LearnerWorker, PolicyServerWorker, ReplayWorker
 from replay.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -116,6 +119,7 @@ class Topology:
         # Before the collectors, which find their node's relay among the addresses.
         self.relays = NodeRelays(c, run, self.policy, self.addresses["policy"],
                                  credentials["actor"], restarts)
+        self.actors: list = []
         self.refresh_relays(config.loop.call_timeout_seconds)
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
                                **restarts)(CollectorWorker)
@@ -139,14 +143,24 @@ class Topology:
         return self.addresses["policy"]
 
     def refresh_relays(self, timeout: float) -> None:
-        """Relays for the nodes there are now (NodeRelays.refresh), with their addresses."""
+        """Relays for the nodes there are now (NodeRelays.refresh), with their addresses; a
+        relay that does not start in `timeout` is a RunFailed at start-up (before any
+        collector) and later a warning: it is forgotten, to be started again next time."""
         started = self.relays.refresh()
         for name in [n for n in self.addresses if n.startswith("relay-")]:
             if name not in self.relays.handles:  # its node has left
                 del self.addresses[name]
-        self.addresses.update(zip(started, wait(
-            [(name, relay.address.remote()) for name, relay in started.items()], "relay start",
-            timeout)))
+        calls = [(name, relay.address.remote()) for name, relay in started.items()]
+        try:
+            self.addresses.update(zip(started, wait(calls, "relay start", timeout)))
+        except RunFailed as e:
+            if not self.actors:  # start-up
+                raise
+            log.warning("a policy relay did not start (%s); trying again after the next "
+                        "cycle", e)
+            for name in started:
+                self.relays.handles.pop(name, None)
+                ray.kill(started[name])
 
     def named(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
         return [("replay", self.replay), ("policyserver", self.policy), ("learner", self.learner),

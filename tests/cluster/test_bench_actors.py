@@ -73,8 +73,8 @@ def test_bench_actors_refuses_zero_envs():
 
 def test_bench_actors_refuses_more_env_processes_than_envs():
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "actors", "--envs",
-                             "4", "--envs", "16", "--env-processes", "5"], cwd=ROOT,
+                             "4", "--envs", "16", "--env-processes", "4"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("pacflow: error: --env-processes 5: give 0 to the fewest "
-                                     "--envs of the cases (4)")
+    assert result.stderr.strip() == ("pacflow: error: --env-processes 4: give 0 to one less "
+                                     "than the fewest --envs of the cases (4)")

@@ -45,8 +45,8 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (_with(env={"pixels": [64, 64]}, model={"patch_size": 6}),
      r"model.patch_size=6 must divide the camera image size env.pixels=\[64, 64\]"),
     (_with(env={"instructions": ["a", "b"]}), "env.instructions has 2 entries; give one per task"),
-    (_with(cluster={"envs_per_actor": 2, "env_processes": 3}),
-     r"cluster.env_processes=3 must be in \[0, cluster.envs_per_actor=2\]"),
+    (_with(cluster={"envs_per_actor": 2, "env_processes": 2}),
+     r"cluster.env_processes=2 must be in \[0, cluster.envs_per_actor - 1 = 1\]"),
 ])
 def test_errors_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):

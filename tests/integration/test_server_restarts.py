@@ -90,3 +90,58 @@ def test_run_survives_killed_replay_and_policy_servers(tmp_path):
     assert state["replay"]["items"] == total, state["replay"]
     assert "restarted (1 so far)" in (run / "logs" / "replay.log").read_text()
     assert "restarted (1 so far)" in (run / "logs" / "policyserver.log").read_text()
+
+
+def test_run_survives_a_killed_env_process(tmp_path):
+    """A collector steps one of its envs in a child process (cluster.env_processes=1); that
+    child is SIGKILLed while it collects: the collector exits so Ray restarts it, the collect
+    call is repeated, and every episode is archived once."""
+    import psutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    run = tmp_path / "run"
+    sets = ["--set", "loop.num_cycles=3", "--set", "cluster.env_processes=1"]
+    cycle = random.Random(20261204).randrange(0, 3)
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "run", "--config", "deploy/configs/smoke.yaml",
+             "--run-dir", str(run), *sets], env=env, cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT)
+        try:
+            def running(condition):
+                if proc.poll() is not None:
+                    pytest.fail(f"run ended early: {log_path.read_text()[-4000:]}")
+                return condition()
+
+            def env_children() -> list[tuple[int, int]]:  # (collector, its env process)
+                return [(pid, c.pid) for pid in ray_pids("ray::CollectorWorker.collect",
+                                                         str(home))
+                        for c in psutil.Process(pid).children()
+                        if "actors.env_group" in " ".join(c.cmdline())]
+
+            until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle}")
+            _, child = sorted(until(lambda: running(env_children),
+                                            f"an env process in cycle {cycle}"))[0]
+            os.kill(child, signal.SIGKILL)
+            proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = log_path.read_text()
+    assert proc.returncode == 0, out[-4000:]
+    state = json.loads((run / "cycle.json").read_text())
+    assert [r["cycle"] for r in state["rows"]] == [0, 1, 2]
+    restarted = {k: v for k, v in state["restarts"].items() if v}
+    assert len(restarted) == 1 and list(restarted.values()) == [1], state["restarts"]
+    (actor,) = restarted
+    assert "exited with code -9 (negative: killed by that signal); exiting so that Ray " \
+        "restarts this collector" in \
+        (run / "logs" / f"{actor}.log").read_text()
+    config = load_config(ROOT / "deploy/configs/smoke.yaml", sets[1::2])
+    collected = [e for e in EpisodeArchive(run / "archive").episodes()
+                 if e.lineage.mode == "collect"]
+    assert len(collected) == len({e.lineage.episode_id for e in collected}) == \
+        3 * config.loop.episodes_per_cycle
