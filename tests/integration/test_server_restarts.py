@@ -4,6 +4,7 @@ clients find the new incarnations (`<run>/addresses/`), and the run finishes wit
 archived once, every version published, and replay holding every collected episode whole and
 once: what the dead replay server lost since its checkpoint is written again from the archive."""
 
+import contextlib
 import json
 import os
 import random
@@ -29,40 +30,48 @@ def _completed(run: Path) -> int:
     return json.loads(state.read_text())["completed_cycles"] if state.exists() else 0
 
 
-def test_run_survives_killed_replay_and_policy_servers(tmp_path):
-    home = tmp_path / "home"  # this run's Ray workers are told apart from any other's by it
+@contextlib.contextmanager
+def _smoke_run(tmp_path: Path, sets: list[str]):
+    """`pacflow run` of the smoke config in a process of its own, logging to `run.log`, with a
+    HOME of its own (its Ray workers are told apart from any other's by it). Yields (run dir,
+    home, process, running), where running(condition) fails the test with the run's log if the
+    run has ended, else returns condition(); the run is killed if still going at the end."""
+    home, run = tmp_path / "home", tmp_path / "run"
     home.mkdir()
-    env = {**os.environ, "HOME": str(home)}
-    run = tmp_path / "run"
-    rng = random.Random(20261203)
-    kills = dict(zip(("replay", "policyserver"), rng.sample(range(1, CYCLES), 2)))
-    titles = {"replay": "ray::ReplayWorker", "policyserver": "ray::PolicyServerWorker"}
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "run", "--config", "deploy/configs/smoke.yaml",
-             "--run-dir", str(run), *SETS], env=env, cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT)
-        try:
-            for name, cycle in sorted(kills.items(), key=lambda kv: kv[1]):
-                def running(condition):
-                    if proc.poll() is not None:
-                        pytest.fail(f"run ended early: {log_path.read_text()[-4000:]}")
-                    return condition()
+             "--run-dir", str(run), *sets], env={**os.environ, "HOME": str(home)}, cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT)
 
-                # While this cycle's actors collect: episodes are being written to replay.
-                until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle}")
-                until(lambda: running(lambda: ray_pids("ray::CollectorWorker.collect",
-                                                       str(home))), f"collect in cycle {cycle}")
-                (victim,) = until(lambda: running(lambda: ray_pids(titles[name], str(home))),
-                                  name)
-                os.kill(victim, signal.SIGKILL)
-            proc.wait(timeout=900)
+        def running(condition):
+            if proc.poll() is not None:
+                pytest.fail(f"run ended early: {log_path.read_text()[-4000:]}")
+            return condition()
+
+        try:
+            yield run, home, proc, running
         finally:
             if proc.poll() is None:
                 proc.kill()
-    out = log_path.read_text()
-    assert proc.returncode == 0, out[-4000:]
+
+
+def test_run_survives_killed_replay_and_policy_servers(tmp_path):
+    rng = random.Random(20261203)
+    kills = dict(zip(("replay", "policyserver"), rng.sample(range(1, CYCLES), 2)))
+    titles = {"replay": "ray::ReplayWorker", "policyserver": "ray::PolicyServerWorker"}
+    with _smoke_run(tmp_path, SETS) as (run, home, proc, running):
+        for name, cycle in sorted(kills.items(), key=lambda kv: kv[1]):
+            # While this cycle's actors collect: episodes are being written to replay.
+            until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle}")
+            until(lambda: running(lambda: ray_pids("ray::CollectorWorker.collect",
+                                                   str(home))), f"collect in cycle {cycle}")
+            (victim,) = until(lambda: running(lambda: ray_pids(titles[name], str(home))),
+                              name)
+            os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=900)
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-4000:]
 
     config = load_config(ROOT / "deploy/configs/smoke.yaml", SETS[1::2])
     state = json.loads((run / "cycle.json").read_text())
@@ -98,40 +107,19 @@ def test_run_survives_a_killed_env_process(tmp_path):
     call is repeated, and every episode is archived once."""
     import psutil
 
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home)}
-    run = tmp_path / "run"
     sets = ["--set", "loop.num_cycles=3", "--set", "cluster.env_processes=1"]
     cycle = random.Random(20261204).randrange(0, 3)
-    log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "run", "--config", "deploy/configs/smoke.yaml",
-             "--run-dir", str(run), *sets], env=env, cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT)
-        try:
-            def running(condition):
-                if proc.poll() is not None:
-                    pytest.fail(f"run ended early: {log_path.read_text()[-4000:]}")
-                return condition()
+    with _smoke_run(tmp_path, sets) as (run, home, proc, running):
+        def env_children() -> list[int]:  # the env processes of collectors collecting now
+            return [c.pid for pid in ray_pids("ray::CollectorWorker.collect", str(home))
+                    for c in psutil.Process(pid).children()
+                    if "actors.env_group" in " ".join(c.cmdline())]
 
-            def env_children() -> list[tuple[int, int]]:  # (collector, its env process)
-                return [(pid, c.pid) for pid in ray_pids("ray::CollectorWorker.collect",
-                                                         str(home))
-                        for c in psutil.Process(pid).children()
-                        if "actors.env_group" in " ".join(c.cmdline())]
-
-            until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle}")
-            _, child = sorted(until(lambda: running(env_children),
-                                            f"an env process in cycle {cycle}"))[0]
-            os.kill(child, signal.SIGKILL)
-            proc.wait(timeout=900)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    out = log_path.read_text()
-    assert proc.returncode == 0, out[-4000:]
+        until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle}")
+        child = min(until(lambda: running(env_children), f"an env process in cycle {cycle}"))
+        os.kill(child, signal.SIGKILL)
+        proc.wait(timeout=900)
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-4000:]
     state = json.loads((run / "cycle.json").read_text())
     assert [r["cycle"] for r in state["rows"]] == [0, 1, 2]
     restarted = {k: v for k, v in state["restarts"].items() if v}
