@@ -262,16 +262,18 @@ def _serve(args: argparse.Namespace) -> int:
     sink = EpisodeSink(config.env.spec(), EpisodeArchive(run_dir / "archive"), adder,
                        run_dir / "quarantine")
     host = args.host[0] if args.host else "127.0.0.1"
-    registry = None
+    registry = clock = None
     if args.metrics_port is not None:  # the gateway's own metrics (docs/operations.md)
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
         from cluster.metrics import quarantine_collector
+        from cluster.process import ScrapeClock, start_metrics_server
 
-        registry = CollectorRegistry()
+        registry, clock = CollectorRegistry(), ScrapeClock()
+        registry.register(clock)  # first: a scrape that began after a value was set reads it
         registry.register(quarantine_collector(sink))
         try:
-            metrics, _ = start_http_server(args.metrics_port, addr=host, registry=registry)
+            metrics = start_metrics_server(host, args.metrics_port, registry, clock)
         except OSError as e:
             raise UsageError(f"--metrics-port {args.metrics_port}: {e.strerror}") from None
         print(f"metrics on http://{host}:{metrics.server_port}/metrics", flush=True)
@@ -293,6 +295,8 @@ def _serve(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop()
     print("policy server stopped", flush=True)
+    if clock is not None:  # its final counts, to a Prometheus that scrapes it
+        clock.final_scrape(config.cluster.final_scrape_seconds)
     return 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from cluster.discovery import clear_targets, read_targets
 from cluster.process import serve_metrics
 from replay.storage import Storage
+from tests.processes import until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,6 +87,27 @@ def test_a_standalone_gateway_serves_its_metrics_with_metrics_port(tmp_path):
         assert "pacflow_policy_published_version 0.0" in text
         assert 'pacflow_policy_uploads_total{result="quarantined"} 1.0' in text
         assert 'pacflow_episodes_quarantined_total{reason="reward"} 1.0' in text
+        # Stopped after being scraped, it waits for one more scrape (its final counts) before
+        # it exits (cluster.final_scrape_seconds, 15 s here), and exits once that is sent.
+        with PolicyClient(address) as client:
+            assert client.upload_episode(bad).quarantined
+        server.terminate()
+        assert server.stdout.readline() == "policy server stopped\n"
+        assert server.poll() is None
+        texts = []
+
+        def scraped_and_ended() -> bool:  # Prometheus's part: scrape every 0.2 s
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    texts.append(r.read().decode())
+            except OSError:  # the endpoint is gone with the process
+                pass
+            return server.poll() is not None
+
+        until(scraped_and_ended, "the gateway to end after a final scrape", timeout=12,
+              poll=0.2)  # under the 15 s it would wait without one
+        assert server.returncode == 0
+        assert 'pacflow_policy_uploads_total{result="quarantined"} 2.0' in texts[-1]
     finally:
         server.terminate()
         server.wait(timeout=30)
