@@ -15,7 +15,7 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import dm_env
 import numpy as np
@@ -37,17 +37,20 @@ class EnvProcessError(RuntimeError):
 class EnvGroup:
     """K environments of one task. `reset(seeds)` seeds and resets the first len(seeds) of them;
     `step(indices, actions)` steps those envs with those actions; both return their TimeSteps
-    in the order asked."""
+    in the order asked. A group answers (env index, seed or action) requests in `_call`."""
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def reset(self, seeds: Sequence[int]) -> list[dm_env.TimeStep]:
+    def _call(self, kind: str, requests: Sequence[tuple[int, object]]) -> list[dm_env.TimeStep]:
         raise NotImplementedError
+
+    def reset(self, seeds: Sequence[int]) -> list[dm_env.TimeStep]:
+        return self._call("reset", list(enumerate(seeds)))
 
     def step(self, indices: Sequence[int], actions: Sequence[np.ndarray]
              ) -> list[dm_env.TimeStep]:
-        raise NotImplementedError
+        return self._call("step", list(zip(indices, actions)))
 
     @property
     def num_env_steps(self) -> int:
@@ -67,12 +70,8 @@ class LocalEnvs(EnvGroup):
     def __len__(self) -> int:
         return len(self.envs)
 
-    def reset(self, seeds: Sequence[int]) -> list[dm_env.TimeStep]:
-        return [_reset(env, seed) for env, seed in zip(self.envs, seeds)]
-
-    def step(self, indices: Sequence[int], actions: Sequence[np.ndarray]
-             ) -> list[dm_env.TimeStep]:
-        return [self.envs[i].step(a) for i, a in zip(indices, actions)]
+    def _call(self, kind: str, requests: Sequence[tuple[int, object]]) -> list[dm_env.TimeStep]:
+        return _answer(self.envs, kind, requests)
 
     @property
     def num_env_steps(self) -> int:
@@ -169,13 +168,6 @@ class EnvProcesses(EnvGroup):
             out.update(zip((i for i, _ in share[p + 1]), reply))
         return [out[i] for i, _ in requests]
 
-    def reset(self, seeds: Sequence[int]) -> list[dm_env.TimeStep]:
-        return self._call("reset", list(enumerate(seeds)))
-
-    def step(self, indices: Sequence[int], actions: Sequence[np.ndarray]
-             ) -> list[dm_env.TimeStep]:
-        return self._call("step", list(zip(indices, actions)))
-
     @property
     def num_env_steps(self) -> int:
         return sum(self._steps) + sum(env.num_env_steps for env in self._local.values())
@@ -197,8 +189,8 @@ class EnvProcesses(EnvGroup):
         self._children = []
 
 
-def _answer(envs: dict[int, "SeededEnvironment"], kind: str, items: list[tuple[int, object]]
-            ) -> list[dm_env.TimeStep]:
+def _answer(envs: Mapping[int, "SeededEnvironment"] | Sequence["SeededEnvironment"], kind: str,
+            items: Sequence[tuple[int, object]]) -> list[dm_env.TimeStep]:
     """A "reset" (env index, seed) or "step" (env index, action) request's TimeSteps."""
     if kind == "reset":
         return [_reset(envs[i], seed) for i, seed in items]

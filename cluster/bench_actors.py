@@ -92,9 +92,10 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
     env_config = EnvConfig((case.task,), ENV_REPEAT[case.task],
                            PIXELS if case.pixels else ())
     spec = env_config.spec()
-    envs = [env_config.make(case.task, 1000 * index + i) for i in range(case.envs)]
-    acting = EnvProcesses(env_config.make, case.task, [1000 * index + i for i in range(case.envs)],
-                          case.env_processes) if case.env_processes else LocalEnvs(envs)
+    env_seeds = [1000 * index + i for i in range(case.envs)]  # each env's initial states
+    envs = [env_config.make(case.task, seed) for seed in env_seeds]
+    acting = EnvProcesses(env_config.make, case.task, env_seeds, case.env_processes) \
+        if case.env_processes else LocalEnvs(envs)
     model = PerceiverActorCritic(spec, PerceiverConfig(**PRESETS[case.preset], v_max=400.0))
     policy = PACPolicy(model, 1, seed=index)
     loop = EnvironmentLoop(acting, spec)

@@ -33,6 +33,10 @@ from replay.storage import join, run_id, scratch_dir
 
 log = logging.getLogger(__name__)
 
+EXIT_FOR_RESTART = 75  # the exit code of a collector whose env process died (EX_TEMPFAIL)
+MODES = ("collect", "eval")  # episode modes; the index goes into each episode's seed
+
+
 def _exit_for_restart(actor_id: str, error: EnvProcessError) -> NoReturn:
     """Ends this process as a crash, so Ray restarts the collector (cluster.max_restarts) and
     repeats the call in progress: a lost env process is an actor's death, not a wrong
@@ -40,10 +44,6 @@ def _exit_for_restart(actor_id: str, error: EnvProcessError) -> NoReturn:
     log.error("%s: %s; exiting so that Ray restarts this collector", actor_id, error)
     logging.shutdown()
     os._exit(EXIT_FOR_RESTART)
-
-
-EXIT_FOR_RESTART = 75  # the exit code of a collector whose env process died (EX_TEMPFAIL)
-MODES = ("collect", "eval")  # episode modes; the index goes into each episode's seed
 
 
 def actor_tasks(tasks: tuple[str, ...], index: int, num_actors: int) -> list[str]:

@@ -181,8 +181,8 @@ class RunRecord:
         if wait_for_logs:  # else each ships after its call in progress (async: never idle)
             # A relay's log is best effort: one whose node is going away may not answer, and the
             # run does not need it (its node's collectors time out on their own without it).
-            relays = [ref for name, ref in shipped if name.startswith("relay-")]
-            wait([(name, ref) for name, ref in shipped if not name.startswith("relay-")],
+            relays = [ref for name, ref in shipped if name in self.top.relays.handles]
+            wait([(name, ref) for name, ref in shipped if name not in self.top.relays.handles],
                  "ship_logs", self.config.loop.call_timeout_seconds)
             ray.wait(relays, num_returns=len(relays), timeout=RELAY_LOG_SECONDS)
 

@@ -28,7 +28,8 @@ class NodeRelays:
 
     def __init__(self, c: ClusterConfig, run: str, policy: "ray.actor.ActorHandle",
                  upstream: str, credentials: dict[str, bytes], restarts: dict):
-        self._args, self._c, self._restarts = (run, c, upstream, credentials), c, restarts
+        self._args, self._restarts = (run, c, upstream, credentials), restarts
+        self._actor_resource = c.actor_resource
         self._on = c.policy_relays and c.num_actors > 0
         self._server_node = ray.get(policy.node.remote()) if self._on else ""
         self.handles: dict[str, "ray.actor.ActorHandle"] = {}
@@ -40,7 +41,7 @@ class NodeRelays:
         if not self._on:
             return {}
         nodes = {relay_name(n): n for n in relay_nodes(ray.nodes(), self._server_node,
-                                                      self._c.actor_resource)}
+                                                      self._actor_resource)}
         self.handles = {name: h for name, h in self.handles.items() if name in nodes}
         started = {name: ray.remote(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),

@@ -119,8 +119,7 @@ class Topology:
         # Before the collectors, which find their node's relay among the addresses.
         self.relays = NodeRelays(c, run, self.policy, self.addresses["policy"],
                                  credentials["actor"], restarts)
-        self.actors: list = []
-        self.refresh_relays(config.loop.call_timeout_seconds)
+        self.refresh_relays(config.loop.call_timeout_seconds, required=True)
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),
                                **restarts)(CollectorWorker)
         self.actors = [
@@ -142,25 +141,25 @@ class Topology:
                                            "address", timeout)
         return self.addresses["policy"]
 
-    def refresh_relays(self, timeout: float) -> None:
-        """Relays for the nodes there are now (NodeRelays.refresh), with their addresses; a
-        relay that does not start in `timeout` is a RunFailed at start-up (before any
-        collector) and later a warning: it is forgotten, to be started again next time."""
+    def refresh_relays(self, timeout: float, required: bool = False) -> None:
+        """Relays for the nodes there are now (NodeRelays.refresh), with their addresses. A
+        relay that does not start in `timeout` is a RunFailed when `required` (start-up, before
+        any collector), else a warning: it is forgotten, to be started again next time."""
+        before = set(self.relays.handles)
         started = self.relays.refresh()
-        for name in [n for n in self.addresses if n.startswith("relay-")]:
-            if name not in self.relays.handles:  # its node has left
-                del self.addresses[name]
+        for name in before - set(self.relays.handles):  # their nodes have left
+            self.addresses.pop(name, None)
         calls = [(name, relay.address.remote()) for name, relay in started.items()]
         try:
             self.addresses.update(zip(started, wait(calls, "relay start", timeout)))
         except RunFailed as e:
-            if not self.actors:  # start-up
+            if required:
                 raise
             log.warning("a policy relay did not start (%s); trying again after the next "
                         "cycle", e)
-            for name in started:
-                self.relays.handles.pop(name, None)
-                ray.kill(started[name])
+            for name, relay in started.items():
+                del self.relays.handles[name]
+                ray.kill(relay)
 
     def named(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
         return [("replay", self.replay), ("policyserver", self.policy), ("learner", self.learner),

@@ -66,6 +66,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _join(env: dict, gcs: str, resources: str) -> subprocess.Popen:
+    """Another node on loopback (`ray start --address`), its processes one process group."""
+    return subprocess.Popen(
+        ["ray", "start", "--address", gcs, "--resources", resources, "--node-ip-address",
+         "127.0.0.1", "--num-cpus", "2", "--dashboard-agent-listen-port", str(_free_port()),
+         "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+
+def _kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL to a node's process group (start_new_session): all its processes at once
+    (SIGTERM to `ray start --block` takes 30 s per node to stop it)."""
+    try:
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the node had already stopped
+        pass
+    node.wait(timeout=60)
+
+
 @pytest.fixture(scope="module")
 def cluster(endpoint):
     """(environment of the user's shell, dashboard address, GCS address) of a head node and a
@@ -91,10 +110,7 @@ def cluster(endpoint):
         until(lambda: subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
                                       env=env, capture_output=True).returncode == 0,
                "the head node", timeout=120, poll=1.0)
-        nodes.append(subprocess.Popen(
-            ["ray", "start", "--address", f"127.0.0.1:{port}", "--resources", '{"worker": 1}',
-             *agent, str(_free_port()), *common], env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        nodes.append(_join(env, f"127.0.0.1:{port}", '{"worker": 1}'))
         until(lambda: _active_nodes(env, port) == 2, "2 active nodes in `ray status`",
                timeout=120, poll=1.0)
         # The head's job agent comes up after the node; until then a submit gets "No available
@@ -113,14 +129,8 @@ def cluster(endpoint):
                        capture_output=True, timeout=120)
         yield env, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", creds
     finally:
-        # Each node's processes are one process group (start_new_session): SIGKILL ends them
-        # all at once (SIGTERM to `ray start --block` takes 30 s per node to stop it).
         for node in reversed(nodes):
-            try:
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:  # the node had already stopped
-                pass
-            node.wait(timeout=60)
+            _kill_node(node)
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -133,13 +143,19 @@ def _active_nodes(env: dict, port: int) -> int:
     return len(re.findall(r"node_[0-9a-f]+", active))
 
 
-def _scrape_all(run: str, env: dict, tmp_path: Path) -> tuple[dict, dict] | None:
-    """({process: file_sd entry}, {process: its /metrics text}) through `pacflow metrics targets`
-    on the run's S3 storage, once every process of the run is listed; None before."""
+def _targets(run: str, env: dict, tmp_path: Path) -> dict[str, dict]:
+    """{process: file_sd entry} of the run, through `pacflow metrics targets` on its S3
+    storage."""
     out = tmp_path / "targets.json"
     subprocess.run(["pacflow", "metrics", "targets", run, "--out", str(out)], env=env,
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
-    entries = {e["labels"]["instance_name"]: e for e in json.loads(out.read_text())}
+    return {e["labels"]["instance_name"]: e for e in json.loads(out.read_text())}
+
+
+def _scrape_all(run: str, env: dict, tmp_path: Path) -> tuple[dict, dict] | None:
+    """({process: file_sd entry}, {process: its /metrics text}) through `pacflow metrics targets`
+    on the run's S3 storage, once every process of the run is listed; None before."""
+    entries = _targets(run, env, tmp_path)
     if not {"driver", "replay", "policyserver", "learner", "actor-0", "actor-1"} <= set(entries) \
             or not any(name.startswith("relay-") for name in entries):
         return None
@@ -286,23 +302,10 @@ def test_job_survives_killed_collector_and_learner_and_keeps_everything_in_s3(
     assert restored == sum(e.length for e in collected)
 
 
-def _join(env: dict, gcs: str, resources: str) -> subprocess.Popen:
-    """Another node on loopback (`ray start --address`), its processes one process group."""
-    return subprocess.Popen(
-        ["ray", "start", "--address", gcs, "--resources", resources, "--node-ip-address",
-         "127.0.0.1", "--num-cpus", "2", "--dashboard-agent-listen-port", str(_free_port()),
-         "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-
-
 def _relay_subscribers(run: str, env: dict, tmp_path: Path, skip: set[str]) -> dict[str, str]:
     """{relay name: its pacflow_policy_subscribers line} of the run's relays not in `skip`."""
-    out = tmp_path / "targets.json"
-    subprocess.run(["pacflow", "metrics", "targets", run, "--out", str(out)], env=env,
-                   cwd=ROOT, check=True, capture_output=True, timeout=120)
     found = {}
-    for entry in json.loads(out.read_text()):
-        name = entry["labels"]["instance_name"]
+    for name, entry in _targets(run, env, tmp_path).items():
         if name.startswith("relay-") and name not in skip:
             try:
                 lines = _metrics(entry).splitlines()
@@ -346,8 +349,7 @@ def test_collectors_node_dies_and_a_new_node_gets_them_and_a_relay(cluster, s3_p
             run, env, tmp_path, set()).items() if line.endswith(" 2.0")]),
             "the collectors on the spot node's relay", timeout=240)
         until(lambda: running(lambda: _completed(run) >= 1), "cycle 1 to start")
-        os.killpg(spare[0].pid, signal.SIGKILL)  # the machine is gone, all its processes
-        spare[0].wait(timeout=60)
+        _kill_node(spare[0])  # the machine is gone, all its processes
         spare.append(_join(env, gcs, '{"spot": 1}'))  # its replacement joins
         second = until(lambda: running(lambda: [n for n, line in _relay_subscribers(
             run, env, tmp_path, set(first)).items() if line.endswith(" 2.0")]),
@@ -358,11 +360,7 @@ def test_collectors_node_dies_and_a_new_node_gets_them_and_a_relay(cluster, s3_p
             submit.kill()
         log.close()
         for node in spare:
-            try:
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            node.wait(timeout=60)
+            _kill_node(node)
     out = log_path.read_text()
     assert submit.returncode == 0, out[-4000:]
     state = json.loads(Storage(run).get_bytes("cycle.json"))
