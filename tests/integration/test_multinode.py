@@ -105,7 +105,8 @@ def cluster(endpoint):
         ["ray", "start", "--head", "--port", str(port), "--dashboard-port", str(dashboard),
          "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp),
          "--resources", '{"head": 1}', *agent, str(_free_port()), *common],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)]  # its logs are in the temp dir's session_latest/logs
     try:
         until(lambda: subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"],
                                       env=env, capture_output=True).returncode == 0,

@@ -78,16 +78,21 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
         cwd=ROOT, env={**os.environ, "HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT)
     env = {**os.environ, "PACFLOW_STANDIN_TIME_LIMIT": "1.0"}  # 13 decisions per episode
 
+    logs: dict[str, Path] = {}  # robot id -> its latest process's log
+
     def robot(robot_id: str, tag: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [*CLI, "robot", "--gateway", f"127.0.0.1:{port}", "--env",
-             "actors.standins:cartpole", "--spec", "deploy/robots/cartpole.yaml",
-             "--robot-id", robot_id, "--credentials", str(creds), "--spool",
-             str(tmp_path / f"spool-{robot_id}"), "--control-period", "0.02",
-             "--staleness-budget", "5", "--upload-retry", "0.2", "--drain-seconds", "0",
-             "--report-every", "0.5",
-             "--stats", str(tmp_path / f"stats-{tag}.json")],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        logs[robot_id] = tmp_path / f"robot-{tag}.log"
+        # a file, not a pipe nobody reads while it runs (a full pipe would block its logging)
+        with open(logs[robot_id], "w") as stderr:
+            return subprocess.Popen(
+                [*CLI, "robot", "--gateway", f"127.0.0.1:{port}", "--env",
+                 "actors.standins:cartpole", "--spec", "deploy/robots/cartpole.yaml",
+                 "--robot-id", robot_id, "--credentials", str(creds), "--spool",
+                 str(tmp_path / f"spool-{robot_id}"), "--control-period", "0.02",
+                 "--staleness-budget", "5", "--upload-retry", "0.2", "--drain-seconds", "0",
+                 "--report-every", "0.5",
+                 "--stats", str(tmp_path / f"stats-{tag}.json")],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
     robots = {r: robot(r, r) for r in ROBOTS}
     spool2 = tmp_path / "spool-robot-2"
@@ -127,8 +132,8 @@ def test_two_robots_three_cycles_one_killed_and_restarted(tmp_path):
                 proc.kill()
         log.close()
     output = (tmp_path / "run.log").read_text()
-    for proc in robots.values():
-        assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    for robot_id, proc in robots.items():
+        assert proc.returncode == 0, logs[robot_id].read_text()[-3000:]
 
     archived = {e.lineage.episode_id: e for e in EpisodeArchive(run / "archive").episodes()}
     lineages = [e.lineage for e in archived.values()]
