@@ -1,9 +1,6 @@
 """Prometheus metrics of a run's processes, kept current while the work runs.
 
-Names follow `pacflow_<component>_<what>_<unit>`: counters end in `_total`, times are seconds,
-labels are bounded (mode, task, term, phase, reason; never an episode id). The full list, with
-what each answers, is in docs/operations.md; `METRICS` below is the same list, checked against
-it and against the Grafana dashboard by tests/cluster/test_metrics.py.
+Every name, with its help text, is in cluster/metric_catalog.py (`METRICS`).
 
 An actor's counters survive its restarts (`PersistentCounters`): a restarted actor continues
 from what it last exported, so `pacflow_actor_*_total` only ever grow, and a dashboard sums
@@ -20,87 +17,8 @@ from typing import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from cluster.metric_catalog import LOSS_TERMS, PHASES, RETURN_BUCKETS, help_text, helps
 from replay.storage import Storage
-
-# Episode returns: dm_control tasks score 0..1000 per 1000 steps; robots' rewards vary.
-RETURN_BUCKETS = (0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 700.0, 800.0,
-                  900.0, 1000.0)
-LOSS_TERMS = ("loss", "l_imp", "l_bc", "l_q")  # PAC's total loss and its terms (learners/losses)
-PHASES = ("start", "collect", "train", "evaluate", "publish", "done")  # a run's phases
-
-# Every metric a run exports: (name as scraped, type, component, help). Histograms are listed
-# by their base name (Prometheus adds _bucket, _sum and _count).
-METRICS: tuple[tuple[str, str, str, str], ...] = (
-    ("pacflow_actor_env_steps_total", "counter", "actor",
-     "environment steps collected, action repeats counted (label task)"),
-    ("pacflow_actor_episodes_total", "counter", "actor",
-     "episodes finished and archived (labels mode = collect|eval, task)"),
-    ("pacflow_actor_episode_return", "histogram", "actor",
-     "return of each finished episode (labels mode, task)"),
-    ("pacflow_actor_policy_version", "gauge", "actor", "policy version the actor acts with"),
-    ("pacflow_actor_staleness_versions", "gauge", "actor",
-     "newest version the actor has received minus the one it acts with"),
-    ("pacflow_actor_staleness_seconds", "gauge", "actor",
-     "seconds since a newer version than the acting one arrived; 0 when acting with the newest"),
-    ("pacflow_actor_env_steps_per_second", "gauge", "actor",
-     "environment steps per second over the actor's last wave of episodes"),
-    ("pacflow_replay_items", "gauge", "replay", "items in the replay table"),
-    ("pacflow_replay_inserts_total", "counter", "replay",
-     "items inserted since the replay server started"),
-    ("pacflow_replay_samples_total", "counter", "replay",
-     "items sampled since the replay server started"),
-    ("pacflow_replay_rate_limiter_blocked_seconds_total", "counter", "replay",
-     "seconds the rate limiter would have held an insert or a sample, whether or not one "
-     "was waiting; sampled each second (label op)"),
-    ("pacflow_replay_checkpoint_age_seconds", "gauge", "replay",
-     "seconds since the last replay checkpoint (since start when none was taken)"),
-    ("pacflow_learner_updates_total", "counter", "learner", "PAC updates done"),
-    ("pacflow_learner_loss", "gauge", "learner",
-     "each loss term, mean over the last window of updates (label term)"),
-    ("pacflow_learner_temperature", "gauge", "learner", "the E-step temperature eta"),
-    ("pacflow_learner_q_mean", "gauge", "learner", "mean Q of the scored actions"),
-    ("pacflow_learner_grad_norm", "gauge", "learner", "gradient norm before clipping"),
-    ("pacflow_learner_updates_per_second", "gauge", "learner",
-     "updates per second over the last window"),
-    ("pacflow_learner_data_wait_fraction", "gauge", "learner",
-     "fraction of update time spent waiting for a batch, over the last window"),
-    ("pacflow_learner_data_wait_seconds_total", "counter", "learner",
-     "seconds updates waited for a batch"),
-    ("pacflow_learner_update_seconds_total", "counter", "learner",
-     "seconds spent in updates, data wait included"),
-    ("pacflow_learner_replay_stalls_total", "counter", "learner",
-     "times the batch iterator found replay unresponsive"),
-    ("pacflow_policy_published_version", "gauge", "policyserver", "newest published version"),
-    ("pacflow_policy_subscribers", "gauge", "policyserver", "open Subscribe streams"),
-    ("pacflow_policy_push_seconds", "histogram", "policyserver",
-     "time to stream one version to one subscriber"),
-    ("pacflow_policy_uploads_total", "counter", "policyserver",
-     "robot uploads by result: stored, duplicate, quarantined, refused (label result)"),
-    ("pacflow_policy_act_seconds", "histogram", "policyserver", "Act call latency"),
-    ("pacflow_episodes_quarantined_total", "counter", "actor, policyserver",
-     "episodes refused by validation (label reason: the field of their first problem)"),
-    ("pacflow_robot_connected", "gauge", "policyserver",
-     "1 when the robot reported or uploaded in the last 15 s (label robot)"),
-    ("pacflow_robot_last_seen_age_seconds", "gauge", "policyserver",
-     "seconds since the robot last reported or uploaded (label robot)"),
-    ("pacflow_robot_episodes_total", "counter", "policyserver",
-     "robot episodes accepted, all versions (label robot)"),
-    ("pacflow_robot_uploads_refused_total", "counter", "policyserver",
-     "robot uploads refused by validation (label robot)"),
-    ("pacflow_robot_acting_version", "gauge", "policyserver",
-     "version the robot acts with, as it reported (label robot)"),
-    ("pacflow_robot_spool_depth", "gauge", "policyserver",
-     "episodes waiting in the robot's spool, as it reported (label robot)"),
-    ("pacflow_robot_safe_idle_entries_total", "counter", "policyserver",
-     "times the robot entered safe idle, as it reported (label robot)"),
-    ("pacflow_robot_estopped", "gauge", "policyserver", "1 while the robot is e-stopped"),
-    ("pacflow_run_cycle", "gauge", "driver", "the cycle in progress (0-based)"),
-    ("pacflow_run_phase", "gauge", "driver", "1 for the phase in progress (label phase)"),
-    ("pacflow_run_env_steps_total", "counter", "driver", "env steps in the run's rows"),
-    ("pacflow_run_eval_return", "gauge", "driver", "the newest greedy evaluation's mean return"),
-    ("pacflow_process_restarts_total", "counter", "every process",
-     "times Ray restarted this process"),
-)
 
 
 class PersistentCounters:
@@ -170,16 +88,6 @@ class PersistentCounters:
             yield family
 
 
-def helps(component: str) -> dict[str, str]:
-    """Help texts of a component's metrics, by the name prometheus_client takes (no _total)."""
-    return {name.removesuffix("_total"): text for name, _, comp, text in METRICS
-            if component in comp}
-
-
-def _help(name: str) -> str:
-    return next(text for n, _, _, text in METRICS if n.removesuffix("_total") == name)
-
-
 class FunctionCollector:
     """Gauges and counters read from a callable at every scrape (e.g. replay's server info):
     `spec` is [(name, type, labels, fn() -> {label values tuple: value})]."""
@@ -195,7 +103,7 @@ class FunctionCollector:
             except Exception:  # the source is down: the metric is absent, the scrape succeeds
                 continue
             family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
-                name, _help(name), labels=list(labels))
+                name, help_text(name), labels=list(labels))
             for label_values, value in values.items():
                 family.add_metric(list(label_values), value)
             yield family
@@ -245,11 +153,11 @@ class LearnerMetrics:
 
     def __init__(self, registry: CollectorRegistry, run: str, window: int = 25):
         self._store, self._window = Storage(run), window
-        self.updates = Counter("pacflow_learner_updates", _help("pacflow_learner_updates"),
+        self.updates = Counter("pacflow_learner_updates", help_text("pacflow_learner_updates"),
                                registry=registry)
-        self.loss = Gauge("pacflow_learner_loss", _help("pacflow_learner_loss"), ["term"],
+        self.loss = Gauge("pacflow_learner_loss", help_text("pacflow_learner_loss"), ["term"],
                           registry=registry)
-        self.gauges = {k: Gauge(f"pacflow_learner_{k}", _help(f"pacflow_learner_{k}"),
+        self.gauges = {k: Gauge(f"pacflow_learner_{k}", help_text(f"pacflow_learner_{k}"),
                                 registry=registry)
                        for k in ("temperature", "q_mean", "grad_norm", "updates_per_second",
                                  "data_wait_fraction")}
@@ -417,12 +325,12 @@ class RunMetrics:
     """The driver's view: cycle, phase, env steps in rows and the newest eval return."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.cycle = Gauge("pacflow_run_cycle", _help("pacflow_run_cycle"), registry=registry)
-        self._phase = Gauge("pacflow_run_phase", _help("pacflow_run_phase"), ["phase"],
+        self.cycle = Gauge("pacflow_run_cycle", help_text("pacflow_run_cycle"), registry=registry)
+        self._phase = Gauge("pacflow_run_phase", help_text("pacflow_run_phase"), ["phase"],
                             registry=registry)
-        self.env_steps = Counter("pacflow_run_env_steps", _help("pacflow_run_env_steps"),
+        self.env_steps = Counter("pacflow_run_env_steps", help_text("pacflow_run_env_steps"),
                                  registry=registry)
-        self.eval_return = Gauge("pacflow_run_eval_return", _help("pacflow_run_eval_return"),
+        self.eval_return = Gauge("pacflow_run_eval_return", help_text("pacflow_run_eval_return"),
                                  registry=registry)
         self.phase("start")
 

@@ -1,6 +1,6 @@
 """The policy server's own metrics (published version, subscribers, push and Act latency,
 uploads by result). A server made without a registry measures nothing (`ServerMetrics()`).
-The names are in cluster/metrics.py's METRICS list with the rest of a run's."""
+The names are in cluster/metric_catalog.py's METRICS list with the rest of a run's."""
 
 from __future__ import annotations
 

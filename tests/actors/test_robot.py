@@ -14,7 +14,8 @@ import torch
 from dm_env import specs
 
 from actors.envs import make_env_spec
-from actors.robot import RobotClient, RobotConfig, RobotStats, Uploader, clip_action
+from actors.robot import RobotClient, RobotConfig, RobotStats, clip_action
+from actors.robot_uplink import Uploader
 from actors.standins import cartpole
 from policies.client import publish
 from policies.perceiver import PerceiverActorCritic

@@ -12,7 +12,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import METRICS, LearnerMetrics, PersistentCounters, helps
+from cluster.metric_catalog import METRICS, helps
+from cluster.metrics import LearnerMetrics, PersistentCounters
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = {name for name, *_ in METRICS}
