@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry
 from actors.robot_spec import is_robot_task
 from cluster.config import ExperimentConfig, LoopMode
 from cluster.preflight import (check_init_from, check_placement, check_run_dir,
-                               check_storage_reaches_every_node, prepare_run_dir,
-                               run_credentials)
+                               check_storage_reaches_every_node, placement_warnings,
+                               prepare_run_dir, run_credentials)
 from cluster.report import CycleRow, format_header, format_row, plot_returns, read_state, \
     write_state
 from cluster.discovery import clear_targets
@@ -285,6 +285,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
     try:
         check_storage_reaches_every_node(run)
         check_placement(config.cluster, config.loop.mode)
+        for warning in placement_warnings(config.cluster):
+            log.warning("%s", warning)
         rows = prepare_run_dir(config, run, resume)
         registry = serve_metrics(run, "driver", advertised_host(config.cluster))
         metrics = RunMetrics(registry)

@@ -128,6 +128,18 @@ def check_placement(config: ClusterConfig, mode: LoopMode = LoopMode.CYCLES) -> 
                           f"cluster has {have.get('CPU', 0.0):g}")
 
 
+def placement_warnings(config: ClusterConfig) -> list[str]:
+    """Placements that run but share cores they do not reserve: one line each."""
+    warnings = []
+    if config.actor_cpus < config.env_processes + 1:
+        warnings.append(
+            f"cluster.env_processes={config.env_processes} gives each collector "
+            f"{config.env_processes} env process(es) beside it, but cluster.actor_cpus="
+            f"{config.actor_cpus:g} reserves CPUs for fewer; Ray may give the cores they use to "
+            f"other processes: set cluster.actor_cpus={config.env_processes + 1}")
+    return warnings
+
+
 def run_credentials(cluster: ClusterConfig) -> dict[str, dict[str, bytes]]:
     """The learner's and the actors' policy credentials, read here into memory. Each process
     gets its own as bytes, never the folder's path: the folder (every client's key and token)

@@ -155,3 +155,15 @@ def test_every_shipped_config_parses_and_names_real_tasks(path, monkeypatch):
             assert robot_spec_of(task).task_name.startswith("robot:")
         else:
             parse_task_name(task)
+
+
+def test_env_processes_without_their_cpus_is_warned_about():
+    from cluster.preflight import placement_warnings
+
+    short = config_from_dict(_with(cluster={"envs_per_actor": 4, "env_processes": 2}))
+    (line,) = placement_warnings(short.cluster)
+    assert "cluster.env_processes=2" in line and "set cluster.actor_cpus=3" in line
+    enough = config_from_dict(_with(cluster={"envs_per_actor": 4, "env_processes": 2,
+                                             "actor_cpus": 3}))
+    assert placement_warnings(enough.cluster) == []
+    assert placement_warnings(config_from_dict(BASE).cluster) == []
