@@ -1,6 +1,7 @@
-"""An actor's environments as one group the acting loop steps together: in the actor's own
-process (`LocalEnvs`), or spread over child processes that step their shares in parallel
-(`EnvProcesses`, cluster.env_processes), so an actor given several CPUs uses them.
+"""An actor's environments as one group per task the acting loop steps together: in the actor's
+own process (`LocalEnvs`), or spread over child processes that step their shares in parallel
+(`EnvProcesses`, cluster.env_processes), so an actor given several CPUs uses them. An actor's
+tasks share its children: each child steps its share of every task's envs.
 
 Each child is `python -m actors.env_group` on one end of a socket pair; requests and replies
 are pickled (multiprocessing's Connection). A child that loses its parent (the connection
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Sequence
 
 import dm_env
 import numpy as np
@@ -83,39 +84,46 @@ def _reset(env: "SeededEnvironment", seed: int) -> dm_env.TimeStep:
     return env.reset()
 
 
-class EnvProcesses(EnvGroup):
-    """The envs, `make(task, seeds[i])` for env i, dealt round-robin over this process and
-    `processes` children: env i is stepped here when i % (processes + 1) == 0, else by child
-    i % (processes + 1) - 1. A call sends every child its share, steps this process's share
-    meanwhile, then collects the children's replies: all of them step in parallel, and the
-    actor's own core is not idle while its children step.
+class EnvProcesses:
+    """Every task's envs, `make(task, seeds[i])` for env i of each task, dealt round-robin over
+    this process and `processes` children: env i is stepped here when i % (processes + 1) == 0,
+    else by child i % (processes + 1) - 1, whatever its task. `group(task)` is a task's
+    EnvGroup. A call sends every child its share, steps this process's share meanwhile, then
+    collects the children's replies: all of them step in parallel, and the actor's own core
+    is not idle while its children step. A failed call closes the children for every task.
 
     Usage:
-        envs = EnvProcesses(env_config.make, "dm_control:walker-walk", [1, 2, 3, 4], processes=1)
-        timesteps = envs.reset([10, 11, 12, 13])
-        timesteps = envs.step([0, 2], [action0, action2])
+        envs = EnvProcesses(env_config.make, ["dm_control:walker-walk"], [1, 2, 3, 4], 1)
+        walker = envs.group("dm_control:walker-walk")
+        timesteps = walker.reset([10, 11, 12, 13])
+        timesteps = walker.step([0, 2], [action0, action2])
         envs.close()
     """
 
-    def __init__(self, make: MakeEnv, task: str, seeds: Sequence[int], processes: int):
+    def __init__(self, make: MakeEnv, tasks: Sequence[str], seeds: Sequence[int],
+                 processes: int):
         if not 1 <= processes < len(seeds):
             raise ValueError(f"{processes} env processes for {len(seeds)} envs: give 1 to "
                              f"{len(seeds) - 1} (this process steps a share too)")
-        self._size, self._steps, shares = len(seeds), [0] * processes, processes + 1
-        self._failed = ""  # why the group was closed by a failed call
+        self._size, shares = len(seeds), processes + 1
+        self._steps: list[dict[str, int]] = [{} for _ in range(processes)]  # per child, task
+        self._failed = ""  # why the children were closed by a failed call
         self._children: list[tuple[subprocess.Popen, Connection]] = []
-        self._local = {i: make(task, seed) for i, seed in enumerate(seeds) if i % shares == 0}
+        self._local = {(t, i): make(t, seed) for t in tasks
+                       for i, seed in enumerate(seeds) if i % shares == 0}
         try:
             for p in range(1, shares):
                 mine = [(i, seed) for i, seed in enumerate(seeds) if i % shares == p]
-                self._children.append(_spawn(make, task, mine))
+                self._children.append(_spawn(make, list(tasks), mine))
             self._gather(range(processes))  # each child has built its envs (or failed)
         except BaseException:
             self.close()
             raise
+        self._groups = {t: _TaskEnvs(self, t) for t in tasks}
 
-    def __len__(self) -> int:
-        return self._size
+    def group(self, task: str) -> EnvGroup:
+        """The envs of `task`."""
+        return self._groups[task]
 
     def _gather(self, children: Sequence[int]) -> list:
         """The replies of `children`, in that order (each child's: a list, one per env asked)."""
@@ -137,40 +145,48 @@ class EnvProcesses(EnvGroup):
             replies.append(body)
         return replies
 
-    def _call(self, kind: str, requests: Sequence[tuple[int, object]]) -> list[dm_env.TimeStep]:
-        """Sends each (env index, argument) to its child, answers this process's share, then
-        returns the TimeSteps in order. Any failure ends the group (its children are closed):
-        replies left unread would otherwise answer the next call."""
+    def call(self, task: str, kind: str, requests: Sequence[tuple[int, object]]
+             ) -> list[dm_env.TimeStep]:
+        """Sends each (env index, argument) of `task` to its child, answers this process's
+        share, then returns the TimeSteps in order. Any failure ends the group (its children
+        are closed): replies left unread would otherwise answer the next call."""
         if self._failed:
             raise EnvProcessError(f"the env processes were closed after: {self._failed}")
         try:
-            return self._exchange(kind, requests)
+            return self._exchange(task, kind, requests)
         except BaseException as e:
             self._failed = str(e) or type(e).__name__
             self.close()
             raise
 
-    def _exchange(self, kind: str, requests: Sequence[tuple[int, object]]
+    def _exchange(self, task: str, kind: str, requests: Sequence[tuple[int, object]]
                   ) -> list[dm_env.TimeStep]:
         shares = len(self._children) + 1
         share: dict[int, list] = {}
         for i, argument in requests:
-            share.setdefault(i % shares, []).append((i, argument))
+            share.setdefault(i % shares, []).append(((task, i), argument))
         children = [p - 1 for p in share if p > 0]
         for p in children:
             try:
                 self._children[p][1].send((kind, share[p + 1]))
             except OSError:  # the child has gone: _gather says how
                 pass
-        out = dict(zip((i for i, _ in share.get(0, [])),
+        out = dict(zip((key for key, _ in share.get(0, [])),
                        _answer(self._local, kind, share.get(0, []))))
         for p, reply in zip(children, self._gather(children)):
-            out.update(zip((i for i, _ in share[p + 1]), reply))
-        return [out[i] for i, _ in requests]
+            out.update(zip((key for key, _ in share[p + 1]), reply))
+        return [out[task, i] for i, _ in requests]
+
+    def num_env_steps(self, task: str | None = None) -> int:
+        """Underlying environment steps taken so far by `task`'s envs (None: every task's)."""
+        return sum(n for steps in self._steps for t, n in steps.items()
+                   if task in (None, t)) + \
+            sum(env.num_env_steps for (t, _), env in self._local.items() if task in (None, t))
 
     @property
-    def num_env_steps(self) -> int:
-        return sum(self._steps) + sum(env.num_env_steps for env in self._local.values())
+    def size(self) -> int:
+        """Envs per task."""
+        return self._size
 
     @property
     def pids(self) -> list[int]:
@@ -189,15 +205,36 @@ class EnvProcesses(EnvGroup):
         self._children = []
 
 
-def _answer(envs: Mapping[int, "SeededEnvironment"] | Sequence["SeededEnvironment"], kind: str,
-            items: Sequence[tuple[int, object]]) -> list[dm_env.TimeStep]:
-    """A "reset" (env index, seed) or "step" (env index, action) request's TimeSteps."""
+class _TaskEnvs(EnvGroup):
+    """One task's envs in EnvProcesses (which its close() closes, for every task)."""
+
+    def __init__(self, processes: EnvProcesses, task: str):
+        self._processes, self._task = processes, task
+
+    def __len__(self) -> int:
+        return self._processes.size
+
+    def _call(self, kind: str, requests: Sequence[tuple[int, object]]) -> list[dm_env.TimeStep]:
+        return self._processes.call(self._task, kind, requests)
+
+    @property
+    def num_env_steps(self) -> int:
+        return self._processes.num_env_steps(self._task)
+
+    def close(self) -> None:
+        self._processes.close()
+
+
+def _answer(envs: Mapping[Hashable, "SeededEnvironment"] | Sequence["SeededEnvironment"],
+            kind: str, items: Sequence[tuple[Hashable, object]]) -> list[dm_env.TimeStep]:
+    """A "reset" (env key, seed) or "step" (env key, action) request's TimeSteps: keys index
+    `envs` (positions in a list, (task, index) in a child)."""
     if kind == "reset":
         return [_reset(envs[i], seed) for i, seed in items]
     return [envs[i].step(action) for i, action in items]
 
 
-def _spawn(make: MakeEnv, task: str, envs: list[tuple[int, int]]
+def _spawn(make: MakeEnv, tasks: list[str], envs: list[tuple[int, int]]
            ) -> tuple[subprocess.Popen, Connection]:
     ours, theirs = socket.socketpair()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -205,7 +242,7 @@ def _spawn(make: MakeEnv, task: str, envs: list[tuple[int, int]]
         process = subprocess.Popen([sys.executable, "-m", "actors.env_group",
                                     str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env)
     conn = Connection(ours.detach())
-    conn.send((make, task, envs))
+    conn.send((make, tasks, envs))
     return process, conn
 
 
@@ -217,15 +254,16 @@ def _failure(e: Exception) -> str:
 
 
 def serve(conn: Connection) -> None:
-    """A child's loop: builds its envs, then answers reset and step requests until the parent
-    closes the connection."""
+    """A child's loop: builds its envs (env i of each task), then answers reset and step
+    requests until the parent closes the connection. Replies carry the env steps taken so far
+    per task."""
     try:
-        make, task, seeds = conn.recv()
-        envs = {i: make(task, seed) for i, seed in seeds}
+        make, tasks, seeds = conn.recv()
+        envs = {(t, i): make(t, seed) for t in tasks for i, seed in seeds}
     except Exception as e:
-        conn.send(("error", _failure(e), 0))
+        conn.send(("error", _failure(e), {}))
         return
-    conn.send(("ready", [], 0))
+    conn.send(("ready", [], {}))
     while True:
         try:
             kind, items = conn.recv()
@@ -234,9 +272,12 @@ def serve(conn: Connection) -> None:
         try:
             body = _answer(envs, kind, items)
         except Exception as e:
-            conn.send(("error", _failure(e), 0))
+            conn.send(("error", _failure(e), {}))
             continue
-        conn.send(("ok", body, sum(e.num_env_steps for e in envs.values())))
+        steps: dict[str, int] = {}
+        for (t, _), env in envs.items():
+            steps[t] = steps.get(t, 0) + env.num_env_steps
+        conn.send(("ok", body, steps))
 
 
 if __name__ == "__main__":

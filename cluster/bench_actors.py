@@ -94,8 +94,8 @@ def _side(case: ActorCase, index: int, rounds: int, waves: int, address: str, ba
     spec = env_config.spec()
     env_seeds = [1000 * index + i for i in range(case.envs)]  # each env's initial states
     envs = [env_config.make(case.task, seed) for seed in env_seeds]
-    acting = EnvProcesses(env_config.make, case.task, env_seeds, case.env_processes) \
-        if case.env_processes else LocalEnvs(envs)
+    acting = EnvProcesses(env_config.make, [case.task], env_seeds, case.env_processes).group(
+        case.task) if case.env_processes else LocalEnvs(envs)
     model = PerceiverActorCritic(spec, PerceiverConfig(**PRESETS[case.preset], v_max=400.0))
     policy = PACPolicy(model, 1, seed=index)
     loop = EnvironmentLoop(acting, spec)

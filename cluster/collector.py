@@ -82,15 +82,11 @@ class CollectorWorker(RunProcess):
         tasks = actor_tasks(sim_tasks(env_config.tasks), index, cluster_config.num_actors)
         seeds, processes = [seed + i for i in range(cluster_config.envs_per_actor)], \
             cluster_config.env_processes
-        self._envs: dict[str, EnvGroup] = {}
-        try:
-            for t in tasks:
-                self._envs[t] = EnvProcesses(env_config.make, t, seeds, processes) \
-                    if processes else LocalEnvs([env_config.make(t, s) for s in seeds])
-        except BaseException:
-            for envs in self._envs.values():
-                envs.close()
-            raise
+        if processes:  # its tasks share the children
+            children = EnvProcesses(env_config.make, tasks, seeds, processes)
+            self._envs: dict[str, EnvGroup] = {t: children.group(t) for t in tasks}
+        else:
+            self._envs = {t: LocalEnvs([env_config.make(t, s) for s in seeds]) for t in tasks}
         self._loops = {t: EnvironmentLoop(envs, spec) for t, envs in self._envs.items()}
         self._sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
                                  ReplayActorAdder(replay), join(run, "quarantine"))

@@ -19,10 +19,25 @@ TASK = "dm_control:cartpole-swingup"
 CONFIG = EnvConfig((TASK,), action_repeat=8)
 
 
-def _episodes(envs, seeds):
-    spec = CONFIG.spec()
-    ctx = EpisodeContext("run", 0, "actor-0", TASK, 0, "collect")
+def _episodes(envs, seeds, config: EnvConfig = CONFIG, task_id: int = 0):
+    spec = config.spec()
+    ctx = EpisodeContext("run", 0, "actor-0", config.tasks[task_id], task_id, "collect")
     return EnvironmentLoop(envs, spec).run(RandomPolicy(spec, 11, seed=3), seeds, ctx, False)
+
+
+def _assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.lineage.seed == y.lineage.seed
+        np.testing.assert_array_equal(x.observation, y.observation)
+        np.testing.assert_array_equal(x.action, y.action)
+        np.testing.assert_array_equal(x.reward, y.reward)
+
+
+def _processes(make, seeds: list[int], processes: int):
+    """(EnvProcesses of TASK alone, its group)"""
+    children = EnvProcesses(make, [TASK], seeds, processes)
+    return children, children.group(TASK)
 
 
 def _gone(pids: list[int], timeout: float) -> bool:
@@ -64,18 +79,14 @@ def _make_breaking(task: str, seed: int):
 def test_env_processes_step_as_the_actor_would():
     seeds = [11, 12, 13, 14]  # four envs, two children: the actor steps envs 0 and 3
     local = LocalEnvs([CONFIG.make(TASK, s) for s in seeds])
-    children = EnvProcesses(CONFIG.make, TASK, seeds, processes=2)
-    pids = children.pids
+    group, children = _processes(CONFIG.make, seeds, processes=2)
+    pids = group.pids
     try:
         assert len(children) == 4 and len(set(pids)) == 2
         a = _episodes(local, [5, 6, 7, 8, 9])  # two waves: 4 episodes, then 1
         b = _episodes(children, [5, 6, 7, 8, 9])
         assert children.num_env_steps == local.num_env_steps == 5 * 1000
-        for x, y in zip(a, b):
-            assert x.lineage.seed == y.lineage.seed
-            np.testing.assert_array_equal(x.observation, y.observation)
-            np.testing.assert_array_equal(x.action, y.action)
-            np.testing.assert_array_equal(x.reward, y.reward)
+        _assert_same(a, b)
         assert len({e.observation[0].tobytes() for e in b}) == 5  # the seeds took effect
         assert len(a) == len(b) == 5
         # Some envs at a time (the loop steps only those whose episodes go on), in any order.
@@ -93,11 +104,32 @@ def test_env_processes_step_as_the_actor_would():
     assert _gone(pids, 10)
 
 
+def test_an_actors_tasks_share_its_children():
+    """Two tasks, one child: it steps its share of both, each task's episodes as in the actor."""
+    config = EnvConfig((TASK, "dm_control:cartpole-balance"), action_repeat=8)
+    seeds = [11, 12, 13]
+    children = EnvProcesses(config.make, config.tasks, seeds, processes=1)
+    pids, steps = children.pids, 0
+    try:
+        assert len(pids) == 1
+        for task_id, task in enumerate(config.tasks):
+            local = LocalEnvs([config.make(task, s) for s in seeds])
+            group = children.group(task)
+            _assert_same(_episodes(local, [5, 6, 7], config, task_id),
+                         _episodes(group, [5, 6, 7], config, task_id))
+            assert group.num_env_steps == local.num_env_steps == 3 * 1000
+            steps += local.num_env_steps
+        assert children.num_env_steps() == steps
+    finally:
+        children.group(TASK).close()  # any task's close ends the children of all
+    assert _gone(pids, 10)
+
+
 def test_a_killed_env_process_fails_the_next_step_and_names_it():
     rng = np.random.default_rng(7)
     kill_at = int(rng.integers(1, 100))  # the step after which the child is killed
-    envs = EnvProcesses(CONFIG.make, TASK, [1, 2, 3], processes=2)
-    pids = envs.pids
+    group, envs = _processes(CONFIG.make, [1, 2, 3], processes=2)
+    pids = group.pids
     try:
         envs.reset([1, 2, 3])
         actions = np.zeros((3, 1), np.float32)
@@ -116,8 +148,8 @@ def test_a_killed_env_process_fails_the_next_step_and_names_it():
 
 def test_an_env_that_fails_ends_the_group_with_one_line_and_no_stale_replies():
     before = set(psutil.Process().children())
-    envs = EnvProcesses(_make_breaking, TASK, [1, 2, 3, 4], processes=2)  # env 2: child 1
-    pids = envs.pids
+    group, envs = _processes(_make_breaking, [1, 2, 3, 4], processes=2)  # env 2: child 1
+    pids = group.pids
     try:
         envs.reset([1, 2, 3, 4])
         actions = np.zeros((4, 1), np.float32)
@@ -140,13 +172,13 @@ def test_an_env_a_child_cannot_build_fails_the_start_naming_the_child():
     before = set(psutil.Process().children())
     with pytest.raises(EnvProcessError, match=r"env process 1 \(pid \d+\) failed: .*"
                                               "no environment for seed 3"):
-        EnvProcesses(_make_failing, TASK, [1, 2, 3], processes=2)  # env 2: child 1
+        _processes(_make_failing, [1, 2, 3], processes=2)  # env 2: child 1
     assert set(psutil.Process().children()) == before  # both children ended and were reaped
 
 
 def test_processes_must_leave_the_actor_a_share():
     with pytest.raises(ValueError, match="2 env processes for 2 envs: give 1 to 1"):
-        EnvProcesses(CONFIG.make, TASK, [1, 2], processes=2)
+        _processes(CONFIG.make, [1, 2], processes=2)
 
 
 def test_children_exit_when_the_actor_is_killed():
@@ -154,8 +186,8 @@ def test_children_exit_when_the_actor_is_killed():
         import sys, time
         from actors.env_group import EnvProcesses
         from cluster.config import EnvConfig
-        envs = EnvProcesses(EnvConfig(({TASK!r},), 8).make, {TASK!r}, [1, 2, 3], processes=2)
-        envs.reset([1, 2, 3])
+        envs = EnvProcesses(EnvConfig(({TASK!r},), 8).make, [{TASK!r}], [1, 2, 3], processes=2)
+        envs.group({TASK!r}).reset([1, 2, 3])
         print(*envs.pids, flush=True)
         time.sleep(600)
     """)

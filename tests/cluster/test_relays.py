@@ -15,3 +15,13 @@ def test_every_live_node_but_the_servers_that_can_run_collectors_gets_a_relay():
     assert relay_nodes(nodes, "aa", "worker") == ["bb", "cc"]  # collectors run there only
     assert relay_nodes(nodes[:1], "aa", "") == []  # one node: collectors read the server's files
     assert relay_name("0123456789abcdef0123") == "relay-0123456789ab"
+
+
+def test_relays_off_start_none_and_ask_no_node():
+    """cluster.policy_relays: false: no relay anywhere (collectors on other nodes then receive
+    their own copies); refresh asks Ray nothing (no policy server handle is even read)."""
+    from cluster.config import ClusterConfig
+    from cluster.relays import NodeRelays
+
+    relays = NodeRelays(ClusterConfig(policy_relays=False), "run", None, "", {}, {})
+    assert relays.refresh() == {} and relays.handles == {}

@@ -102,12 +102,15 @@ def test_run_survives_killed_replay_and_policy_servers(tmp_path):
 
 
 def test_run_survives_a_killed_env_process(tmp_path):
-    """A collector steps one of its envs in a child process (cluster.env_processes=1); that
-    child is SIGKILLed while it collects: the collector exits so Ray restarts it, the collect
-    call is repeated, and every episode is archived once."""
+    """A collector with two tasks steps one of its envs of each in a child process
+    (cluster.env_processes=1; the tasks share the child); that child is SIGKILLed while it
+    collects: the collector exits so Ray restarts it, the collect call is repeated, and every
+    episode is archived once."""
     import psutil
 
-    sets = ["--set", "loop.num_cycles=3", "--set", "cluster.env_processes=1"]
+    tasks = ["dm_control:cartpole-swingup", "dm_control:cartpole-balance"]
+    sets = ["--set", "loop.num_cycles=3", "--set", "cluster.env_processes=1",
+            "--set", "cluster.num_actors=1", "--set", f"env.tasks=[{', '.join(tasks)}]"]
     cycle = random.Random(20261204).randrange(0, 3)
     with _smoke_run(tmp_path, sets) as (run, home, proc, running):
         def env_children() -> list[int]:  # the env processes of collectors collecting now
@@ -116,8 +119,9 @@ def test_run_survives_a_killed_env_process(tmp_path):
                     if "actors.env_group" in " ".join(c.cmdline())]
 
         until(lambda: running(lambda: _completed(run) >= cycle), f"cycle {cycle}")
-        child = min(until(lambda: running(env_children), f"an env process in cycle {cycle}"))
-        os.kill(child, signal.SIGKILL)
+        children = until(lambda: running(env_children), f"an env process in cycle {cycle}")
+        assert len(children) == 1, children  # one for both tasks
+        os.kill(children[0], signal.SIGKILL)
         proc.wait(timeout=900)
     output = (tmp_path / "run.log").read_text()
     assert proc.returncode == 0, output[-4000:]
@@ -136,3 +140,4 @@ def test_run_survives_a_killed_env_process(tmp_path):
                  if e.lineage.mode == "collect"]
     assert len(collected) == len({e.lineage.episode_id for e in collected}) == \
         3 * config.loop.episodes_per_cycle
+    assert {e.lineage.task for e in collected} == set(tasks)

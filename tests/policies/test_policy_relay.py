@@ -5,6 +5,7 @@ and a restarted relay resumes after what it stored."""
 
 import contextlib
 import mmap
+import re
 import threading
 from typing import Iterator
 
@@ -125,7 +126,7 @@ def test_a_version_passes_the_relay_while_it_arrives_and_is_held_once_stored(ups
         assert sub.wait_for_version(2, timeout=30).sha256 == snapshot.sha256
 
 
-def test_a_version_upstream_drops_is_dropped_by_the_relay(upstream, tmp_path):
+def test_a_version_upstream_drops_is_dropped_by_the_relay(upstream, tmp_path, caplog):
     server, address, calls, registry = upstream
     with _relayed(address, tmp_path / "relay") as (relay, sub):
         calls["Publish"](publish_frames(_snapshot(1)), timeout=30)
@@ -138,6 +139,9 @@ def test_a_version_upstream_drops_is_dropped_by_the_relay(upstream, tmp_path):
         until(lambda: sub.dropped == 1, "the subscriber's drop", timeout=30, poll=0.01)
         assert relay.server.latest_version == 1 and sub.latest().version == 1
         assert not list((tmp_path / "relay").glob("v000002*"))
+        # the line docs/operations.md lists for it
+        assert any(r.name == "policies.relay" and ": upstream did not store v2: " in r.getMessage()
+                   for r in caplog.records), caplog.text
         good = _snapshot(2)
         calls["Publish"](publish_frames(good), timeout=30)
         assert sub.wait_for_version(2, timeout=30).sha256 == good.sha256
@@ -174,7 +178,7 @@ def test_a_restarted_relay_resumes_after_what_it_stored(upstream, tmp_path):
         assert relay.server.store.infos.keys() == {1, 2}
 
 
-def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
+def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path, caplog):
     """`resolve` (the run's `addresses/policyserver.json`) names the new incarnation's address
     after the stream broke; the relay continues there."""
     server, address, calls, _ = upstream
@@ -189,6 +193,7 @@ def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
                 client.publish(_snapshot(2))
             assert sub.wait_for_version(2, timeout=60).sha256 == _snapshot(2).sha256
             assert relay.reconnects >= 1
+    assert re.search(r": upstream stream broke \(.*\); reconnecting", caplog.text), caplog.text
 
 
 def test_a_relays_server_refuses_publish_and_pins(upstream, tmp_path):
@@ -223,10 +228,14 @@ def test_a_relay_keeps_its_newest_versions_and_fetches_a_pinned_older_one_again(
         return sorted({int(p.name[1:7]) for p in (tmp_path / "relay").glob("v*")})
 
     with _relayed(address, tmp_path / "relay", keep_versions=2) as (relay, sub):
+        held = []  # what a collector still acting with v1 holds: the relay's file, mapped
         for version in (1, 2, 3, 4):
             calls["Publish"](publish_frames(_snapshot(version)), timeout=30)
-            sub.wait_for_version(version, timeout=30)
+            held.append(sub.wait_for_version(version, timeout=30))
         until(lambda: stored() == [3, 4], "v1 and v2 deleted", timeout=30, poll=0.01)
+        assert _mapped(held[0])
+        kept, sent = held[0].state_dict(), _snapshot(1).state_dict()  # pages of a deleted file
+        assert kept.keys() == sent.keys() and all(torch.equal(kept[k], sent[k]) for k in sent)
         with PolicyClient(address) as client:
             client.pin(1)  # a rollback past what the relay kept
             until(lambda: sub.latest().version == 1, "v1 behind the relay", timeout=30,
