@@ -74,6 +74,40 @@ def open_channel(address: str, security: ClientSecurity = PLAINTEXT) -> grpc.Cha
     return grpc.secure_channel(address, creds, options=options)
 
 
+READY_POLL_SECONDS = 0.2  # a connecting stream checks for stop this often
+RESOLVE_SECONDS = 5.0  # while its server does not answer, a stream looks its address up this often
+
+
+def ready_channel(address: str, security: ClientSecurity, stop: threading.Event,
+                  resolve: Callable[[], tuple[str, str] | None] | None, who: str
+                  ) -> tuple[grpc.Channel | None, str]:
+    """(channel, address) once the server at `address` answers; (None, address) once `stop`
+    is set. While it does not answer, `resolve` is asked every RESOLVE_SECONDS: a restarted
+    server that could not bind its old port announces another address, and waiting on the old
+    one would wait forever."""
+    channel = open_channel(address, security)
+    ready, asked = grpc.channel_ready_future(channel), time.monotonic()
+    while not stop.is_set():
+        try:
+            ready.result(timeout=READY_POLL_SECONDS)
+            return channel, address
+        except grpc.FutureTimeoutError:
+            pass
+        if resolve is None or time.monotonic() - asked < RESOLVE_SECONDS:
+            continue
+        found, asked = resolve(), time.monotonic()
+        if found is not None and found[0] != address:
+            log.warning("%s: policy server moved to %s", who, found[0])
+            ready.cancel()
+            channel.close()
+            address = found[0]
+            channel = open_channel(address, security)
+            ready = grpc.channel_ready_future(channel)
+    ready.cancel()
+    channel.close()
+    return None, address
+
+
 class PolicyClient:
     """One channel to the policy service.
 
@@ -282,7 +316,10 @@ class PolicySubscriber:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                self._channel = open_channel(self._address, self._security)
+                self._channel, self._address = ready_channel(
+                    self._address, self._security, self._stop, self._resolve, self._client_id)
+                if self._channel is None:  # stopped
+                    return
                 for snapshot, header in self._stream():
                     self._accept(snapshot, header)
                     backoff = 0.1

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import grpc
 from prometheus_client import CollectorRegistry
 
-from policies.client import PLAINTEXT, open_channel
+from policies.client import PLAINTEXT, ready_channel
 from policies.limits import GatewayLimits
 from policies.proto import policy_pb2 as pb
 from policies.security import ClientSecurity, ServerSecurity
@@ -94,7 +94,11 @@ class PolicyRelay:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                self._channel = open_channel(self._upstream, self._upstream_security)
+                self._channel, self._upstream = ready_channel(
+                    self._upstream, self._upstream_security, self._stop, self._resolve,
+                    self._client_id)
+                if self._channel is None:  # stopped
+                    return
                 subscribe = self._channel.unary_stream(
                     f"/{SERVICE}/Subscribe",
                     request_serializer=pb.SubscribeRequest.SerializeToString)  # raw frames

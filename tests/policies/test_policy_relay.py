@@ -5,8 +5,12 @@ and a restarted relay resumes after what it stored."""
 
 import contextlib
 import mmap
+import os
 import re
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -20,6 +24,8 @@ from policies.server import PolicyServer
 from policies.snapshot import Snapshot
 from policies.stream import end_frame, publish_frames
 from tests.processes import until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _snapshot(version: int) -> Snapshot:
@@ -178,7 +184,7 @@ def test_a_restarted_relay_resumes_after_what_it_stored(upstream, tmp_path):
         assert relay.server.store.infos.keys() == {1, 2}
 
 
-def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path, caplog):
+def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path):
     """`resolve` (the run's `addresses/policyserver.json`) names the new incarnation's address
     after the stream broke; the relay continues there."""
     server, address, calls, _ = upstream
@@ -193,7 +199,56 @@ def test_a_relay_finds_a_restarted_upstream_that_moved(upstream, tmp_path, caplo
                 client.publish(_snapshot(2))
             assert sub.wait_for_version(2, timeout=60).sha256 == _snapshot(2).sha256
             assert relay.reconnects >= 1
-    assert re.search(r": upstream stream broke \(.*\); reconnecting", caplog.text), caplog.text
+
+
+def _policy_server_process(folder) -> tuple[subprocess.Popen, str]:
+    """A policy server in its own process (to be SIGKILLed), on a free port: (process, address)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.children", "policy-server",
+                             str(folder), "0.2"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return proc, proc.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("through", ["relay", "subscriber"])
+def test_a_killed_server_that_comes_back_elsewhere_is_found(tmp_path, caplog, through):
+    """A server process that dies (SIGKILL) breaks the stream with an error, unlike a stopped
+    server, which ends it: a relay logs the line docs/operations.md lists. Its next
+    incarnation listens at another address, announced only after the client has begun
+    waiting on the old one: the client looks the address up again while it waits, and takes
+    the next version there (it used to wait on the old address for ever)."""
+    first, address = _policy_server_process(tmp_path / "upstream")
+    moved: list[tuple[str, str]] = []
+    resolve = lambda: moved[0] if moved else None  # noqa: E731 (the run's addresses/ file)
+    try:
+        with contextlib.ExitStack() as stack:
+            if through == "relay":
+                _, sub = stack.enter_context(_relayed(address, tmp_path / "relay",
+                                                      resolve=resolve))
+            else:
+                sub = PolicySubscriber(address, "actor-0", resolve=resolve).start()
+                stack.callback(sub.close)
+            with PolicyClient(address) as client:
+                client.publish(_snapshot(1))
+            sub.wait_for_version(1, timeout=30)
+            first.kill()
+            first.wait()
+            line = r": upstream stream broke \(.*\); reconnecting" if through == "relay" \
+                else r"actor-0: policy stream broke \(.*\); reconnecting"
+            until(lambda: re.search(line, caplog.text), "the broken stream's line", timeout=30,
+                  poll=0.05)
+            second, again = _policy_server_process(tmp_path / "upstream")
+            try:
+                moved.append((again, "incarnation-2"))
+                with PolicyClient(again) as client:
+                    client.publish(_snapshot(2))
+                assert sub.wait_for_version(2, timeout=60).sha256 == _snapshot(2).sha256
+            finally:
+                second.kill()
+                second.wait()
+    finally:
+        first.kill()
+        first.wait()
+    assert "policy server moved to " + again in caplog.text
 
 
 def test_a_relays_server_refuses_publish_and_pins(upstream, tmp_path):
