@@ -3,10 +3,13 @@ storage (here a real S3 server, moto's, and a local folder)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from cluster.discovery import clear_targets, read_targets
 from cluster.process import serve_metrics
@@ -60,8 +63,10 @@ def test_named_local_runs_and_usage_errors(tmp_path):
                                       "a folder of runs")
 
 
-def test_a_standalone_gateway_serves_its_metrics_with_metrics_port(tmp_path):
-    """`pacflow policy serve --metrics-port 0`: the gateway's own metrics on a free port."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_standalone_gateway_serves_its_metrics_with_metrics_port(tmp_path, stop):
+    """`pacflow policy serve --metrics-port 0`: the gateway's own metrics on a free port; stopped
+    by either signal, it waits for a final scrape."""
     import numpy as np
 
     from cluster.config import load_config
@@ -91,7 +96,7 @@ def test_a_standalone_gateway_serves_its_metrics_with_metrics_port(tmp_path):
         # it exits (cluster.final_scrape_seconds, 15 s here), and exits once that is sent.
         with PolicyClient(address) as client:
             assert client.upload_episode(bad).quarantined
-        server.terminate()
+        server.send_signal(stop)
         assert server.stdout.readline() == "policy server stopped\n"
         assert server.poll() is None
         texts = []
