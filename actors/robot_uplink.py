@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import grpc
 
 from policies.client import PLAINTEXT, PolicyClient
+from policies.limits import is_permanent
 from policies.security import ClientSecurity
 from replay.archive import EpisodeArchive
 
@@ -24,8 +25,17 @@ log = logging.getLogger(__name__)
 
 
 # Upload failures that retrying cannot mend: the file moves to <spool>/rejected/ with the reason.
+# RESOURCE_EXHAUSTED is one only when the server marks it so (an episode over a size limit);
+# otherwise the server is busy (its stream slots or handler threads) and the upload is retried.
 PERMANENT_UPLOAD_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+                           grpc.StatusCode.UNIMPLEMENTED}
+
+
+def refused_for_good(error: grpc.RpcError) -> bool:
+    """Whether an upload's failure is one retrying cannot mend."""
+    code = error.code()
+    return code in PERMANENT_UPLOAD_ERRORS or (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED and is_permanent(error))
 
 
 class Uploader:
@@ -85,7 +95,7 @@ class Uploader:
         try:
             reply = client.upload_payload(episode_id, self._robot_id, payload)
         except grpc.RpcError as e:
-            if e.code() in PERMANENT_UPLOAD_ERRORS:
+            if refused_for_good(e):
                 self._reject(path, episode_id, f"{e.code().name}: {e.details()}")
                 return True
             log.warning("upload of %s failed (%s); retrying", episode_id, e.code())

@@ -26,13 +26,19 @@ class NodeRelays:
     has none yet: one that joined later (an autoscaler's, or a replaced machine), where
     collectors Ray restarts find it through run storage."""
 
-    def __init__(self, c: ClusterConfig, run: str, policy: "ray.actor.ActorHandle",
-                 upstream: str, credentials: dict[str, bytes], restarts: dict):
+    def __init__(self, c: ClusterConfig, run: str, server_node: str, upstream: str,
+                 credentials: dict[str, bytes], restarts: dict):
+        # server_node: the Ray node id of the policy server (no relay there; "" when off)
         self._args, self._restarts = (run, c, upstream, credentials), restarts
         self._actor_resource = c.actor_resource
-        self._on = c.policy_relays and c.num_actors > 0
-        self._server_node = ray.get(policy.node.remote()) if self._on else ""
+        self._on = self.wanted(c)
+        self._server_node = server_node
         self.handles: dict[str, "ray.actor.ActorHandle"] = {}
+
+    @staticmethod
+    def wanted(c: ClusterConfig) -> bool:
+        """Whether a run with this config has relays (they serve collectors)."""
+        return c.policy_relays and c.num_actors > 0
 
     def refresh(self) -> dict[str, "ray.actor.ActorHandle"]:
         """Updates `handles`; returns the relays it started."""

@@ -117,7 +117,9 @@ class Topology:
                                   self.addresses["replay"], run, config.loop.seed, c,
                                   credentials["learner"])
         # Before the collectors, which find their node's relay among the addresses.
-        self.relays = NodeRelays(c, run, self.policy, self.addresses["policy"],
+        server_node = wait([("policyserver", self.policy.node.remote())], "start-up",
+                           config.loop.call_timeout_seconds)[0] if NodeRelays.wanted(c) else ""
+        self.relays = NodeRelays(c, run, server_node, self.addresses["policy"],
                                  credentials["actor"], restarts)
         self.refresh_relays(config.loop.call_timeout_seconds, required=True)
         collector = ray.remote(num_cpus=c.actor_cpus, **placement(c.actor_resource),

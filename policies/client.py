@@ -78,6 +78,19 @@ READY_POLL_SECONDS = 0.2  # a connecting stream checks for stop this often
 RESOLVE_SECONDS = 5.0  # while its server does not answer, a stream looks its address up this often
 
 
+def resolved(resolve: Callable[[], tuple[str, str] | None] | None, who: str
+             ) -> tuple[str, str] | None:
+    """What `resolve` says now; None when there is none or it fails (run storage that cannot be
+    read this moment: logged, and asked again on the next round)."""
+    if resolve is None:
+        return None
+    try:
+        return resolve()
+    except Exception as e:
+        log.warning("%s: looking up the policy server's address failed: %s", who, e)
+        return None
+
+
 def ready_channel(address: str, security: ClientSecurity, stop: threading.Event,
                   resolve: Callable[[], tuple[str, str] | None] | None, who: str
                   ) -> tuple[grpc.Channel | None, str]:
@@ -95,7 +108,7 @@ def ready_channel(address: str, security: ClientSecurity, stop: threading.Event,
             pass
         if resolve is None or time.monotonic() - asked < RESOLVE_SECONDS:
             continue
-        found, asked = resolve(), time.monotonic()
+        found, asked = resolved(resolve, who), time.monotonic()
         if found is not None and found[0] != address:
             log.warning("%s: policy server moved to %s", who, found[0])
             ready.cancel()
@@ -296,7 +309,9 @@ class PolicySubscriber:
         held = self.latest()
         request = pb.SubscribeRequest(after_version=held.version if held else 0,
                                       client_id=self._client_id, local_read=self.local_read)
-        parts = _frame_calls(self._channel)["Subscribe"](request, wait_for_ready=True)
+        # not wait_for_ready: ready_channel waited; a server gone since then breaks the stream,
+        # and the next round looks its address up again
+        parts = _frame_calls(self._channel)["Subscribe"](request)
         return read_snapshots(self._touching(parts), on_heartbeat=self._heartbeat,
                               on_dropped=self._dropped, allocate=self._buffers.take)
 
@@ -336,12 +351,15 @@ class PolicySubscriber:
                 self.reconnects += 1
                 log.warning("%s: policy stream broke (%s); reconnecting", self._client_id,
                             e.code() if hasattr(e, "code") else e)
+            except Exception:  # anything else: the thread must live on, or versions stop
+                self.reconnects += 1
+                log.exception("%s: policy stream failed; reconnecting", self._client_id)
             finally:
                 if self._channel is not None:
                     self._channel.close()
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)
-            found = self._resolve() if self._resolve is not None else None
+            found = resolved(self._resolve, self._client_id)
             if found is not None and found[0] != self._address:
                 log.warning("%s: policy server moved to %s", self._client_id, found[0])
                 self._address = found[0]

@@ -17,6 +17,17 @@ import grpc
 
 from policies.security import caller
 
+# Trailing metadata of a refusal that retrying cannot mend (an upload over a size limit). A
+# RESOURCE_EXHAUSTED without it is a busy server (stream slots, handler threads): retry later.
+PERMANENT_REFUSAL = ("pacflow-refusal", "permanent")
+
+
+def is_permanent(error: grpc.RpcError) -> bool:
+    """Whether the server marked this refusal as one retrying cannot mend."""
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return tuple(PERMANENT_REFUSAL) in {tuple(m) for m in metadata or ()}
+
+
 # Roles that share only the total stream cap: they run inside the cluster, many under one
 # identity (every sim actor holds the "actor" token), and are sized by the run's config.
 IN_CLUSTER_ROLES = frozenset({"actor", "learner"})

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import grpc
 from prometheus_client import CollectorRegistry
 
-from policies.client import PLAINTEXT, ready_channel
+from policies.client import PLAINTEXT, ready_channel, resolved
 from policies.limits import GatewayLimits
 from policies.proto import policy_pb2 as pb
 from policies.security import ClientSecurity, ServerSecurity
@@ -103,8 +103,7 @@ class PolicyRelay:
                     f"/{SERVICE}/Subscribe",
                     request_serializer=pb.SubscribeRequest.SerializeToString)  # raw frames
                 frames = iter(subscribe(pb.SubscribeRequest(
-                    after_version=self._store.latest, client_id=self._client_id),
-                    wait_for_ready=True))
+                    after_version=self._store.latest, client_id=self._client_id)))
                 for frame in frames:
                     part = parse_frame(frame)
                     kind = "data" if isinstance(part, memoryview) else part.WhichOneof("part")
@@ -121,6 +120,8 @@ class PolicyRelay:
                     return
                 log.warning("%s: upstream stream broke (%s); reconnecting", self._client_id,
                             e.code() if hasattr(e, "code") else e)
+            except Exception:  # e.g. its disk: the thread must live on, or versions stop here
+                log.exception("%s: relaying from upstream failed; reconnecting", self._client_id)
             finally:
                 if self._channel is not None:
                     self._channel.close()
@@ -128,7 +129,7 @@ class PolicyRelay:
                 return
             self.reconnects += 1
             backoff = min(2 * backoff, 2.0)
-            found = self._resolve() if self._resolve is not None else None
+            found = resolved(self._resolve, self._client_id)
             if found:
                 self._upstream = found[0]
 

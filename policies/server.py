@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from policies.gateway import ActBatcher
 from policies.decode import DecoderStopped, EpisodeDecoder
-from policies.limits import GatewayLimits, StreamSlots, cancel_after
+from policies.limits import PERMANENT_REFUSAL, GatewayLimits, StreamSlots, cancel_after
 from policies.metrics import ServerMetrics
 from policies.proto import policy_pb2 as pb
 from policies.proto import policy_pb2_grpc as pb_grpc
@@ -243,7 +243,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             try:
                 header, episode = read_episode(request_iterator, self._decoder.decode,
                                                limits.max_upload_bytes, limits.spool_dir or None)
-            except WireTooLarge as e:
+            except WireTooLarge as e:  # the same bytes would be refused again: say so
+                context.set_trailing_metadata((PERMANENT_REFUSAL,))
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             except DecoderStopped as e:  # not the upload's fault: the robot retries it
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(e))

@@ -173,6 +173,52 @@ def test_an_upload_refused_for_good_is_kept_aside_and_the_rest_go_on(gateway, tm
     assert "INVALID_ARGUMENT" in (rejected / f"{foreign.lineage.episode_id}.reason.txt").read_text()
 
 
+def test_a_busy_gateway_is_retried_and_only_an_oversized_episode_is_set_aside(tmp_path, caplog):
+    """RESOURCE_EXHAUSTED from a gateway whose stream slots are taken is retried (it used to
+    move good episodes to rejected/); the same code for an episode over max_upload_bytes,
+    marked permanent by the gateway, sets that episode aside."""
+    from policies.client import PolicySubscriber
+    from policies.limits import GatewayLimits
+
+    spec = make_env_spec(["dm_control:cartpole-swingup"], action_repeat=8)
+    spool = EpisodeArchive(tmp_path / "spool")
+    good, big = (make_episode(spec=spec, length=n, seed=n) for n in (5, 400))
+    good, big = (dataclasses.replace(e, lineage=dataclasses.replace(e.lineage,
+                                                                    actor_id="robot-1"))
+                 for e in (good, big))
+    sizes = {}
+    for episode in (big, good):
+        spool.write(episode)
+        (path,) = [p for p in spool.paths() if episode.lineage.episode_id in p]
+        sizes[episode.lineage.episode_id] = spool.filesystem.get_file_info(path).size
+    limit = (sizes[good.lineage.episode_id] + sizes[big.lineage.episode_id]) // 2
+    archive = EpisodeArchive(tmp_path / "archive")
+    sink = EpisodeSink(spec, archive, None, tmp_path / "quarantine")
+    server = PolicyServer(tmp_path / "policies", port=0, heartbeat_seconds=0.1,
+                          episode_handler=lambda e: sink.ingest(e, to_replay=False),
+                          limits=GatewayLimits(max_upload_bytes=limit, max_streams_total=1,
+                                               handler_threads=4))
+    address = server.start()
+    holder = PolicySubscriber(address, "operator").start()  # takes the one stream slot
+    stats = RobotStats()
+    try:
+        _wait(lambda: server._servicer.slots.in_use == 1, timeout=30)
+        uploader = Uploader(address, "robot-1", spool, 0.05, stats).start()
+        _wait(lambda: caplog.text.count("failed (StatusCode.RESOURCE_EXHAUSTED); retrying") >= 3,
+              timeout=30)
+        assert stats.uploads_rejected == 0 and stats.uploaded == 0 and uploader.pending() == 2
+        holder.close()  # the slot frees: the good one is stored, the big one set aside
+        _wait(lambda: stats.uploaded == 1 and stats.uploads_rejected == 1, timeout=30)
+        uploader.stop()
+    finally:
+        holder.close()
+        server.stop()
+    assert [e.lineage.episode_id for e in archive.episodes()] == [good.lineage.episode_id]
+    reason = tmp_path / "spool" / "rejected" / f"{big.lineage.episode_id}.reason.txt"
+    assert reason.read_text().startswith("RESOURCE_EXHAUSTED: ") and "over the" in \
+        reason.read_text()
+
+
 def test_actions_are_clipped_to_the_action_spec():
     spec = specs.BoundedArray((3,), np.float32, minimum=[-1, -0.5, 0], maximum=[1, 0.5, 1])
     action, clipped = clip_action(np.array([2.0, 0.2, -1.0], np.float32), spec)

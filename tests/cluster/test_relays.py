@@ -19,9 +19,11 @@ def test_every_live_node_but_the_servers_that_can_run_collectors_gets_a_relay():
 
 def test_relays_off_start_none_and_ask_no_node():
     """cluster.policy_relays: false: no relay anywhere (collectors on other nodes then receive
-    their own copies); refresh asks Ray nothing (no policy server handle is even read)."""
+    their own copies); refresh asks Ray nothing (there is no Ray in this test)."""
     from cluster.config import ClusterConfig
     from cluster.relays import NodeRelays
 
-    relays = NodeRelays(ClusterConfig(policy_relays=False), "run", None, "", {}, {})
+    off = ClusterConfig(policy_relays=False)
+    assert not NodeRelays.wanted(off) and NodeRelays.wanted(ClusterConfig())
+    relays = NodeRelays(off, "run", "", "", {}, {})
     assert relays.refresh() == {} and relays.handles == {}

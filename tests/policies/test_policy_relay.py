@@ -215,10 +215,16 @@ def test_a_killed_server_that_comes_back_elsewhere_is_found(tmp_path, caplog, th
     server, which ends it: a relay logs the line docs/operations.md lists. Its next
     incarnation listens at another address, announced only after the client has begun
     waiting on the old one: the client looks the address up again while it waits, and takes
-    the next version there (it used to wait on the old address for ever)."""
+    the next version there (it used to wait on the old address for ever). Until then the
+    lookup fails (run storage unreadable for a while): logged, and asked again (a raising
+    lookup used to end the receiving thread)."""
     first, address = _policy_server_process(tmp_path / "upstream")
     moved: list[tuple[str, str]] = []
-    resolve = lambda: moved[0] if moved else None  # noqa: E731 (the run's addresses/ file)
+
+    def resolve() -> tuple[str, str]:  # the run's addresses/ file
+        if not moved:
+            raise OSError("storage unreachable")
+        return moved[0]
     try:
         with contextlib.ExitStack() as stack:
             if through == "relay":
@@ -249,6 +255,7 @@ def test_a_killed_server_that_comes_back_elsewhere_is_found(tmp_path, caplog, th
         first.kill()
         first.wait()
     assert "policy server moved to " + again in caplog.text
+    assert "looking up the policy server's address failed: storage unreachable" in caplog.text
 
 
 def test_a_relays_server_refuses_publish_and_pins(upstream, tmp_path):
