@@ -42,6 +42,10 @@ from replay.server import ReplayServer
 from replay.spec import Adder, EnvSpec, Episode
 from replay.storage import Storage, is_remote, join, scratch_dir
 
+# A robot upload waits this long for replay to take its episode (archived by then); after it the
+# robot is told to retry, and the episode stays queued for replay (policies/server.py).
+GATEWAY_REPLAY_SECONDS = 20.0
+
 
 class ReplayWorker(RunProcess):
     """The Reverb server of the run. With object-store run storage, Reverb checkpoints to this
@@ -95,16 +99,26 @@ class ReplayActorAdder(Adder):
 
     idempotent = True
 
-    def __init__(self, replay: "ray.actor.ActorHandle"):
-        self._replay = replay
+    def __init__(self, replay: "ray.actor.ActorHandle", timeout: float | None = None):
+        # timeout: a call replay has not answered in this many seconds raises TimeoutError; the
+        # call stays queued there (and is repeated on its restart). None: wait (a collector's
+        # calls are bounded by the driver's call timeout)
+        self._replay, self._timeout = replay, timeout
+
+    def _get(self, ref: "ray.ObjectRef"):
+        try:
+            return ray.get(ref, timeout=self._timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"replay did not answer within {self._timeout:g} s; the episode "
+                               "is archived and stays queued for replay") from None
 
     def add_episode(self, episode: Episode, priorities: np.ndarray | None = None) -> int:
         if priorities is not None:
             raise ValueError("the run's replay process writes priority 1 for every item")
-        return ray.get(self._replay.ingest.remote(episode))
+        return self._get(self._replay.ingest.remote(episode))
 
     def holds(self, episode_id: str) -> bool:
-        return ray.get(self._replay.holds.remote(episode_id))
+        return self._get(self._replay.holds.remote(episode_id))
 
 
 class PolicyServerWorker(RunProcess):
@@ -121,7 +135,8 @@ class PolicyServerWorker(RunProcess):
         self.registry.register(FleetCollector(self._ledger))
         if replay is not None and spec is not None:
             sink = EpisodeSink(spec, EpisodeArchive(join(run, "archive")),
-                               ReplayActorAdder(replay), join(run, "quarantine"))
+                               ReplayActorAdder(replay, timeout=GATEWAY_REPLAY_SECONDS),
+                               join(run, "quarantine"))
             self.registry.register(quarantine_collector(sink))
 
             def handler(episode: Episode) -> Ingested:  # the gRPC server's upload threads

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 << 20  # per message; snapshots and episodes travel in 1 MiB chunks
 HEARTBEAT_SECONDS = 1.0  # idle Subscribe streams get a heartbeat this often
+# An upload waits at most this long (and 1 s less than its caller's deadline) for the upload
+# before it to be stored; then UNAVAILABLE, retried: a slow replay or archive must not take
+# every handler thread.
+STORE_WAIT_SECONDS = 30.0
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -262,8 +266,18 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"episode {header.episode_id} was recorded by "
                           f"{episode.lineage.actor_id!r}, uploaded as {header.robot_id!r}")
-        with self._upload_lock:
+        remaining = context.time_remaining()
+        wait = STORE_WAIT_SECONDS if remaining is None else \
+            max(min(remaining - 1.0, STORE_WAIT_SECONDS), 0.0)
+        if not self._upload_lock.acquire(timeout=wait):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is still storing an earlier "
+                          "upload (archive or replay slow); retry later")
+        try:
             result = self._episode_handler(episode)
+        except TimeoutError as e:  # the handler's store did not answer in time: not the upload's
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        finally:
+            self._upload_lock.release()
         return pb.UploadReply(episode_id=header.episode_id, stored=result.stored,
                               duplicate=result.duplicate, quarantined="; ".join(result.problems))
 

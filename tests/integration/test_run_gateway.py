@@ -3,16 +3,20 @@ run's validation, archive and replay path (the replay process writes it), on a l
 instance with the same Ray actors a run starts."""
 
 import dataclasses
+import os
+import signal
 
+import grpc
 import numpy as np
 import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.workers import PolicyServerWorker, ReplayWorker
+from cluster.workers import GATEWAY_REPLAY_SECONDS, PolicyServerWorker, ReplayWorker
 from policies.client import PolicyClient
 from replay.archive import EpisodeArchive
 from tests.fakes import make_episode
+from tests.processes import until
 
 pytestmark = pytest.mark.slow
 
@@ -45,5 +49,28 @@ def test_robot_uploads_to_a_run_reach_its_archive_and_replay_once(tmp_path):
         (stored,) = EpisodeArchive(tmp_path / "run" / "archive").episodes()
         assert stored.lineage.actor_id == "robot-7"
         assert (tmp_path / "run" / "quarantine" / f"{bad.lineage.episode_id}.reason.json").exists()
+
+        # A frozen replay process (SIGSTOP: Ray does not restart it): the upload is archived,
+        # the robot is told to retry after GATEWAY_REPLAY_SECONDS, and the episode reaches
+        # replay once it runs again; the retry is a duplicate.
+        late = make_episode(length=12, spec=spec, seed=2)
+        late = dataclasses.replace(late, lineage=dataclasses.replace(late.lineage,
+                                                                     actor_id="robot-7"))
+        pid = ray.get(replay.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with PolicyClient(address, timeout=60) as client:
+                with pytest.raises(grpc.RpcError) as err:
+                    client.upload_episode(late)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert f"replay did not answer within {GATEWAY_REPLAY_SECONDS:g} s" in err.value.details()
+        until(lambda: ray.get(replay.holds.remote(late.lineage.episode_id), timeout=60),
+              "the queued episode in replay", timeout=60)
+        with PolicyClient(address, timeout=60) as client:
+            assert client.upload_episode(late).duplicate
+        stats = ray.get(replay.rate_stats.remote(), timeout=60)
+        assert (stats["items"], stats["episodes"]) == (2 * episode.length, 2)
     finally:
         ray.shutdown()

@@ -182,6 +182,54 @@ def test_uploads_are_validated_archived_replayed_and_idempotent(tmp_path):
         replay.stop()
 
 
+def test_a_slow_store_answers_later_uploads_unavailable_and_frees_their_threads(tmp_path):
+    """While one upload's store hangs (replay frozen), the next waits at most its deadline less
+    1 s and is told UNAVAILABLE (robots retry it) instead of holding a handler thread until the
+    store answers; a store that gives up (TimeoutError) is UNAVAILABLE too."""
+    archive = EpisodeArchive(tmp_path / "archive")
+    sink = EpisodeSink(SPEC, archive, None, tmp_path / "quarantine")
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_store(episode):
+        calls.append(episode.lineage.episode_id)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(60)
+        if len(calls) == 2:
+            raise TimeoutError("replay did not answer within 20 s")
+        return sink.ingest(episode, to_replay=False)
+
+    srv = PolicyServer(tmp_path / "policies", port=0, episode_handler=slow_store)
+    first, second = _robot_episode(seed=1), _robot_episode(seed=2)
+    try:
+        address = srv.start()
+        replies = []
+        hung = threading.Thread(target=lambda: replies.append(
+            PolicyClient(address, timeout=60).upload_episode(first)))
+        hung.start()
+        assert entered.wait(30)
+        with PolicyClient(address, timeout=3) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.upload_episode(second)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "still storing an earlier upload" in err.value.details()
+        assert calls == [first.lineage.episode_id]  # it never reached the store
+        release.set()
+        hung.join(30)
+        assert replies[0].stored
+        with PolicyClient(address, timeout=10) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.upload_episode(second)  # the store gives up this time
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "replay did not answer within 20 s" in err.value.details()
+            assert client.upload_episode(second).stored  # and the retry is stored
+    finally:
+        release.set()
+        srv.stop()
+    assert {e.lineage.episode_id for e in archive.episodes()} == \
+        {first.lineage.episode_id, second.lineage.episode_id}
+
+
 def _robot_episode(seed: int):
     episode = make_episode(length=5, seed=seed)
     return dataclasses.replace(episode, lineage=dataclasses.replace(episode.lineage,
