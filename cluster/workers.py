@@ -192,9 +192,11 @@ class PolicyRelayWorker(RunProcess):
 
 
 def reverb_batches(address: str, config: ReplayConfig, batch_size: int, pin_memory: bool,
-                   rank: int) -> ReverbBatchIterator:
-    """A data-parallel worker's batches (every rank samples the one table independently)."""
-    return ReverbBatchIterator(address, config, batch_size, pin_memory)
+                   run: str, rank: int) -> ReverbBatchIterator:
+    """A data-parallel worker's batches (every rank samples the one table independently); like
+    the single learner's, they find a restarted replay server through `<run>/addresses/`."""
+    return ReverbBatchIterator(address, config, batch_size, pin_memory,
+                               resolve=functools.partial(read_address, run, "replay"))
 
 
 class LearnerWorker(RunProcess):
@@ -295,7 +297,7 @@ class LearnerWorker(RunProcess):
         address, replay_config = self._replay
         job = DataParallelJob(self._spec, self._model_config, config,
                               functools.partial(reverb_batches, address, replay_config,
-                                                config.batch_size, use_gpu),
+                                                config.batch_size, use_gpu, self._run),
                               num_steps, self._checkpoints, self._seed, cycle)
         metrics = train_data_parallel(job, n, use_gpu, join(self._run, "learner_train"),
                                       self._cluster.learner_cpus, self._cluster.max_restarts)

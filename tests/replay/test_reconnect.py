@@ -95,3 +95,31 @@ def test_a_live_server_that_holds_inserts_back_is_an_error_not_a_restart(tmp_pat
         assert adder.num_reconnects == 0
     finally:
         server.stop()
+
+
+def test_a_data_parallel_rank_samples_from_the_replay_server_its_run_announces(tmp_path):
+    """A Ray Train rank (cluster.workers.reverb_batches) starts after replay moved (a retried
+    data-parallel job): it samples from the address in `<run>/addresses/replay.json`, not the
+    dead one it was built with (it used to fail there until the run ended)."""
+    import socket
+
+    from cluster.workers import reverb_batches
+    from replay.storage import Storage
+
+    config = ReplayConfig(n_step=1, timeout_seconds=10)
+    server = ReplayServer(SPEC, config, tmp_path / "ckpt")
+    run = str(tmp_path / "run")
+    try:
+        ReverbSequenceAdder(server.address, config).add_episode(make_episode(length=20))
+        Storage(run).put_bytes("addresses/replay.json", json.dumps(
+            {"address": server.address, "incarnation": "2"}).encode())
+        with socket.socket() as s:  # the first incarnation's address: nobody there now
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}"
+        batches = reverb_batches(dead, config, 4, False, run, rank=1)
+        try:
+            assert next(batches).observation.shape[0] == 4
+        finally:
+            batches.close()
+    finally:
+        server.stop()
