@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import resource
+import select
 import signal
 import struct
 import subprocess
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 CAP_PER_DECODED_BYTE = 6
 CAP_BASE_BYTES = 256 << 20
 _OK, _TOO_LARGE, _INVALID = b"o", b"t", b"i"
+# A helper that has not answered a decode this long is stopped or stuck: it is killed and the
+# upload is answered as a helper killed from outside (retry later). Decoding the largest
+# allowed upload takes seconds; without a bound, a stopped helper would hold every upload.
+REPLY_SECONDS = 120.0
 
 
 class DecoderStopped(RuntimeError):
@@ -48,8 +53,8 @@ class EpisodeDecoder:
     """One helper process, started on first use and again after it dies; one decode at a time
     (callers wait their turn)."""
 
-    def __init__(self, max_decoded_bytes: int):
-        self._max = int(max_decoded_bytes)
+    def __init__(self, max_decoded_bytes: int, reply_seconds: float = REPLY_SECONDS):
+        self._max, self._reply_seconds = int(max_decoded_bytes), reply_seconds
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
 
@@ -71,6 +76,10 @@ class EpisodeDecoder:
             try:
                 self._proc.stdin.write(path.encode() + b"\n")
                 self._proc.stdin.flush()
+                if not select.select([self._proc.stdout], [], [], self._reply_seconds)[0]:
+                    self._proc.kill()  # stopped or stuck: the answer below is "killed"
+                    log.error("the decoder process did not answer within %g s; killed it",
+                              self._reply_seconds)
                 status, size = self._proc.stdout.read(1), self._proc.stdout.read(8)
                 payload = self._proc.stdout.read(struct.unpack("<Q", size)[0]) \
                     if len(size) == 8 else b""
@@ -97,11 +106,24 @@ class EpisodeDecoder:
                                 env=env)
 
     def close(self) -> None:
-        with self._lock:
+        """Ends the helper; one still decoding after reply_seconds is killed (so a server's
+        stop never waits on a stopped helper)."""
+        if not self._lock.acquire(timeout=self._reply_seconds):
+            proc = self._proc
+            if proc is not None:
+                proc.kill()  # the decode in progress then fails as killed, and releases
+            self._lock.acquire()
+        try:
             if self._proc is not None and self._proc.poll() is None:
                 self._proc.stdin.close()
-                self._proc.wait(timeout=30)
+                try:
+                    self._proc.wait(timeout=self._reply_seconds)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
             self._proc = None
+        finally:
+            self._lock.release()
 
 
 def episode_nbytes(episode: Episode) -> int:

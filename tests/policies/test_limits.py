@@ -351,3 +351,48 @@ def _raised(call) -> BaseException | None:
     except BaseException as e:  # noqa: BLE001 (the test inspects it)
         return e
     return None
+
+
+def test_a_stopped_decoder_is_killed_after_its_reply_time_and_close_does_not_wait_on_it(
+        tmp_path):
+    """A helper that stops answering (SIGSTOP: nothing kills it) used to hold the decode lock
+    for ever, and every later upload and the server's stop with it. After reply_seconds it is
+    killed: that decode fails as DecoderStopped (retried), the next starts a new helper, and
+    close() of a decoder whose helper is stopped mid-decode returns."""
+    import fcntl
+    import os
+    import signal
+    import struct
+    import termios
+    import time
+
+    from policies.decode import DecoderStopped, EpisodeDecoder
+
+    episode = make_episode(length=8)
+    archive = EpisodeArchive(tmp_path / "a")
+    archive.write(episode)
+    (path,) = archive.paths()
+    decoder = EpisodeDecoder(1 << 20, reply_seconds=1.0).start()
+    try:
+        helper = decoder._proc.pid
+        os.kill(helper, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(DecoderStopped, match="signal 9"):
+            decoder.decode(path)
+        assert time.monotonic() - started < 30
+        assert decoder.decode(path).lineage.episode_id == episode.lineage.episode_id
+        os.kill(decoder._proc.pid, signal.SIGSTOP)  # stopped again, now under a decode
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(
+            error=_raised(lambda: decoder.decode(path))))
+        thread.start()
+        stdin = decoder._proc.stdin.fileno()  # the path is sent: the decode holds the lock
+        until(lambda: struct.unpack("i", fcntl.ioctl(stdin, termios.FIONREAD, b"\0" * 4))[0],
+              "the path in the helper's stdin", timeout=30, poll=0.01)
+        started = time.monotonic()
+        decoder.close()  # waits at most reply_seconds for the lock, then kills the helper
+        thread.join(timeout=30)
+        assert time.monotonic() - started < 30 and not thread.is_alive()
+        assert isinstance(result["error"], DecoderStopped), result
+    finally:
+        decoder.close()
