@@ -37,11 +37,15 @@ log = logging.getLogger(__name__)
 # grew it by 209 MB (the column's buffers grow by doubling, then the episode's arrays).
 CAP_PER_DECODED_BYTE = 6
 CAP_BASE_BYTES = 256 << 20
-_OK, _TOO_LARGE, _INVALID = b"o", b"t", b"i"
+_OK, _TOO_LARGE, _INVALID, _READY = b"o", b"t", b"i", b"r"
 # A helper that has not answered a decode this long is stopped or stuck: it is killed and the
 # upload is answered as a helper killed from outside (retry later). Decoding the largest
 # allowed upload takes seconds; without a bound, a stopped helper would hold every upload.
 REPLY_SECONDS = 120.0
+# A new helper says it is ready (pyarrow and numpy imported, cap set) within this long, or it
+# is killed; the reply time of the first decode counts from then, so a slow start on a loaded
+# machine is not taken for a stuck decode.
+START_SECONDS = 120.0
 
 
 class DecoderStopped(RuntimeError):
@@ -57,6 +61,7 @@ class EpisodeDecoder:
         self._max, self._reply_seconds = int(max_decoded_bytes), reply_seconds
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._ready = False  # the helper has said it is ready
 
     def start(self) -> "EpisodeDecoder":
         """Starts the helper now (it imports pyarrow and numpy for a second or two) instead
@@ -76,10 +81,11 @@ class EpisodeDecoder:
             try:
                 self._proc.stdin.write(path.encode() + b"\n")
                 self._proc.stdin.flush()
-                if not select.select([self._proc.stdout], [], [], self._reply_seconds)[0]:
-                    self._proc.kill()  # stopped or stuck: the answer below is "killed"
-                    log.error("the decoder process did not answer within %g s; killed it",
-                              self._reply_seconds)
+                if not self._ready:
+                    self._await(START_SECONDS, "start")
+                    self._ready = self._proc.stdout.read(1) == _READY
+                if self._ready:
+                    self._await(self._reply_seconds, "answer")
                 status, size = self._proc.stdout.read(1), self._proc.stdout.read(8)
                 payload = self._proc.stdout.read(struct.unpack("<Q", size)[0]) \
                     if len(size) == 8 else b""
@@ -92,13 +98,21 @@ class EpisodeDecoder:
             if status == _TOO_LARGE:
                 raise WireTooLarge(payload.decode())
             code = self._proc.wait(timeout=30)
-            self._proc = None
+            self._proc, self._ready = None, False
             if code in (-signal.SIGKILL, -signal.SIGTERM):
                 raise DecoderStopped(f"the decoder process was stopped (signal {-code}) while "
                                      "decoding; retry the upload")
             raise WireTooLarge(f"the decoder process died while decoding (exit code {code})")
 
+    def _await(self, seconds: float, what: str) -> None:
+        """Waits for the helper's next byte; one stopped or stuck that long is killed (the
+        read that follows then ends, and the decode is answered as killed)."""
+        if not select.select([self._proc.stdout], [], [], seconds)[0]:
+            self._proc.kill()
+            log.error("the decoder process did not %s within %g s; killed it", what, seconds)
+
     def _start(self) -> subprocess.Popen:
+        self._ready = False
         cap = CAP_BASE_BYTES + CAP_PER_DECODED_BYTE * self._max
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         return subprocess.Popen([sys.executable, "-m", "policies.decode", str(self._max),
@@ -121,7 +135,7 @@ class EpisodeDecoder:
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()
-            self._proc = None
+            self._proc, self._ready = None, False
         finally:
             self._lock.release()
 
@@ -167,6 +181,8 @@ def _serve(max_decoded_bytes: int, cap: int) -> None:
     pa.set_memory_pool(pa.system_memory_pool())  # returns memory to the cap after a refusal
     resource.setrlimit(resource.RLIMIT_DATA, (_data_bytes() + cap, resource.RLIM_INFINITY))
     out = sys.stdout.buffer
+    out.write(_READY)
+    out.flush()
     for line in sys.stdin.buffer:
         status, payload = _decode_one(line.decode().rstrip("\n"), max_decoded_bytes)
         out.write(status + struct.pack("<Q", len(payload)) + payload)

@@ -372,14 +372,15 @@ def test_a_stopped_decoder_is_killed_after_its_reply_time_and_close_does_not_wai
     archive = EpisodeArchive(tmp_path / "a")
     archive.write(episode)
     (path,) = archive.paths()
-    decoder = EpisodeDecoder(1 << 20, reply_seconds=1.0).start()
+    decoder = EpisodeDecoder(1 << 20, reply_seconds=2.0).start()
     try:
-        helper = decoder._proc.pid
-        os.kill(helper, signal.SIGSTOP)
+        assert decoder.decode(path).lineage.episode_id == episode.lineage.episode_id
+        os.kill(decoder._proc.pid, signal.SIGSTOP)  # ready, then stopped
         started = time.monotonic()
         with pytest.raises(DecoderStopped, match="signal 9"):
             decoder.decode(path)
         assert time.monotonic() - started < 30
+        # a new helper: its start (seconds on a loaded machine) is not counted as reply time
         assert decoder.decode(path).lineage.episode_id == episode.lineage.episode_id
         os.kill(decoder._proc.pid, signal.SIGSTOP)  # stopped again, now under a decode
         result: dict = {}
@@ -394,5 +395,39 @@ def test_a_stopped_decoder_is_killed_after_its_reply_time_and_close_does_not_wai
         thread.join(timeout=30)
         assert time.monotonic() - started < 30 and not thread.is_alive()
         assert isinstance(result["error"], DecoderStopped), result
+    finally:
+        decoder.close()
+
+
+def test_a_helper_slow_to_start_is_not_taken_for_a_stuck_decode(tmp_path):
+    """The reply time counts from the helper's ready byte: a helper held before it is ready
+    (a loaded machine) for longer than reply_seconds still answers the decode sent meanwhile.
+    Counted from the write, it was killed and the upload answered as killed."""
+    import fcntl
+    import os
+    import signal
+    import struct
+    import termios
+    import time
+
+    from policies.decode import EpisodeDecoder
+
+    episode = make_episode(length=8)
+    archive = EpisodeArchive(tmp_path / "a")
+    archive.write(episode)
+    (path,) = archive.paths()
+    decoder = EpisodeDecoder(1 << 20, reply_seconds=1.0).start()
+    try:
+        os.kill(decoder._proc.pid, signal.SIGSTOP)  # before it imports pyarrow
+        stdout = decoder._proc.stdout.fileno()
+        assert struct.unpack("i", fcntl.ioctl(stdout, termios.FIONREAD, b"\0" * 4))[0] == 0
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(episode=decoder.decode(path)))
+        thread.start()
+        time.sleep(3.0)  # held three reply times before it may start
+        os.kill(decoder._proc.pid, signal.SIGCONT)
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        assert result["episode"].lineage.episode_id == episode.lineage.episode_id, result
     finally:
         decoder.close()
