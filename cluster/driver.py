@@ -252,8 +252,21 @@ def final_scrape(top: Topology, registry: CollectorRegistry, timeout: float) -> 
     ray.wait(refs, num_returns=len(refs), timeout=timeout + 5)  # a dead process counts as done
 
 
+_signalled: list[int] = []  # the termination signals this run's driver received
+
+
 def _terminated(signum: int, frame) -> None:
+    _signalled.append(signum)
     raise SystemExit(128 + signum)
+
+
+def termination(error: BaseException) -> BaseException:
+    """The error a run ends with: after SIGTERM, SystemExit(128 + signal) whatever the handler's
+    SystemExit surfaced as (raised while a C extension module initialises, as matplotlib's
+    ft2font on a run's first report, it comes out as ImportError and the run exited 1)."""
+    if _signalled and not isinstance(error, SystemExit):
+        return SystemExit(128 + _signalled[-1])
+    return error
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str | None = None,
@@ -280,6 +293,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         # `ray job stop` or a deleted pod (SIGTERM) ends the run like an error, so its cleanup
         # below runs (Ray shut down, metrics targets removed) and --resume continues it.
         # After ray.init, whose own handler would end the process at once.
+        _signalled.clear()
         signal.signal(signal.SIGTERM, _terminated)
     view, top = None, None
     try:
@@ -308,6 +322,10 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
         else:
             run_cycles(top, config, record, version, started)
         final_scrape(top, registry, config.cluster.final_scrape_seconds)
+    except BaseException as e:
+        if termination(e) is not e:
+            raise termination(e) from e
+        raise
     finally:
         if view is not None:
             view.close()

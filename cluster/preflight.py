@@ -131,7 +131,7 @@ def check_placement(config: ClusterConfig, mode: LoopMode = LoopMode.CYCLES) -> 
 def placement_warnings(config: ClusterConfig) -> list[str]:
     """Placements that run but share cores they do not reserve: one line each."""
     warnings = []
-    if config.actor_cpus < config.env_processes + 1:
+    if config.env_processes and config.actor_cpus < config.env_processes + 1:
         warnings.append(
             f"cluster.env_processes={config.env_processes} gives each collector "
             f"{config.env_processes} env process(es) beside it, but cluster.actor_cpus="

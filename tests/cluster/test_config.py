@@ -167,3 +167,5 @@ def test_env_processes_without_their_cpus_is_warned_about():
                                              "actor_cpus": 3}))
     assert placement_warnings(enough.cluster) == []
     assert placement_warnings(config_from_dict(BASE).cluster) == []
+    # Without env processes a fraction of a CPU is the user's choice (the smoke configs' 0.5).
+    assert placement_warnings(config_from_dict(_with(cluster={"actor_cpus": 0.5})).cluster) == []

@@ -110,3 +110,36 @@ def test_signals_acted_on_by_a_watcher_thread_never_deadlock_the_main_loop():
         assert proc.returncode == 0, (trial, out)
         word, count = out.split()
         assert word == "stopped" and int(count) >= 1, out  # signals of a kind may coalesce
+
+
+TERMINATED = """
+import os, signal
+from cluster import driver
+signal.signal(signal.SIGTERM, driver._terminated)  # as run_experiment installs it
+def module_init():  # a C extension's init turns the handler's SystemExit into ImportError
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10 ** 6):
+            pass
+    except SystemExit as e:
+        raise ImportError("initialization failed") from e
+try:
+    module_init()
+except BaseException as e:
+    print(type(e).__name__, flush=True)
+    raise driver.termination(e) from e
+"""
+
+
+def test_a_run_terminated_inside_an_import_still_exits_143():
+    """`ray job stop` during a run's first report (matplotlib's ft2font initialising) made the
+    driver exit 1 with ImportError instead of 143: whatever the handler's SystemExit surfaces
+    as, the run ends with 128 + the signal. Other errors stay what they are."""
+    from cluster.driver import termination
+
+    proc = subprocess.run([sys.executable, "-c", TERMINATED], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stdout == "ImportError\n"  # what surfaced, as in the run that exited 1
+    error = ValueError("storage unreachable")
+    assert termination(error) is error  # no signal received in this process
