@@ -312,11 +312,8 @@ def test_a_decoder_killed_from_outside_is_a_retry_not_a_refusal(tmp_path):
     """SIGKILL of the decoding helper (the gateway's shutdown, or the OOM killer) says nothing
     about the upload: DecoderStopped (UNAVAILABLE, which robots retry), not WireTooLarge (which
     they set aside for good). The next decode starts a new helper."""
-    import fcntl
     import os
     import signal
-    import struct
-    import termios
 
     from policies.decode import DecoderStopped, EpisodeDecoder
 
@@ -328,13 +325,7 @@ def test_a_decoder_killed_from_outside_is_a_retry_not_a_refusal(tmp_path):
     try:
         helper = decoder._proc.pid
         os.kill(helper, signal.SIGSTOP)  # mid-decode, as far as the gateway can tell
-        result: dict = {}
-        thread = threading.Thread(target=lambda: result.update(
-            error=_raised(lambda: decoder.decode(path))))
-        thread.start()
-        stdin = decoder._proc.stdin.fileno()  # the path is sent: the helper holds the upload
-        until(lambda: struct.unpack("i", fcntl.ioctl(stdin, termios.FIONREAD, b"\0" * 4))[0],
-              "the path in the helper's stdin", timeout=30, poll=0.01)
+        thread, result = _decode_under_way(decoder, path)  # the helper holds the upload
         os.kill(helper, signal.SIGKILL)
         thread.join(timeout=60)
         assert isinstance(result["error"], DecoderStopped), result
@@ -353,17 +344,35 @@ def _raised(call) -> BaseException | None:
     return None
 
 
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe `fd`."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _decode_under_way(decoder, path: str) -> tuple[threading.Thread, dict]:
+    """decoder.decode(path) in a thread (its error in result["error"]), once the path is in the
+    helper's stdin: the decode holds the decoder's lock."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(
+        error=_raised(lambda: decoder.decode(path))))
+    thread.start()
+    stdin = decoder._proc.stdin.fileno()
+    until(lambda: _unread(stdin), "the path in the helper's stdin", timeout=30, poll=0.01)
+    return thread, result
+
+
 def test_a_stopped_decoder_is_killed_after_its_reply_time_and_close_does_not_wait_on_it(
         tmp_path):
     """A helper that stops answering (SIGSTOP: nothing kills it) used to hold the decode lock
     for ever, and every later upload and the server's stop with it. After reply_seconds it is
     killed: that decode fails as DecoderStopped (retried), the next starts a new helper, and
     close() of a decoder whose helper is stopped mid-decode returns."""
-    import fcntl
     import os
     import signal
-    import struct
-    import termios
     import time
 
     from policies.decode import DecoderStopped, EpisodeDecoder
@@ -383,13 +392,7 @@ def test_a_stopped_decoder_is_killed_after_its_reply_time_and_close_does_not_wai
         # a new helper: its start (seconds on a loaded machine) is not counted as reply time
         assert decoder.decode(path).lineage.episode_id == episode.lineage.episode_id
         os.kill(decoder._proc.pid, signal.SIGSTOP)  # stopped again, now under a decode
-        result: dict = {}
-        thread = threading.Thread(target=lambda: result.update(
-            error=_raised(lambda: decoder.decode(path))))
-        thread.start()
-        stdin = decoder._proc.stdin.fileno()  # the path is sent: the decode holds the lock
-        until(lambda: struct.unpack("i", fcntl.ioctl(stdin, termios.FIONREAD, b"\0" * 4))[0],
-              "the path in the helper's stdin", timeout=30, poll=0.01)
+        thread, result = _decode_under_way(decoder, path)  # the decode holds the lock
         started = time.monotonic()
         decoder.close()  # waits at most reply_seconds for the lock, then kills the helper
         thread.join(timeout=30)
@@ -403,11 +406,8 @@ def test_a_helper_slow_to_start_is_not_taken_for_a_stuck_decode(tmp_path):
     """The reply time counts from the helper's ready byte: a helper held before it is ready
     (a loaded machine) for longer than reply_seconds still answers the decode sent meanwhile.
     Counted from the write, it was killed and the upload answered as killed."""
-    import fcntl
     import os
     import signal
-    import struct
-    import termios
     import time
 
     from policies.decode import EpisodeDecoder
@@ -420,7 +420,7 @@ def test_a_helper_slow_to_start_is_not_taken_for_a_stuck_decode(tmp_path):
     try:
         os.kill(decoder._proc.pid, signal.SIGSTOP)  # before it imports pyarrow
         stdout = decoder._proc.stdout.fileno()
-        assert struct.unpack("i", fcntl.ioctl(stdout, termios.FIONREAD, b"\0" * 4))[0] == 0
+        assert _unread(stdout) == 0
         result: dict = {}
         thread = threading.Thread(target=lambda: result.update(episode=decoder.decode(path)))
         thread.start()
