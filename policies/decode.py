@@ -61,7 +61,7 @@ class EpisodeDecoder:
         self._max, self._reply_seconds = int(max_decoded_bytes), reply_seconds
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
-        self._ready = False  # the helper has said it is ready
+        self._ready = False  # the helper has said it is ready (reset by _start)
 
     def start(self) -> "EpisodeDecoder":
         """Starts the helper now (it imports pyarrow and numpy for a second or two) instead
@@ -83,7 +83,9 @@ class EpisodeDecoder:
                 self._proc.stdin.flush()
                 if not self._ready:
                     self._await(START_SECONDS, "start")
-                    self._ready = self._proc.stdout.read(1) == _READY
+                    # One byte off the pipe itself: a buffered read would take the answer
+                    # written right after it too, and the wait below would watch an empty pipe.
+                    self._ready = os.read(self._proc.stdout.fileno(), 1) == _READY
                 if self._ready:
                     self._await(self._reply_seconds, "answer")
                 status, size = self._proc.stdout.read(1), self._proc.stdout.read(8)
@@ -98,7 +100,7 @@ class EpisodeDecoder:
             if status == _TOO_LARGE:
                 raise WireTooLarge(payload.decode())
             code = self._proc.wait(timeout=30)
-            self._proc, self._ready = None, False
+            self._proc = None
             if code in (-signal.SIGKILL, -signal.SIGTERM):
                 raise DecoderStopped(f"the decoder process was stopped (signal {-code}) while "
                                      "decoding; retry the upload")
@@ -135,7 +137,7 @@ class EpisodeDecoder:
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()
-            self._proc, self._ready = None, False
+            self._proc = None
         finally:
             self._lock.release()
 

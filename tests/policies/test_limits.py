@@ -308,6 +308,15 @@ def test_a_fetch_that_is_not_read_is_cancelled_by_the_server_deadline(tmp_path):
         server.stop()
 
 
+def _episode_file(tmp_path) -> tuple:
+    """An 8-step episode and the path of its archived Parquet file."""
+    episode = make_episode(length=8)
+    archive = EpisodeArchive(tmp_path / "a")
+    archive.write(episode)
+    (path,) = archive.paths()
+    return episode, path
+
+
 def test_a_decoder_killed_from_outside_is_a_retry_not_a_refusal(tmp_path):
     """SIGKILL of the decoding helper (the gateway's shutdown, or the OOM killer) says nothing
     about the upload: DecoderStopped (UNAVAILABLE, which robots retry), not WireTooLarge (which
@@ -317,10 +326,7 @@ def test_a_decoder_killed_from_outside_is_a_retry_not_a_refusal(tmp_path):
 
     from policies.decode import DecoderStopped, EpisodeDecoder
 
-    episode = make_episode(length=8)
-    archive = EpisodeArchive(tmp_path / "a")
-    archive.write(episode)
-    (path,) = archive.paths()
+    episode, path = _episode_file(tmp_path)
     decoder = EpisodeDecoder(1 << 20).start()
     try:
         helper = decoder._proc.pid
@@ -377,10 +383,7 @@ def test_a_stopped_decoder_is_killed_after_its_reply_time_and_close_does_not_wai
 
     from policies.decode import DecoderStopped, EpisodeDecoder
 
-    episode = make_episode(length=8)
-    archive = EpisodeArchive(tmp_path / "a")
-    archive.write(episode)
-    (path,) = archive.paths()
+    episode, path = _episode_file(tmp_path)
     decoder = EpisodeDecoder(1 << 20, reply_seconds=2.0).start()
     try:
         assert decoder.decode(path).lineage.episode_id == episode.lineage.episode_id
@@ -412,10 +415,7 @@ def test_a_helper_slow_to_start_is_not_taken_for_a_stuck_decode(tmp_path):
 
     from policies.decode import EpisodeDecoder
 
-    episode = make_episode(length=8)
-    archive = EpisodeArchive(tmp_path / "a")
-    archive.write(episode)
-    (path,) = archive.paths()
+    episode, path = _episode_file(tmp_path)
     decoder = EpisodeDecoder(1 << 20, reply_seconds=1.0).start()
     try:
         os.kill(decoder._proc.pid, signal.SIGSTOP)  # before it imports pyarrow
@@ -429,5 +429,35 @@ def test_a_helper_slow_to_start_is_not_taken_for_a_stuck_decode(tmp_path):
         thread.join(timeout=60)
         assert not thread.is_alive()
         assert result["episode"].lineage.episode_id == episode.lineage.episode_id, result
+    finally:
+        decoder.close()
+
+
+def test_an_answer_that_follows_the_ready_byte_at_once_is_not_taken_for_silence(
+        tmp_path, monkeypatch, caplog):
+    """The ready byte is read alone off the pipe. Read through the buffered stream, it took the
+    answer written right after it into Python's buffer; the wait for the answer then watched an
+    empty pipe and killed a healthy helper after reply_seconds. Here the decoding thread wakes
+    only once both are in the pipe (a loaded machine); the select it waits in is held for it."""
+    import select
+
+    from policies import decode
+
+    episode, path = _episode_file(tmp_path)
+    decoder = decode.EpisodeDecoder(1 << 20, reply_seconds=1.0).start()
+    real = select.select
+
+    def late(readers, *rest):
+        if not decoder._ready:
+            until(lambda: _unread(readers[0].fileno()) > 1, "the ready byte and the answer",
+                  timeout=60, poll=0.01)
+        return real(readers, *rest)
+
+    monkeypatch.setattr(decode.select, "select", late)
+    try:
+        helper = decoder._proc.pid
+        for _ in range(2):
+            assert decoder.decode(path).lineage.episode_id == episode.lineage.episode_id
+        assert decoder._proc.pid == helper and "killed" not in caplog.text, caplog.text
     finally:
         decoder.close()
