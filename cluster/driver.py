@@ -323,8 +323,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, address: str |
             run_cycles(top, config, record, version, started)
         final_scrape(top, registry, config.cluster.final_scrape_seconds)
     except BaseException as e:
-        if termination(e) is not e:
-            raise termination(e) from e
+        error = termination(e)
+        if error is not e:
+            raise error from e
         raise
     finally:
         if view is not None:
